@@ -1,0 +1,116 @@
+"""One Settings object. Each setting is declared once: default, env var, CLI flag and help text.
+
+Precedence: CLI flag > environment (``MMEMBED_*``) > defaults. The model catalog (which backend
+answers each API name, and its limits) is a separate TOML file named by ``catalog``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+
+def _setting(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "Address to bind.")
+    port: int = _setting(8000, "Port to bind.")
+    catalog: str = _setting(
+        "",
+        "Model catalog TOML (API names -> backends and limits). "
+        "Empty: the packaged offline profile.",
+    )
+    api_keys: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated API keys accepted as 'Authorization: Bearer <key>'. "
+        "With none, any key is accepted and only loopback addresses may be bound.",
+    )
+    log_level: str = _setting("info", "Log level: debug, info, warning, error.")
+    max_body_bytes: int = _setting(
+        64 * 1024 * 1024, "Largest accepted request body in bytes (Base64 media included)."
+    )
+    max_items_per_request: int = _setting(
+        256,
+        "Safety cap on content items per request, for models whose API sets no count limit.",
+    )
+    request_timeout_s: float = _setting(120.0, "Whole-request deadline in seconds (408 after).")
+    fetch_connect_timeout_s: float = _setting(5.0, "Media fetch: TCP/TLS connect timeout.")
+    fetch_read_timeout_s: float = _setting(10.0, "Media fetch: timeout between received bytes.")
+    fetch_total_timeout_s: float = _setting(30.0, "Media fetch: deadline for one whole download.")
+    fetch_max_redirects: int = _setting(3, "Media fetch: redirects followed at most.")
+    fetch_per_host_concurrency: int = _setting(8, "Media fetch: parallel downloads per host.")
+    fetch_allow_hosts: tuple[str, ...] = _setting(
+        (),
+        "Hosts, IPs or CIDRs that media URLs may reach even though they are loopback, private "
+        "or otherwise internal (comma-separated). By default internal addresses are refused.",
+    )
+    max_image_pixels: int = _setting(
+        40_000_000, "Images larger than this many pixels are refused (decompression bombs)."
+    )
+    decode_workers: int = _setting(2, "Threads that decode images and videos.")
+    cache_dir: str = _setting(
+        "", "Directory for derived data (fitted bases, uploads). Empty: ~/.cache/mmembed."
+    )
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def env_name(cls, name: str) -> str:
+        return "MMEMBED_" + name.upper()
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(cls.env_name(f.name))
+            if raw is not None:
+                values[f.name] = _parse(f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one ``--flag`` per setting; parsed values are raw strings or None."""
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else None
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                default=None,
+                metavar=f.name.split("_")[-1].upper(),
+                help=f"{f.metadata['help']} [env {cls.env_name(f.name)}; default {shown!r}]",
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+        raw = {f.name: getattr(args, f.name, None) for f in fields(cls)}
+        return cls.from_env(
+            environ, **{k: _parse(_type_of(k), v) for k, v in raw.items() if v is not None}
+        )
+
+    @property
+    def cache_path(self) -> str:
+        return self.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mmembed")
+
+
+def _type_of(name: str) -> str:
+    return next(f.type for f in fields(Settings) if f.name == name)
+
+
+def _parse(type_name: Any, raw: str) -> Any:
+    t = str(type_name)
+    if t.startswith("tuple"):
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
+    if t == "int":
+        return int(raw)
+    if t == "float":
+        return float(raw)
+    if t == "bool":
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return raw
