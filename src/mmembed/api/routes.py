@@ -1,0 +1,87 @@
+"""HTTP handlers. They read, authenticate and render; all model logic is in the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from mmembed.api.schemas import parse_request, render_result
+from mmembed.config import Settings
+from mmembed.engine.engine import Engine
+from mmembed.errors import ApiError, ErrorCode
+from mmembed.logs import request_id_var
+
+EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
+log = logging.getLogger("mmembed.api")
+
+
+def check_api_key(request: Request, settings: Settings) -> None:
+    if not settings.api_keys:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    valid = scheme.lower() == "bearer" and any(
+        hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys
+    )
+    if not valid:
+        raise ApiError(ErrorCode.INVALID_API_KEY, "Invalid API-key provided.")
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    """The body, refused as soon as it is known to exceed ``cap`` (header or streamed size)."""
+    too_large = ApiError(ErrorCode.TOO_LARGE, f"The request body exceeds {cap} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def embed(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    engine: Engine = request.app.state.engine
+    started = time.perf_counter()
+    check_api_key(request, settings)
+    req = parse_request(await read_body(request, settings.max_body_bytes))
+    try:
+        result = await asyncio.wait_for(engine.embed(req), settings.request_timeout_s)
+    except TimeoutError:
+        raise ApiError(
+            ErrorCode.REQUEST_TIMEOUT,
+            f"The request took longer than {settings.request_timeout_s:g} s.",
+        ) from None
+    log.info(
+        "embedded model=%s items=%d kinds=%s in %.1f ms",
+        req.model,
+        len(req.items),
+        ",".join(sorted(set(result.kinds))),
+        (time.perf_counter() - started) * 1000,
+    )
+    return Response(render_result(result, request_id_var.get()), media_type="application/json")
+
+
+async def health(request: Request) -> Response:
+    status = request.app.state.engine.status()
+    ok = all(s == "ready" for s in status.values())
+    return JSONResponse({"status": "ok" if ok else "degraded", "backends": status})
+
+
+async def models(request: Request) -> Response:
+    check_api_key(request, request.app.state.settings)
+    engine: Engine = request.app.state.engine
+    status = engine.status()
+    listed = [
+        spec.describe() | {"status": status.get(spec.backend, "not loaded")}
+        for spec in engine.catalog.models.values()
+    ]
+    return JSONResponse({"models": listed})

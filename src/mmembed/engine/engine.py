@@ -1,0 +1,293 @@
+"""The engine: validate a request against its model's limits, fetch and decode media, embed,
+map to the requested dimension, and count usage. Knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+from mmembed.config import Settings
+from mmembed.engine.dims import DimensionMapper, fit_basis
+from mmembed.errors import ApiError, ErrorCode
+from mmembed.media.fetch import Fetcher
+from mmembed.media.image import decode_image
+from mmembed.media.video import sample_video
+from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, Backend, EmbedInput
+from mmembed.models.catalog import Catalog, ModelSpec
+from mmembed.models.registry import create_backend
+from mmembed.types import ContentItem, EmbedRequest, EmbedResult, VideoClip
+
+log = logging.getLogger("mmembed.engine")
+
+DEFAULT_FPS = 1.0
+
+
+@dataclass
+class LoadedBackend:
+    backend: Backend
+    mapper: DimensionMapper
+    # One thread per backend: forward passes are serialised (the libraries use all cores
+    # themselves), and never run on the event loop.
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model")
+    )
+
+    async def run(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+class Engine:
+    def __init__(self, settings: Settings, catalog: Catalog, fetcher: Fetcher | None = None):
+        self.settings = settings
+        self.catalog = catalog
+        self.fetcher = fetcher or Fetcher(settings)
+        self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self._backends: dict[str, LoadedBackend] = {}
+        self._load_errors: dict[str, str] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load every backend the catalog uses; one that fails is reported, not fatal."""
+        for name, spec in self.catalog.backends.items():
+            if not any(m.backend == name for m in self.catalog.models.values()):
+                continue
+            try:
+                options = {"cache_dir": self.settings.cache_path, **spec.options}
+                backend = create_backend(spec.family, options)
+                backend.load()
+                samples = None if backend.matryoshka else backend.basis_samples()
+                basis = None if samples is None else fit_basis(samples)
+                mapper = DimensionMapper(
+                    backend.native_dim, matryoshka=backend.matryoshka, basis=basis
+                )
+                self._backends[name] = LoadedBackend(backend, mapper)
+                log.info("backend %s (%s) ready, %d-d", name, spec.family, backend.native_dim)
+            except Exception as exc:  # keep serving the other models
+                log.exception("backend %s failed to load", name)
+                self._load_errors[name] = f"{type(exc).__name__}: {exc}"
+
+    async def aclose(self) -> None:
+        await self.fetcher.aclose()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        for loaded in self._backends.values():
+            loaded.executor.shutdown(wait=False, cancel_futures=True)
+
+    def status(self) -> dict[str, str]:
+        ok = {name: "ready" for name in self._backends}
+        return ok | {name: f"failed: {err}" for name, err in self._load_errors.items()}
+
+    # -- one request ---------------------------------------------------------------------------
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        spec = self.catalog.models.get(req.model)
+        if spec is None:
+            raise ApiError(ErrorCode.INVALID_PARAMETER, f"Model not exist: {req.model!r}.")
+        loaded = self._loaded(spec)
+        backend = loaded.backend
+        dimension = self._dimension(spec, req.dimension)
+        self._check_forms(spec, backend, req.items)
+
+        texts = [(item, item.text) for item in req.items if item.text is not None]
+        tokens = await loaded.run(lambda: [backend.count_tokens(t) for _, t in texts])
+        for (item, _), n in zip(texts, tokens, strict=True):
+            if n > spec.text_max_tokens:
+                raise ApiError(
+                    ErrorCode.INVALID_PARAMETER,
+                    f"input.contents[{item.index}].text: {n} tokens exceed the limit of "
+                    f"{spec.text_max_tokens} tokens for {spec.name}.",
+                )
+
+        fps = DEFAULT_FPS if req.fps is None else req.fps
+        inputs = await self._gather_media(spec, backend, req.items, fps)
+        for inp in inputs:
+            inp.instruct = req.instruct
+
+        vectors = await loaded.run(lambda: loaded.mapper(backend.embed(inputs), dimension))
+        return EmbedResult(
+            vectors=vectors,
+            kinds=[item.kind for item in req.items],
+            usage=self._usage(spec, sum(tokens), inputs),
+        )
+
+    def _loaded(self, spec: ModelSpec) -> LoadedBackend:
+        loaded = self._backends.get(spec.backend)
+        if loaded is None:
+            why = self._load_errors.get(spec.backend, "not loaded")
+            raise ApiError(
+                ErrorCode.MODEL_UNAVAILABLE, f"Model {spec.name} is not available here ({why})."
+            )
+        return loaded
+
+    @staticmethod
+    def _dimension(spec: ModelSpec, requested: int | None) -> int:
+        if requested is None:
+            return spec.default_dimension
+        if not spec.dimension_param and requested != spec.default_dimension:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"parameters.dimension: {spec.name} does not support this parameter; "
+                f"it returns {spec.default_dimension}-dimensional vectors.",
+            )
+        if requested not in spec.dimensions:
+            allowed = ", ".join(map(str, spec.dimensions))
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"parameters.dimension: {requested} is not supported by {spec.name} "
+                f"(allowed: {allowed}).",
+            )
+        return requested
+
+    def _check_forms(self, spec: ModelSpec, backend: Backend, items: list[ContentItem]) -> None:
+        cap = self.settings.max_items_per_request
+        if len(items) > cap:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"input.contents: {len(items)} items exceed this server's limit of {cap}.",
+            )
+        counts = {TEXT: 0, IMAGE: 0, VIDEO: 0}
+        for item in items:
+            where = f"input.contents[{item.index}]"
+            kind = item.kind
+            if kind == "multi_images":
+                if not spec.multi_images:
+                    raise ApiError(
+                        ErrorCode.INVALID_PARAMETER,
+                        f"{where}: multi_images is not supported by {spec.name}"
+                        f"{self._who_supports('multi_images')}.",
+                    )
+                assert item.multi_images is not None
+                if len(item.multi_images) > spec.multi_images:
+                    raise ApiError(
+                        ErrorCode.INVALID_PARAMETER,
+                        f"{where}.multi_images: {len(item.multi_images)} images; "
+                        f"{spec.name} accepts at most {spec.multi_images}.",
+                    )
+                counts[IMAGE] += len(item.multi_images)
+            elif kind == "vl" and not spec.fused:
+                raise ApiError(
+                    ErrorCode.INVALID_PARAMETER,
+                    f"{where}: a fused item (text, image and video in one object) is not "
+                    f"supported by {spec.name}{self._who_supports('fused')}; "
+                    "send each part as its own item.",
+                )
+            needed = {m for m in (TEXT, IMAGE, VIDEO) if getattr(item, m) is not None}
+            if item.multi_images is not None:
+                needed.add(IMAGE)
+            if kind == "vl":
+                needed.add(FUSED)
+            missing = sorted(needed - backend.modalities)
+            if missing:
+                raise ApiError(
+                    ErrorCode.INVALID_PARAMETER,
+                    f"{where}: {spec.name} cannot embed {' or '.join(missing)} input here.",
+                )
+            for m in (TEXT, IMAGE, VIDEO):
+                counts[m] += getattr(item, m) is not None
+
+        limits = [
+            ("elements", sum(counts.values()), spec.max_elements),
+            ("texts", counts[TEXT], spec.max_texts),
+            ("images", counts[IMAGE], spec.max_images),
+            ("videos", counts[VIDEO], spec.max_videos),
+        ]
+        for what, n, limit in limits:
+            if limit and n > limit:
+                raise ApiError(
+                    ErrorCode.INVALID_PARAMETER,
+                    f"input.contents: {n} {what} in one request; {spec.name} accepts at most "
+                    f"{limit}.",
+                )
+
+    def _who_supports(self, feature: str) -> str:
+        names = [
+            m.name
+            for m in self.catalog.models.values()
+            if (m.multi_images if feature == "multi_images" else m.fused)
+        ]
+        return f" (supported by: {', '.join(names)})" if names else ""
+
+    async def _gather_media(
+        self, spec: ModelSpec, backend: Backend, items: list[ContentItem], fps: float
+    ) -> list[EmbedInput]:
+        inputs = [EmbedInput(texts=[] if item.text is None else [item.text]) for item in items]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for item, inp in zip(items, inputs, strict=True):
+                    where = f"input.contents[{item.index}]"
+                    refs = [(f"{where}.image", item.image)] if item.image is not None else []
+                    refs += [
+                        (f"{where}.multi_images[{j}]", ref)
+                        for j, ref in enumerate(item.multi_images or [])
+                    ]
+                    inp.images = [None] * len(refs)  # type: ignore[list-item]
+                    for slot, (at, ref) in enumerate(refs):
+                        tg.create_task(self._image_into(inp.images, slot, ref, at, spec, backend))
+                    if item.video is not None:
+                        inp.videos = [None]  # type: ignore[list-item]
+                        tg.create_task(
+                            self._video_into(inp.videos, item.video, f"{where}.video", spec, fps)
+                        )
+        except* ApiError as group:
+            raise group.exceptions[0] from None
+        return inputs
+
+    async def _image_into(self, out: list, slot: int, ref: str, at: str, spec, backend) -> None:  # type: ignore[no-untyped-def]
+        data = await self._fetch(ref, spec.image_max_bytes, at)
+        decode = partial(
+            decode_image,
+            data,
+            formats=spec.image_formats,
+            max_pixels=self.settings.max_image_pixels,
+            min_side=backend.image_size,
+        )
+        out[slot] = await self._decode(decode, at)
+
+    async def _video_into(self, out: list, ref: str, at: str, spec: ModelSpec, fps: float) -> None:
+        data = await self._fetch(ref, spec.video_max_bytes, at)
+        loaded = self._backends[spec.backend]
+        decode = partial(
+            sample_video,
+            data,
+            fps=fps,
+            max_frames=spec.max_video_frames,
+            formats=spec.video_formats,
+            min_side=loaded.backend.image_size,
+        )
+        out[0] = await self._decode(decode, at)
+
+    async def _fetch(self, ref: str, max_bytes: int, at: str) -> bytes:
+        try:
+            return await self.fetcher.load(ref, max_bytes=max_bytes)
+        except ApiError as exc:
+            raise exc.at(at) from None
+
+    async def _decode(self, fn, at: str):  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._decode_pool, fn)
+        except ApiError as exc:
+            raise exc.at(at) from None
+        except Exception as exc:  # a decoder bug on hostile bytes is still the input's fault
+            log.warning("%s: decoder raised %r", at, exc)
+            raise ApiError(
+                ErrorCode.DATA_INSPECTION, f"{at}: the media could not be decoded."
+            ) from None
+
+    @staticmethod
+    def _usage(spec: ModelSpec, text_tokens: int, inputs: list[EmbedInput]) -> dict[str, int]:
+        """input_tokens: text tokens (special tokens included); image_tokens: ``image_tokens``
+        per image and per sampled video frame; duration: video seconds, rounded up."""
+        images = sum(len(inp.images) for inp in inputs)
+        clips: list[VideoClip] = [clip for inp in inputs for clip in inp.videos]
+        frames = sum(len(clip.frames) for clip in clips)
+        usage = {
+            "input_tokens": text_tokens,
+            "image_tokens": (images + frames) * spec.image_tokens,
+            "image_count": images,
+        }
+        if clips:
+            usage["duration"] = math.ceil(sum(clip.duration for clip in clips))
+        return usage

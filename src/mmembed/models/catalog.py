@@ -1,0 +1,103 @@
+"""The model catalog: which backend answers each API name, and that name's limits (TOML)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+PACKAGED_PROFILES = {"offline": os.path.join(os.path.dirname(__file__), "offline.toml")}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    backend: str
+    dimensions: tuple[int, ...]
+    dimension_param: bool = True
+    text_max_tokens: int = 512
+    image_max_bytes: int = 3 * 1024 * 1024
+    image_formats: frozenset[str] = frozenset({"JPEG", "PNG", "BMP"})
+    video_max_bytes: int = 10 * 1024 * 1024
+    video_formats: frozenset[str] = frozenset({"MP4", "AVI", "MOV"})
+    multi_images: int = 0
+    fused: bool = False
+    max_elements: int = 0
+    max_texts: int = 0
+    max_images: int = 0
+    max_videos: int = 0
+    max_video_frames: int = 16
+    image_tokens: int = 64
+
+    @property
+    def default_dimension(self) -> int:
+        return self.dimensions[0]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary for ``mmembed models`` and ``GET /models``."""
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "dimensions": list(self.dimensions),
+            "default_dimension": self.default_dimension,
+            "text_max_tokens": self.text_max_tokens,
+            "image": {"max_bytes": self.image_max_bytes, "formats": sorted(self.image_formats)},
+            "video": {"max_bytes": self.video_max_bytes, "formats": sorted(self.video_formats)},
+            "multi_images": self.multi_images,
+            "fused": self.fused,
+            "max_elements": self.max_elements,
+        }
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    family: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    backends: dict[str, BackendSpec]
+    models: dict[str, ModelSpec]
+    source: str = ""
+
+
+def load_catalog(path_or_profile: str = "") -> Catalog:
+    """Read a catalog file; an empty name or a packaged profile name reads the packaged file."""
+    path = PACKAGED_PROFILES.get(path_or_profile or "offline", path_or_profile)
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    return parse_catalog(raw, source=path)
+
+
+def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
+    backends = {}
+    for name, body in raw.get("backends", {}).items():
+        body = dict(body)
+        if "family" not in body:
+            raise ValueError(f"{source}: backends.{name} has no 'family'")
+        backends[name] = BackendSpec(name=name, family=body.pop("family"), options=body)
+
+    known = {f.name for f in fields(ModelSpec)} - {"name"}
+    models = {}
+    for name, body in raw.get("models", {}).items():
+        unknown = set(body) - known
+        if unknown:
+            raise ValueError(f"{source}: models.{name!r} has unknown keys {sorted(unknown)}")
+        if body.get("backend") not in backends:
+            raise ValueError(
+                f"{source}: models.{name!r} names unknown backend {body.get('backend')!r}"
+            )
+        if not body.get("dimensions"):
+            raise ValueError(f"{source}: models.{name!r} lists no dimensions")
+        values = dict(body)
+        values["dimensions"] = tuple(int(d) for d in body["dimensions"])
+        for key in ("image_formats", "video_formats"):
+            if key in values:
+                values[key] = frozenset(str(v).upper() for v in values[key])
+        models[name] = ModelSpec(name=name, **values)
+    if not models:
+        raise ValueError(f"{source}: the catalog serves no models")
+    return Catalog(backends=backends, models=models, source=source)

@@ -1,0 +1,48 @@
+"""A deterministic, model-free backend for fast API tests: vectors derive from content hashes.
+
+Equal inputs give equal vectors and different inputs (almost surely) different ones, so tests can
+check routing, batching, pooling and dimension handling without loading a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mmembed.models.base import PooledBackend, l2_normalize
+
+
+def _vector(seed_bytes: bytes, dim: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(seed_bytes).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+
+
+class HashBackend(PooledBackend):
+    def __init__(self, dim: int = 64, image_size: int = 32, **options: Any) -> None:
+        super().__init__(**options)
+        self.native_dim = dim
+        self.image_size = image_size
+
+    def load(self) -> None:
+        pass
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split()) + 2  # stand-in for [CLS] ... [SEP]
+
+    def embed_texts(self, texts: list[str], instruct: str | None) -> np.ndarray:
+        prefix = (instruct or "").encode()
+        return l2_normalize(
+            np.stack([_vector(prefix + t.encode(), self.native_dim) for t in texts])
+        )
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        # Hash a thumbnail of the pixels: the same picture in any lossless format maps alike.
+        thumbs = [im.convert("RGB").resize((8, 8), Image.Resampling.BOX).tobytes() for im in images]
+        return l2_normalize(np.stack([_vector(b"img" + t, self.native_dim) for t in thumbs]))
+
+    def basis_samples(self) -> np.ndarray:
+        rng = np.random.default_rng(0)
+        return l2_normalize(rng.standard_normal((4 * self.native_dim, self.native_dim)))
