@@ -1,0 +1,141 @@
+"""End-to-end fixtures: a real `mmembed serve` process on loopback, and a loopback origin that
+serves media the tests generate."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+API_KEY = "test-key-1"
+EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.url}/api/v1"
+
+    def post(self, body: dict, key: str | None = API_KEY, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(self.url + EMBED_PATH, json=body, headers=headers, timeout=60, **kw)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(tmp: Path, env_extra: dict[str, str]) -> Server:
+    port = free_port()
+    log = tmp / "server.log"
+    env = {
+        **os.environ,
+        "MMEMBED_PORT": str(port),
+        "MMEMBED_API_KEYS": API_KEY,
+        "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1",
+        "MMEMBED_CACHE_DIR": str(tmp / "cache"),
+        **env_extra,
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmembed.cli", "serve"], env=env, stdout=out, stderr=out
+        )
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not start:\n{server.logs()}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The offline default model behind all four API names, with short fetch timeouts."""
+    tmp = tmp_path_factory.mktemp("server")
+    srv = start_server(
+        tmp,
+        {
+            "MMEMBED_MAX_BODY_BYTES": str(8 * 1024 * 1024),
+            "MMEMBED_FETCH_READ_TIMEOUT_S": "1.5",
+            "MMEMBED_FETCH_TOTAL_TIMEOUT_S": "3",
+        },
+    )
+    yield srv
+    stop_server(srv)
+    assert "Traceback" not in srv.logs(), srv.logs()
+
+
+class _Origin:
+    """A threaded HTTP server on 127.0.0.1 serving bytes the test put at a path."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        files: dict[str, tuple[bytes, str]] = {}
+        self.files = files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                body, ctype = files.get(self.path, (b"not found", "text/plain"))
+                self.send_response(200 if self.path in files else 404)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def put(self, path: str, body: bytes, content_type: str = "application/octet-stream") -> str:
+        self.files[path] = (body, content_type)
+        return self.url + path
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def origin() -> Iterator[_Origin]:
+    o = _Origin()
+    yield o
+    o.close()
