@@ -1,0 +1,344 @@
+"""Video sniffing and frame sampling with PyAV (FFmpeg), from memory, bounded on hostile input.
+
+Container detection is by magic bytes only, and FFmpeg is then told which demuxer to use, so
+its probing can never pick a demuxer that opens other files or URLs (HLS playlists, concat
+lists...). Names:
+- ISO base media (``ftyp`` box): major brand ``qt  `` (or a compatible ``qt  `` brand with an
+  unknown major brand) is MOV; every other brand is MP4. A file starting with a bare
+  ``moov``/``mdat``/``wide``/``free`` box (pre-``ftyp`` QuickTime) is MOV.
+- EBML (Matroska) files are WEBM when the DocType is ``webm``, else MKV.
+- MPEG: "MPEG" and "MPG" are the same container (MPG is only a file extension); both names
+  accept MPEG program streams (``00 00 01 BA``), MPEG-1/2 video elementary streams
+  (``00 00 01 B3``) and MPEG transport streams (0x47 sync every 188 bytes).
+- AVI (``RIFF....AVI ``), FLV (``FLV\\x01``); ASF/WMV and Ogg are recognised to say so.
+
+Frames are picked evenly in time: n = max(1, min(max_frames, ceil(duration * fps))) targets at
+(i + 0.5) * duration / n, and for each target the frame displayed at that instant (the last one
+starting at or before it). Decoding goes forward, seeking to a later keyframe when the
+container's index shows one between the current position and the next target (or, without an
+index, when the gap is large), so long videos cost about one GOP per sampled frame.
+
+Work is bounded (decoded frames, demuxed packets, decode errors, wall time, frame size); every
+failure is ``InvalidParameter.DataInspection`` except frames over the pixel limit, which are
+``BadRequest.TooLarge`` as for images. PyAV/FFmpeg run in-process: a crash inside FFmpeg itself
+cannot be caught here (isolate decoding in a subprocess if that risk matters).
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import math
+import time
+from collections.abc import Collection, Iterator
+
+import av
+import av.container
+import av.stream
+import av.video.frame
+import av.video.stream
+from PIL import Image
+
+from mmembed.errors import ApiError, ErrorCode
+from mmembed.types import VideoClip
+
+_ALIASES = {"MPG": "MPEG"}
+_FTYP_IMAGE_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"}
+_QT_BARE_BOXES = {b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
+
+MAX_FRAME_PIXELS = 8192 * 8192  # larger frames are refused before decoding (8K is 33 Mpx)
+MAX_DECODED_FRAMES = 10_000  # per call; ~one GOP per target is the normal cost
+MAX_PACKETS = 50_000
+MAX_DECODE_ERRORS = 50
+DEADLINE_S = 60.0  # wall-clock bound on one call, so a hostile file cannot pin a worker
+_SEEK_GAP_S = 3.0  # without an index: seek when the next target is further ahead than this
+_MIN_SKIP_S = 1.0  # with an index: seek when it skips at least this much video
+
+
+def normalise_formats(formats: Collection[str]) -> list[str]:
+    """Upper-case accepted container names with aliases folded (MPG -> MPEG)."""
+    out: list[str] = []
+    for name in formats:
+        name = _ALIASES.get(name.strip().upper(), name.strip().upper())
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def sniff_video_format(data: bytes) -> str | None:
+    """The container named by the magic bytes of ``data`` (see the module notes), or None."""
+    found = _sniff(data)
+    return found[0] if found else None
+
+
+def _sniff(data: bytes) -> tuple[str, str] | None:
+    """(API name, FFmpeg demuxer) for ``data``."""
+    head = bytes(data[:64])
+    if head[4:8] == b"ftyp":
+        return _sniff_ftyp(data)
+    if head[4:8] in _QT_BARE_BOXES:
+        return "MOV", "mov"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "AVI", "avi"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return ("WEBM" if _ebml_doctype(head) == b"webm" else "MKV"), "matroska"
+    if head[:4] == b"FLV\x01":
+        return "FLV", "flv"
+    if head[:4] == b"\x00\x00\x01\xba":
+        return "MPEG", "mpeg"
+    if head[:4] == b"\x00\x00\x01\xb3":
+        return "MPEG", "mpegvideo"
+    if len(data) >= 377 and data[0] == data[188] == data[376] == 0x47:
+        return "MPEG", "mpegts"
+    if head[:16] == bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c"):
+        return "ASF", "asf"
+    if head[:4] == b"OggS":
+        return "OGG", "ogg"
+    return None
+
+
+def _sniff_ftyp(data: bytes) -> tuple[str, str] | None:
+    size = int.from_bytes(data[:4], "big")
+    major = bytes(data[8:12])
+    compatible = {bytes(data[i : i + 4]) for i in range(16, min(size, 64), 4)}
+    if major in _FTYP_IMAGE_BRANDS:
+        return None  # HEIF/AVIF still images share the box structure
+    if major == b"qt  ":
+        return "MOV", "mov"
+    known_mp4 = major.startswith((b"iso", b"mp4", b"avc", b"M4V", b"3g", b"dash", b"MSNV"))
+    if not known_mp4 and b"qt  " in compatible:
+        return "MOV", "mov"
+    return "MP4", "mov"
+
+
+def _ebml_doctype(head: bytes) -> bytes | None:
+    """The DocType string from an EBML header (element id 0x4282)."""
+    at = head.find(b"\x42\x82")
+    if at < 0 or at + 3 > len(head):
+        return None
+    length_byte = head[at + 2]
+    if not length_byte & 0x80:  # only the 1-byte size form occurs in practice
+        return None
+    length = length_byte & 0x7F
+    return head[at + 3 : at + 3 + length]
+
+
+def _fail(message: str) -> ApiError:
+    return ApiError(ErrorCode.DATA_INSPECTION, message)
+
+
+def sample_video(
+    data: bytes,
+    *,
+    fps: float,
+    max_frames: int,
+    formats: Collection[str],
+    min_side: int | None = None,
+) -> VideoClip:
+    """Sample RGB frames evenly in time from an in-memory video."""
+    accepted = normalise_formats(formats)
+    if not (isinstance(fps, int | float) and fps >= 0 and math.isfinite(fps)):
+        raise ApiError(ErrorCode.INVALID_PARAMETER, f"fps must be a number >= 0, not {fps!r}")
+    if not data:
+        raise _fail("video data is empty")
+    found = _sniff(data)
+    if found is None:
+        raise _fail(f"data is not a video in a recognised container (accepted: {_list(accepted)})")
+    name, demuxer = found
+    if name not in accepted:
+        raise _fail(
+            f"video format {name} is not supported by this model (accepted: {_list(accepted)})"
+        )
+    try:
+        with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
+            return _Sampler(container, fps, max(1, max_frames), min_side).run()
+    except ApiError:
+        raise
+    except MemoryError:
+        raise ApiError(ErrorCode.TOO_LARGE, "video needs too much memory to decode") from None
+    except Exception as exc:  # FFmpeg errors on hostile bytes are many; none may become a 500
+        raise _fail(f"video data could not be decoded as {name}: {_reason(exc)}") from None
+
+
+class _Sampler:
+    """One pass of forward decoding (with keyframe seeks) that picks a frame per target time."""
+
+    def __init__(
+        self,
+        container: av.container.InputContainer,
+        fps: float,
+        max_frames: int,
+        min_side: int | None,
+    ) -> None:
+        self.container = container
+        self.stream = _video_stream(container)
+        self.min_side = min_side
+        self.start, self.duration = _timing(container, self.stream)
+        n = max(1, min(max_frames, math.ceil(self.duration * fps)))
+        step = self.duration / n
+        self.targets = [self.start + (i + 0.5) * step for i in range(n)]
+        self.keyframes = _keyframe_times(self.stream)
+        self.seek_gap = _SEEK_GAP_S
+        self.decoded = self.packets = self.errors = 0
+        self.deadline = time.monotonic() + DEADLINE_S
+        self.position = -math.inf  # time of the last decoded frame
+        self.exhausted = False
+
+    def run(self) -> VideoClip:
+        stream = self.stream
+        stream.thread_type = "AUTO"  # frame + slice threads: the decode is most of the cost
+        _check_frame_size(stream.codec_context.width, stream.codec_context.height)
+        frames = self._decode(None)
+        last: av.video.frame.VideoFrame | None = None  # latest frame starting <= target
+        held: av.video.frame.VideoFrame | None = None  # first frame after the previous target
+        picked: list[av.video.frame.VideoFrame] = []
+        for target in self.targets:
+            if self._should_seek(target) and self._seek(target):
+                frames, last, held = self._decode(target), None, None
+            if held is not None and self._time(held) <= target:
+                last, held = held, None
+            if held is None:
+                for frame in frames:
+                    if self._time(frame) <= target:
+                        last = frame
+                    else:
+                        held = frame
+                        break
+            chosen = last or held
+            if chosen is None:
+                break
+            picked.append(chosen)
+        if not picked:
+            raise _fail("video contains no decodable frames")
+        return VideoClip(
+            frames=[self._to_image(f) for f in picked],
+            duration=self.duration,
+            timestamps=[max(0.0, self._time(f) - self.start) for f in picked],
+        )
+
+    # -- decoding -------------------------------------------------------------------------------
+    def _decode(self, seeked_to: float | None) -> Iterator[av.video.frame.VideoFrame]:
+        """Frames in order from the current demuxer position, within the work bounds."""
+        first = True
+        for packet in self.container.demux(self.stream):
+            self.packets += 1
+            self._check_bounds()
+            try:
+                decoded = packet.decode()
+            except av.error.FFmpegError as exc:
+                self.errors += 1  # decoders conceal a few damaged packets; so do we
+                if self.errors > MAX_DECODE_ERRORS:
+                    raise _fail(f"video stream is corrupt: {_reason(exc)}") from None
+                continue
+            for frame in decoded:
+                self.decoded += 1
+                _check_frame_size(frame.width, frame.height)
+                t = self._time(frame)
+                if first and seeked_to is not None and t <= self.position:
+                    self.seek_gap *= 2  # landed behind us: keyframes are sparser than assumed
+                first = False
+                self.position = t
+                yield frame
+        self.exhausted = True
+
+    def _should_seek(self, target: float) -> bool:
+        if self.exhausted:  # everything left is past the end; the last frame stands in
+            return False
+        position = self.position if self.position > -math.inf else self.start
+        if self.keyframes:
+            i = bisect.bisect_right(self.keyframes, target) - 1
+            return i >= 0 and self.keyframes[i] - position >= _MIN_SKIP_S
+        return target - position > self.seek_gap
+
+    def _seek(self, target: float) -> bool:
+        """Seek to the keyframe at or before ``target``; False if the container cannot."""
+        offset = int(target / self.stream.time_base) if self.stream.time_base else 0
+        try:
+            self.container.seek(offset, stream=self.stream, backward=True, any_frame=False)
+        except av.error.FFmpegError:
+            self.keyframes, self.seek_gap = [], math.inf  # decode straight through instead
+            return False
+        self.exhausted = False
+        return True
+
+    def _time(self, frame: av.video.frame.VideoFrame) -> float:
+        t = frame.time
+        return float(t) if t is not None else self.position
+
+    def _check_bounds(self) -> None:
+        if self.decoded > MAX_DECODED_FRAMES or self.packets > MAX_PACKETS:
+            raise _fail(
+                f"video needs too much decoding to sample (over {MAX_DECODED_FRAMES} frames "
+                f"or {MAX_PACKETS} packets)"
+            )
+        if time.monotonic() > self.deadline:
+            raise _fail(f"video could not be sampled within {DEADLINE_S:g} s")
+
+    def _to_image(self, frame: av.video.frame.VideoFrame) -> Image.Image:
+        width, height = frame.width, frame.height
+        if self.min_side and min(width, height) > self.min_side:
+            scale = self.min_side / min(width, height)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            image = frame.to_image(width=size[0], height=size[1], interpolation="AREA")
+        else:
+            image = frame.to_image()
+        rotation = round(getattr(frame, "rotation", 0) or 0) % 360
+        return image.rotate(rotation, expand=True) if rotation else image
+
+
+def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:  # cover art isn't video
+            return stream
+    raise _fail("video has no video stream (audio only?)")
+
+
+def _timing(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> tuple[float, float]:
+    """(start, duration) in seconds, from the stream, then the container, then frame count."""
+    tb = stream.time_base
+    start = 0.0
+    if stream.start_time is not None and tb:
+        start = float(stream.start_time * tb)
+    elif container.start_time is not None:
+        start = container.start_time / av.time_base
+    duration = 0.0
+    if stream.duration and tb:
+        duration = float(stream.duration * tb)
+    elif container.duration:
+        duration = container.duration / av.time_base
+    elif stream.frames and stream.average_rate:
+        duration = float(stream.frames / stream.average_rate)
+    if not math.isfinite(duration) or duration < 0:
+        duration = 0.0
+    return start, duration
+
+
+def _keyframe_times(stream: av.video.stream.VideoStream) -> list[float]:
+    """Keyframe times from the container index (MP4, MKV, AVI...); empty when there is none."""
+    tb = stream.time_base
+    if not tb:
+        return []
+    try:
+        times = [float(e.timestamp * tb) for e in stream.index_entries if e.is_keyframe]
+    except Exception:  # an index is an optimisation only
+        return []
+    return sorted(times)
+
+
+def _check_frame_size(width: int, height: int) -> None:
+    if width * height > MAX_FRAME_PIXELS:
+        raise ApiError(
+            ErrorCode.TOO_LARGE,
+            f"video frames are {width}x{height}, over the limit of {MAX_FRAME_PIXELS} pixels",
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _list(names: Collection[str]) -> str:
+    return ", ".join(names) or "none"
