@@ -209,10 +209,13 @@ class AddressGuard:
             addresses = await resolver(target.host, target.port)
         except ApiError:
             raise
-        except (OSError, UnicodeError, ValueError) as exc:
+        except Exception as exc:  # resolvers are pluggable; none of their failures is a 500
             raise ApiError(
-                ErrorCode.INVALID_URL, f"could not resolve host {target.host!r}: {exc}"
+                ErrorCode.INVALID_URL,
+                f"could not resolve host {target.host!r}: {exc or type(exc).__name__}",
             ) from None
+        if isinstance(addresses, str):
+            addresses = [addresses]
         return self.check(target.host, addresses)
 
 

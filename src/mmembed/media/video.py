@@ -43,6 +43,8 @@ from mmembed.errors import ApiError, ErrorCode
 from mmembed.types import VideoClip
 
 _ALIASES = {"MPG": "MPEG"}
+# MPEG streams carry no duration; FFmpeg's estimate can be off by 10-20 %, so we measure it.
+_NO_HEADER_DURATION = frozenset({"mpeg", "mpegvideo", "mpegts"})
 _FTYP_IMAGE_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"}
 _QT_BARE_BOXES = {b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 
@@ -151,7 +153,10 @@ def sample_video(
         )
     try:
         with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
-            return _Sampler(container, fps, max(1, max_frames), min_side).run()
+            sampler = _Sampler(container, fps, max(1, max_frames), min_side)
+            if demuxer in _NO_HEADER_DURATION or sampler.duration <= 0:
+                sampler.set_timing(*_scan_timing(data, demuxer))
+            return sampler.run()
     except ApiError:
         raise
     except MemoryError:
@@ -173,16 +178,21 @@ class _Sampler:
         self.container = container
         self.stream = _video_stream(container)
         self.min_side = min_side
-        self.start, self.duration = _timing(container, self.stream)
-        n = max(1, min(max_frames, math.ceil(self.duration * fps)))
-        step = self.duration / n
-        self.targets = [self.start + (i + 0.5) * step for i in range(n)]
+        self.fps, self.max_frames = fps, max_frames
+        self.set_timing(*_timing(container, self.stream))
         self.keyframes = _keyframe_times(self.stream)
         self.seek_gap = _SEEK_GAP_S
         self.decoded = self.packets = self.errors = 0
         self.deadline = time.monotonic() + DEADLINE_S
         self.position = -math.inf  # time of the last decoded frame
         self.exhausted = False
+
+    def set_timing(self, start: float, duration: float) -> None:
+        """Fix the time span and the n evenly spaced target times within it."""
+        self.start, self.duration = start, duration
+        n = max(1, min(self.max_frames, math.ceil(duration * self.fps)))
+        step = duration / n
+        self.targets = [start + (i + 0.5) * step for i in range(n)]
 
     def run(self) -> VideoClip:
         stream = self.stream
@@ -313,6 +323,24 @@ def _timing(
     if not math.isfinite(duration) or duration < 0:
         duration = 0.0
     return start, duration
+
+
+def _scan_timing(data: bytes, demuxer: str) -> tuple[float, float]:
+    """(start, duration) measured from packet timestamps: a demux pass, no decoding."""
+    first, end = math.inf, -math.inf
+    with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
+        stream = _video_stream(container)
+        tb = stream.time_base
+        for count, packet in enumerate(container.demux(stream)):
+            if count > MAX_PACKETS:
+                raise _fail(f"video has more than {MAX_PACKETS} packets")
+            if packet.pts is None or not tb:
+                continue
+            t = float(packet.pts * tb)
+            first, end = min(first, t), max(end, t + float((packet.duration or 0) * tb))
+    if not math.isfinite(first):
+        return 0.0, 0.0
+    return first, max(0.0, end - first)
 
 
 def _keyframe_times(stream: av.video.stream.VideoStream) -> list[float]:
