@@ -37,7 +37,7 @@ RED, GREEN, BLUE, YELLOW, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 2
 QUADRANTS = (RED, GREEN, BLUE, YELLOW)  # top-left, top-right, bottom-left, bottom-right
 
 
-# -- images -------------------------------------------------------------------------------------
+# -- images --------------------------------------------------------------------------------------
 def quadrant_image(size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Image.Image:
     width, height = size
     arr = np.zeros((height, width, 3), np.uint8)
@@ -64,6 +64,15 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **options)
     return buf.getvalue()
+
+
+def image_bytes(pixels: np.ndarray | Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    """Encode an HxWx3 (or HxW) uint8 array or a PIL image as ``fmt`` (e.g. "PNG", "JPEG")."""
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(np.asarray(pixels))
+    fmt = {"JPG": "JPEG", "TIF": "TIFF"}.get(fmt.upper(), fmt.upper())
+    if fmt == "JPEG" and image.mode not in {"RGB", "L", "CMYK"}:
+        image = image.convert("RGB")
+    return encode(image, fmt, **options)
 
 
 def exif_rotated_jpeg(orientation: int = 6, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -105,7 +114,7 @@ def corrupted(data: bytes, start: int = 64, length: int | None = None) -> bytes:
     return data[:start] + noise.tobytes() + data[start + len(noise) :]
 
 
-# -- videos -------------------------------------------------------------------------------------
+# -- videos --------------------------------------------------------------------------------------
 # container name -> (PyAV muxer, encoder); MPEG and MPG are the same program stream.
 VIDEO_RECIPES: dict[str, tuple[str, str]] = {
     "MP4": ("mp4", "libx264"),
@@ -185,6 +194,11 @@ def make_video(
     return buf.getvalue()
 
 
+def video_bytes(*, seconds: float = 2.0, container: str = "mp4", **kwargs: object) -> bytes:
+    """``make_video`` by container name in any case ("mp4", "mkv", "mpg"...)."""
+    return make_video(container.upper(), seconds=seconds, **kwargs)  # type: ignore[arg-type]
+
+
 def _add_video(
     out: av.container.OutputContainer, codec: str, rate: int, size: tuple[int, int], gop: int | None
 ) -> av.video.stream.VideoStream:
@@ -215,7 +229,7 @@ def _write_silence(
     out.mux(stream.encode(None))
 
 
-# -- hostile origin -----------------------------------------------------------------------------
+# -- hostile origin ------------------------------------------------------------------------------
 Handler = Callable[["_RequestHandler"], None]
 
 
@@ -237,7 +251,7 @@ class HostileOrigin:
         self._thread: threading.Thread | None = None
         self._default_routes()
 
-    # -- lifecycle ------------------------------------------------------------------------------
+    # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> HostileOrigin:
         self.start()
         return self
@@ -274,7 +288,7 @@ class HostileOrigin:
         with self._lock:
             return [path for path, _ in self.requests]
 
-    # -- routes ---------------------------------------------------------------------------------
+    # -- routes -----------------------------------------------------------------------------------
     def route(self, path: str, handler: Handler) -> None:
         self.routes[path] = handler
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.media_util import HostileOrigin
+
 API_KEY = "test-key-1"
 EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
 
@@ -37,7 +39,8 @@ class Server:
 
     def post(self, body: dict, key: str | None = API_KEY, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(self.url + EMBED_PATH, json=body, headers=headers, timeout=60, **kw)
+        kw.setdefault("timeout", 60)
+        return httpx.post(self.url + EMBED_PATH, json=body, headers=headers, **kw)
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
@@ -98,44 +101,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert "Traceback" not in srv.logs(), srv.logs()
 
 
-class _Origin:
-    """A threaded HTTP server on 127.0.0.1 serving bytes the test put at a path."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        files: dict[str, tuple[bytes, str]] = {}
-        self.files = files
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-                body, ctype = files.get(self.path, (b"not found", "text/plain"))
-                self.send_response(200 if self.path in files else 404)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def put(self, path: str, body: bytes, content_type: str = "application/octet-stream") -> str:
-        self.files[path] = (body, content_type)
-        return self.url + path
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="session")
-def origin() -> Iterator[_Origin]:
-    o = _Origin()
-    yield o
-    o.close()
+def origin() -> Iterator[HostileOrigin]:
+    """Serves generated media (``origin.serve(path, bytes, type)``) and misbehaving routes."""
+    with HostileOrigin(trickle_interval=0.5) as o:
+        yield o

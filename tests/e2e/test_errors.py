@@ -28,13 +28,13 @@ def urls(origin):
     small = np.full((32, 32, 3), 120, dtype=np.uint8)
     noise = rng.integers(0, 256, (1100, 1100, 3), dtype=np.uint8)  # ~3.6 MB as PNG
     return {
-        "png": origin.put("/small.png", image_bytes(small, "PNG"), "image/png"),
-        "webp": origin.put("/small.webp", image_bytes(small, "WEBP"), "image/webp"),
-        "big_png": origin.put("/big.png", image_bytes(noise, "PNG"), "image/png"),
-        "not_image": origin.put("/fake.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "image/png"),
-        "mp4": origin.put("/v.mp4", video_bytes(seconds=1.0, container="mp4"), "video/mp4"),
-        "big_mp4": origin.put("/big.mp4", rng.bytes(11 * 1024 * 1024), "video/mp4"),
-        "missing": origin.url + "/nothing-here.png",
+        "png": origin.serve("/small.png", image_bytes(small, "PNG"), "image/png"),
+        "webp": origin.serve("/small.webp", image_bytes(small, "WEBP"), "image/webp"),
+        "big_png": origin.serve("/big.png", image_bytes(noise, "PNG"), "image/png"),
+        "not_image": origin.serve("/fake.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "image/png"),
+        "mp4": origin.serve("/v.mp4", video_bytes(seconds=1.0, container="mp4"), "video/mp4"),
+        "big_mp4": origin.serve("/big.mp4", rng.bytes(11 * 1024 * 1024), "video/mp4"),
+        "missing": origin.url("/nothing-here.png"),
     }
 
 
@@ -166,7 +166,9 @@ def test_multi_images_only_plus_and_flash(server, urls):
 def test_fused_only_qwen(server, urls):
     fused = {"text": "t", "image": urls["png"]}
     for model in (PLUS, FLASH, V1):
-        expect(server.post(req(model, [fused])), 400, "InvalidParameter", "input.contents[0]", "fused")
+        expect(
+            server.post(req(model, [fused])), 400, "InvalidParameter", "input.contents[0]", "fused"
+        )
     r = server.post(req(QWEN, [fused]))
     assert r.status_code == 200 and r.json()["output"]["embeddings"][0]["type"] == "vl"
 

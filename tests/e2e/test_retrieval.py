@@ -45,7 +45,7 @@ def _ranks(text_vecs: np.ndarray, image_vecs: np.ndarray) -> np.ndarray:
 
 def test_text_to_image_retrieval(server, origin):
     names = list(CAPTIONS)
-    urls = [origin.put(f"/photo/{n}.png", image_bytes(_photo(n), "PNG"), "image/png") for n in names]
+    urls = [origin.serve(f"/photo/{n}.png", image_bytes(_photo(n)), "image/png") for n in names]
     resp = server.post(
         {"model": MODEL, "input": {"contents": [{"image": u} for u in urls]}}, timeout=120
     )
@@ -53,7 +53,8 @@ def test_text_to_image_retrieval(server, origin):
     images = np.array([e["embedding"] for e in resp.json()["output"]["embeddings"]])
 
     n = len(names)
-    lines = [f"text->image retrieval over {n} photos (chance: R@1 {1 / n:.2f}, MRR {_chance_mrr(n):.2f})"]
+    chance = f"chance: R@1 {1 / n:.2f}, MRR {_chance_mrr(n):.2f}"
+    lines = [f"text->image retrieval over {n} photos ({chance})"]
     results = {}
     for lang, col in (("en", 0), ("zh", 1)):
         texts = [CAPTIONS[name][col] for name in names]
@@ -71,7 +72,7 @@ def test_text_to_image_retrieval(server, origin):
 
     for lang, ranks in results.items():
         assert np.mean(ranks == 1) >= 0.4, f"{lang}: recall@1 too close to chance"
-        assert np.mean(1 / ranks) >= 4 * _chance_mrr(n), f"{lang}: MRR too close to chance"
+        assert np.mean(1 / ranks) >= 0.5, f"{lang}: MRR too close to chance"
 
 
 def _chance_mrr(n: int) -> float:

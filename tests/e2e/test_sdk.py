@@ -28,9 +28,11 @@ def media(origin):
     coffee = image_bytes(data.coffee(), "PNG")
     return {
         "coffee_png": coffee,
-        "coffee_url": origin.put("/coffee.png", coffee, "image/png"),
-        "cat_url": origin.put("/cat.jpg", image_bytes(data.chelsea(), "JPEG"), "image/jpeg"),
-        "video_url": origin.put("/clip.mp4", video_bytes(seconds=3.0, container="mp4"), "video/mp4"),
+        "coffee_url": origin.serve("/coffee.png", coffee, "image/png"),
+        "cat_url": origin.serve("/cat.jpg", image_bytes(data.chelsea(), "JPEG"), "image/jpeg"),
+        "video_url": origin.serve(
+            "/clip.mp4", video_bytes(seconds=3.0, container="mp4"), "video/mp4"
+        ),
     }
 
 

@@ -8,7 +8,11 @@ from mmembed.models.catalog import load_catalog, parse_catalog
 
 
 def test_env_and_flags_precedence():
-    env = {"MMEMBED_PORT": "9001", "MMEMBED_API_KEYS": "a, b", "MMEMBED_FETCH_TOTAL_TIMEOUT_S": "2.5"}
+    env = {
+        "MMEMBED_PORT": "9001",
+        "MMEMBED_API_KEYS": "a, b",
+        "MMEMBED_FETCH_TOTAL_TIMEOUT_S": "2.5",
+    }
     s = Settings.from_env(env)
     assert (s.port, s.api_keys, s.fetch_total_timeout_s) == (9001, ("a", "b"), 2.5)
     parser = argparse.ArgumentParser()
@@ -50,16 +54,36 @@ def test_packaged_catalog_has_the_four_api_names_and_their_limits():
     assert qwen.default_dimension == 2560 and qwen.fused and qwen.max_elements == 20
     assert "SGI" in qwen.image_formats and qwen.video_formats == {"MP4", "AVI", "MOV"}
     v1 = cat.models["multimodal-embedding-v1"]
-    assert (v1.dimensions, v1.dimension_param, v1.max_images, v1.max_videos) == ((1024,), False, 1, 1)
+    assert (v1.dimensions, v1.dimension_param, v1.max_images, v1.max_videos) == (
+        (1024,),
+        False,
+        1,
+        1,
+    )
 
 
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
         ({"backends": {"b": {}}, "models": {}}, "no 'family'"),
-        ({"backends": {"b": {"family": "hash"}}, "models": {"m": {"backend": "x", "dimensions": [4]}}}, "unknown backend"),
-        ({"backends": {"b": {"family": "hash"}}, "models": {"m": {"backend": "b"}}}, "no dimensions"),
-        ({"backends": {"b": {"family": "hash"}}, "models": {"m": {"backend": "b", "dimensions": [4], "bogus": 1}}}, "unknown keys"),
+        (
+            {
+                "backends": {"b": {"family": "hash"}},
+                "models": {"m": {"backend": "x", "dimensions": [4]}},
+            },
+            "unknown backend",
+        ),
+        (
+            {"backends": {"b": {"family": "hash"}}, "models": {"m": {"backend": "b"}}},
+            "no dimensions",
+        ),
+        (
+            {
+                "backends": {"b": {"family": "hash"}},
+                "models": {"m": {"backend": "b", "dimensions": [4], "bogus": 1}},
+            },
+            "unknown keys",
+        ),
     ],
 )
 def test_catalog_errors(raw, fragment):

@@ -108,12 +108,20 @@ def test_dimension_rules(engine):
     [
         ("nope", [{"text": "x"}], "Model not exist"),
         ("wide", [{"multi_images": [RED] * 4}], "input.contents[0].multi_images: 4 images"),
-        ("fused", [{"multi_images": [RED]}], "multi_images is not supported by fused (supported by: wide)"),
+        (
+            "fused",
+            [{"multi_images": [RED]}],
+            "multi_images is not supported by fused (supported by: wide)",
+        ),
         ("wide", [{"text": "x", "image": RED}], "input.contents[0]: a fused item"),
         ("fused", [{"text": "a"}] * 5, "5 elements"),
         ("fused", [{"text": "a", "image": RED}] * 2 + [{"text": "b"}], "5 elements"),
         ("strict", [{"image": RED}, {"image": BLUE}], "2 images"),
-        ("strict", [{"text": "a"}, {"text": "one two three four five"}], "input.contents[1].text: 7 tokens"),
+        (
+            "strict",
+            [{"text": "a"}, {"text": "one two three four five"}],
+            "input.contents[1].text: 7 tokens",
+        ),
     ],
 )
 def test_limits(engine, model, items, fragment):
@@ -123,7 +131,9 @@ def test_limits(engine, model, items, fragment):
 
 
 def test_media_errors_name_the_item(engine):
-    err = error(engine, "wide", [{"text": "ok"}, {"multi_images": [RED, "data:image/png;base64,AAAA"]}])
+    err = error(
+        engine, "wide", [{"text": "ok"}, {"multi_images": [RED, "data:image/png;base64,AAAA"]}]
+    )
     assert err.error is ErrorCode.DATA_INSPECTION
     assert err.message.startswith("input.contents[1].multi_images[1]: ")
 

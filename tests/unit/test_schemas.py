@@ -38,6 +38,15 @@ def test_every_content_form():
     assert (req.dimension, req.fps, req.instruct) == (512, 0.5, "Find it")
 
 
+def test_sdk_nested_parameters_are_flattened():
+    body = {
+        "model": "m",
+        "input": {"contents": ["x"]},
+        "parameters": {"parameters": {"dimension": 64}},
+    }
+    assert parse(body).dimension == 64
+
+
 def test_parameters_optional_and_unknown_ignored():
     req = parse({"model": "m", "input": {"contents": ["x"]}, "extra_top": True})
     assert (req.dimension, req.fps, req.instruct) == (None, None, None)
@@ -57,18 +66,66 @@ def test_parameters_optional_and_unknown_ignored():
         ({"model": "m", "input": {"contents": []}}, ErrorCode.EMPTY_INPUT, "contents"),
         ({"model": "m", "input": {"contents": "x"}}, ErrorCode.INVALID_PARAMETER, "list"),
         ({"model": "m", "input": {"contents": [5]}}, ErrorCode.INVALID_PARAMETER, "contents[0]"),
-        ({"model": "m", "input": {"contents": ["a", {}]}}, ErrorCode.INVALID_PARAMETER, "[1]: has none"),
-        ({"model": "m", "input": {"contents": [{"text": ""}]}}, ErrorCode.INVALID_PARAMETER, "[0].text: is empty"),
-        ({"model": "m", "input": {"contents": [{"image": 7}]}}, ErrorCode.INVALID_PARAMETER, "[0].image: must be a string"),
-        ({"model": "m", "input": {"contents": [{"multi_images": []}]}}, ErrorCode.INVALID_PARAMETER, "multi_images"),
-        ({"model": "m", "input": {"contents": [{"multi_images": ["a"], "text": "b"}]}}, ErrorCode.INVALID_PARAMETER, "cannot be combined"),
-        ({"model": "m", "input": {"contents": ["x"]}, "parameters": []}, ErrorCode.INVALID_PARAMETER, "parameters"),
-        ({"model": "m", "input": {"contents": ["x"]}, "parameters": {"dimension": "512"}}, ErrorCode.INVALID_PARAMETER, "dimension"),
-        ({"model": "m", "input": {"contents": ["x"]}, "parameters": {"dimension": True}}, ErrorCode.INVALID_PARAMETER, "dimension"),
-        ({"model": "m", "input": {"contents": ["x"]}, "parameters": {"fps": 1.5}}, ErrorCode.INVALID_PARAMETER, "fps"),
-        ({"model": "m", "input": {"contents": ["x"]}, "parameters": {"fps": -0.1}}, ErrorCode.INVALID_PARAMETER, "fps"),
-        ({"model": "m", "input": {"contents": ["x"]}, "parameters": {"output_type": "sparse"}}, ErrorCode.INVALID_PARAMETER, "dense"),
-        ({"model": "m", "input": {"contents": ["x"]}, "parameters": {"instruct": 3}}, ErrorCode.INVALID_PARAMETER, "instruct"),
+        (
+            {"model": "m", "input": {"contents": ["a", {}]}},
+            ErrorCode.INVALID_PARAMETER,
+            "[1]: has none",
+        ),
+        (
+            {"model": "m", "input": {"contents": [{"text": ""}]}},
+            ErrorCode.INVALID_PARAMETER,
+            "[0].text: is empty",
+        ),
+        (
+            {"model": "m", "input": {"contents": [{"image": 7}]}},
+            ErrorCode.INVALID_PARAMETER,
+            "[0].image: must be a string",
+        ),
+        (
+            {"model": "m", "input": {"contents": [{"multi_images": []}]}},
+            ErrorCode.INVALID_PARAMETER,
+            "multi_images",
+        ),
+        (
+            {"model": "m", "input": {"contents": [{"multi_images": ["a"], "text": "b"}]}},
+            ErrorCode.INVALID_PARAMETER,
+            "cannot be combined",
+        ),
+        (
+            {"model": "m", "input": {"contents": ["x"]}, "parameters": []},
+            ErrorCode.INVALID_PARAMETER,
+            "parameters",
+        ),
+        (
+            {"model": "m", "input": {"contents": ["x"]}, "parameters": {"dimension": "512"}},
+            ErrorCode.INVALID_PARAMETER,
+            "dimension",
+        ),
+        (
+            {"model": "m", "input": {"contents": ["x"]}, "parameters": {"dimension": True}},
+            ErrorCode.INVALID_PARAMETER,
+            "dimension",
+        ),
+        (
+            {"model": "m", "input": {"contents": ["x"]}, "parameters": {"fps": 1.5}},
+            ErrorCode.INVALID_PARAMETER,
+            "fps",
+        ),
+        (
+            {"model": "m", "input": {"contents": ["x"]}, "parameters": {"fps": -0.1}},
+            ErrorCode.INVALID_PARAMETER,
+            "fps",
+        ),
+        (
+            {"model": "m", "input": {"contents": ["x"]}, "parameters": {"output_type": "sparse"}},
+            ErrorCode.INVALID_PARAMETER,
+            "dense",
+        ),
+        (
+            {"model": "m", "input": {"contents": ["x"]}, "parameters": {"instruct": 3}},
+            ErrorCode.INVALID_PARAMETER,
+            "instruct",
+        ),
     ],
 )
 def test_bad_requests(body, code, fragment):

@@ -42,6 +42,11 @@ def parse_request(body: bytes) -> EmbedRequest:
         params = {}
     if not isinstance(params, dict):
         raise _bad("parameters must be a JSON object.")
+    nested = params.get("parameters")
+    if isinstance(nested, dict):
+        # dashscope.MultiModalEmbedding.call(..., parameters={"dimension": 1024}), as the
+        # reference page writes it, sends {"parameters": {"parameters": {...}}}.
+        params = {**params, **nested}
     _check_output_type(params.get("output_type"))
     return EmbedRequest(
         model=model,

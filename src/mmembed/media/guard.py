@@ -124,8 +124,7 @@ def forbidden_reason(ip: IPAddress) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address):
         inner = _embedded_ipv4(ip)
         if inner is not None:
-            reason = forbidden_reason(inner)
-            return f"{reason} (embedded in IPv6)" if reason else None
+            return forbidden_reason(inner)  # the IPv6 form reaches the IPv4 address
         if ip in _NAT64_LOCAL:
             return "reserved"
     checks = (
@@ -190,7 +189,7 @@ class AddressGuard:
                 ) from None
             reason = None if allowed_host or self.ip_allowed(ip) else forbidden_reason(ip)
             if reason:
-                shown = f"address {ip}" if str(ip) == host else f"host {host!r} resolves to {ip}"
+                shown = f"address {host}" if _is_ip(host) else f"host {host!r} resolves to {ip}"
                 raise ApiError(
                     ErrorCode.INVALID_URL,
                     f"{shown}, a {reason} address, which media URLs may not reach",

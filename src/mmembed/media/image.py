@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 from collections.abc import Collection
 
@@ -119,10 +120,11 @@ def decode_image(
         return _decode(data, fmt, max_pixels, min_side)
     except ApiError:
         raise
-    except Image.DecompressionBombError:
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow names the size, not the dims
+        size = f"{found.group(1)} pixels" if found else "too many pixels"
         raise ApiError(
-            ErrorCode.TOO_LARGE,
-            f"image dimensions are over the limit of {max_pixels} pixels",
+            ErrorCode.TOO_LARGE, f"image is {size}, over the limit of {max_pixels} pixels"
         ) from None
     except MemoryError:
         raise ApiError(ErrorCode.TOO_LARGE, "image needs too much memory to decode") from None

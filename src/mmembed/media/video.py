@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import itertools
 import math
 import time
 from collections.abc import Collection, Iterator
@@ -43,8 +44,13 @@ from mmembed.errors import ApiError, ErrorCode
 from mmembed.types import VideoClip
 
 _ALIASES = {"MPG": "MPEG"}
-# MPEG streams carry no duration; FFmpeg's estimate can be off by 10-20 %, so we measure it.
+# MPEG streams carry no duration (FFmpeg's estimate can be off by 10-20 %), nor do Matroska
+# video streams (the container's includes audio): we measure those with a demux-only pass.
 _NO_HEADER_DURATION = frozenset({"mpeg", "mpegvideo", "mpegts"})
+# Demuxers whose seeks land on a keyframe before the target with exact timestamps. MPEG
+# program/transport streams seek by byte position and then mislabel the first frames (off by a
+# frame or more), so they are decoded straight through; MPEG-1/2 decoding is cheap.
+_SEEKABLE = frozenset({"mov", "matroska", "avi", "flv"})
 _FTYP_IMAGE_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"}
 _QT_BARE_BOXES = {b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 
@@ -154,8 +160,9 @@ def sample_video(
     try:
         with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
             sampler = _Sampler(container, fps, max(1, max_frames), min_side)
-            if demuxer in _NO_HEADER_DURATION or sampler.duration <= 0:
+            if demuxer in _NO_HEADER_DURATION or not sampler.stream.duration:
                 sampler.set_timing(*_scan_timing(data, demuxer))
+            sampler.seekable = demuxer in _SEEKABLE
             return sampler.run()
     except ApiError:
         raise
@@ -181,6 +188,7 @@ class _Sampler:
         self.fps, self.max_frames = fps, max_frames
         self.set_timing(*_timing(container, self.stream))
         self.keyframes = _keyframe_times(self.stream)
+        self.seekable = True
         self.seek_gap = _SEEK_GAP_S
         self.decoded = self.packets = self.errors = 0
         self.deadline = time.monotonic() + DEADLINE_S
@@ -203,8 +211,10 @@ class _Sampler:
         held: av.video.frame.VideoFrame | None = None  # first frame after the previous target
         picked: list[av.video.frame.VideoFrame] = []
         for target in self.targets:
-            if self._should_seek(target) and self._seek(target):
-                frames, last, held = self._decode(target), None, None
+            if self._should_seek(target):
+                seeked = self._seek_to(target)
+                if seeked is not None:
+                    frames, last, held = seeked, None, None
             if held is not None and self._time(held) <= target:
                 last, held = held, None
             if held is None:
@@ -226,7 +236,7 @@ class _Sampler:
             timestamps=[max(0.0, self._time(f) - self.start) for f in picked],
         )
 
-    # -- decoding -------------------------------------------------------------------------------
+    # -- decoding ---------------------------------------------------------------------------------
     def _decode(self, seeked_to: float | None) -> Iterator[av.video.frame.VideoFrame]:
         """Frames in order from the current demuxer position, within the work bounds."""
         first = True
@@ -252,13 +262,32 @@ class _Sampler:
         self.exhausted = True
 
     def _should_seek(self, target: float) -> bool:
-        if self.exhausted:  # everything left is past the end; the last frame stands in
+        if self.exhausted or not self.seekable:  # past the end, the last frame stands in
             return False
         position = self.position if self.position > -math.inf else self.start
-        if self.keyframes:
+        if self.keyframes and target <= self.keyframes[-1]:  # indexes may be partial
             i = bisect.bisect_right(self.keyframes, target) - 1
             return i >= 0 and self.keyframes[i] - position >= _MIN_SKIP_S
         return target - position > self.seek_gap
+
+    def _seek_to(self, target: float) -> Iterator[av.video.frame.VideoFrame] | None:
+        """Frames from a keyframe at or before ``target``, or None if the container can't seek.
+
+        Some demuxers land after the requested time; then we ask again a little earlier
+        (1, 2, 4 s) before settling for the frame we got.
+        """
+        back = 0.0
+        for attempt in range(4):
+            if not self._seek(target - back):
+                return None
+            frames = self._decode(target)
+            first = next(frames, None)
+            if first is None:
+                return iter(())
+            if self._time(first) <= target or attempt == 3:
+                return itertools.chain([first], frames)
+            back = back * 2 or 1.0
+        return None
 
     def _seek(self, target: float) -> bool:
         """Seek to the keyframe at or before ``target``; False if the container cannot."""
@@ -331,13 +360,16 @@ def _scan_timing(data: bytes, demuxer: str) -> tuple[float, float]:
     with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
         stream = _video_stream(container)
         tb = stream.time_base
+        rate = stream.average_rate or stream.guessed_rate
+        period = float(1 / rate) if rate else 0.0  # for packets that carry no duration (FLV)
         for count, packet in enumerate(container.demux(stream)):
             if count > MAX_PACKETS:
                 raise _fail(f"video has more than {MAX_PACKETS} packets")
             if packet.pts is None or not tb:
                 continue
             t = float(packet.pts * tb)
-            first, end = min(first, t), max(end, t + float((packet.duration or 0) * tb))
+            length = float(packet.duration * tb) if packet.duration else period
+            first, end = min(first, t), max(end, t + length)
     if not math.isfinite(first):
         return 0.0, 0.0
     return first, max(0.0, end - first)
