@@ -27,8 +27,9 @@ class Settings:
     )
     api_keys: tuple[str, ...] = _setting(
         (),
-        "Comma-separated API keys accepted as 'Authorization: Bearer <key>'. "
-        "With none, any key is accepted and only loopback addresses may be bound.",
+        "Comma-separated API keys accepted as 'Authorization: Bearer <key>'; 'KEY:m1|m2' "
+        "limits a key to those model names (403 otherwise). With no keys, any key is "
+        "accepted and only loopback addresses may be bound.",
     )
     log_level: str = _setting("info", "Log level: debug, info, warning, error.")
     max_body_bytes: int = _setting(

@@ -18,6 +18,7 @@ import pytest
 from tests.media_util import HostileOrigin
 
 API_KEY = "test-key-1"
+V1_ONLY_KEY = "test-key-v1-only"  # may use multimodal-embedding-v1 and nothing else
 EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
 
 
@@ -52,7 +53,7 @@ def start_server(tmp: Path, env_extra: dict[str, str]) -> Server:
     env = {
         **os.environ,
         "MMEMBED_PORT": str(port),
-        "MMEMBED_API_KEYS": API_KEY,
+        "MMEMBED_API_KEYS": f"{API_KEY},{V1_ONLY_KEY}:multimodal-embedding-v1",
         "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1",
         "MMEMBED_CACHE_DIR": str(tmp / "cache"),
         **env_extra,

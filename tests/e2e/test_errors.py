@@ -4,12 +4,13 @@ names the offending item. The server must stay healthy throughout."""
 from __future__ import annotations
 
 import base64
+import time
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import EMBED_PATH, free_port
+from tests.e2e.conftest import EMBED_PATH, V1_ONLY_KEY, free_port
 from tests.media_util import image_bytes, video_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
@@ -56,6 +57,11 @@ def req(model: str, contents: list, **params) -> dict:
 def test_missing_and_wrong_key(server):
     expect(server.post(req(PLUS, ["x"]), key=None), 401, "InvalidApiKey")
     expect(server.post(req(PLUS, ["x"]), key="nope"), 401, "InvalidApiKey")
+
+
+def test_key_limited_to_some_models(server):
+    expect(server.post(req(PLUS, ["x"]), key=V1_ONLY_KEY), 403, "AccessDenied", PLUS)
+    assert server.post(req(V1, ["x"]), key=V1_ONLY_KEY).status_code == 200
 
 
 # -- request shape -------------------------------------------------------------------------------
@@ -256,6 +262,18 @@ def test_unreachable_and_missing(server, urls):
     closed = f"http://127.0.0.1:{free_port()}/a.png"
     expect(server.post(req(PLUS, [{"image": closed}])), 400, "InvalidURL")
     expect(server.post(req(PLUS, [{"image": urls["missing"]}])), 400, "InvalidURL", "404")
+
+
+def test_stalled_origin_times_out(server, origin):
+    # the test server's fetch timeouts: 1.5 s between bytes, 3 s per download
+    started = time.monotonic()
+    body = expect(
+        server.post(req(PLUS, [{"image": origin.url("/stall")}])),
+        408,
+        "RequestTimeOut",
+        "input.contents[0].image",
+    )
+    assert time.monotonic() - started < 3 + 1, body
 
 
 def test_server_still_healthy(server):

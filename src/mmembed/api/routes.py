@@ -20,16 +20,18 @@ EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedd
 log = logging.getLogger("mmembed.api")
 
 
-def check_api_key(request: Request, settings: Settings) -> None:
+def check_api_key(request: Request, settings: Settings) -> frozenset[str] | None:
+    """Authenticate; returns the model names the key may use (None: all of them)."""
     if not settings.api_keys:
-        return
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    key = key.strip()
-    valid = scheme.lower() == "bearer" and any(
-        hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys
-    )
-    if not valid:
-        raise ApiError(ErrorCode.INVALID_API_KEY, "Invalid API-key provided.")
+        return None
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    given = given.strip()
+    if scheme.lower() == "bearer":
+        for entry in settings.api_keys:
+            key, _, models = entry.partition(":")
+            if hmac.compare_digest(given.encode(), key.encode()):
+                return frozenset(models.split("|")) if models else None
+    raise ApiError(ErrorCode.INVALID_API_KEY, "Invalid API-key provided.")
 
 
 async def read_body(request: Request, cap: int) -> bytes:
@@ -51,8 +53,10 @@ async def embed(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     engine: Engine = request.app.state.engine
     started = time.perf_counter()
-    check_api_key(request, settings)
+    allowed = check_api_key(request, settings)
     req = parse_request(await read_body(request, settings.max_body_bytes))
+    if allowed is not None and req.model not in allowed:
+        raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {req.model!r}.")
     try:
         result = await asyncio.wait_for(engine.embed(req), settings.request_timeout_s)
     except TimeoutError:

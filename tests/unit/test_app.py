@@ -1,0 +1,69 @@
+"""The ASGI app's error handling, with engines that misbehave on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from mmembed.api.app import create_app
+from mmembed.api.routes import EMBED_PATH
+from mmembed.config import Settings
+from mmembed.errors import ApiError, ErrorCode
+
+
+class BrokenEngine:
+    """Stands in for the engine: raises a programming error, or stalls past the deadline."""
+
+    catalog = None
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def load(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def status(self) -> dict[str, str]:
+        return {"broken": "ready"}
+
+    async def embed(self, req):
+        if self.mode == "stall":
+            await asyncio.sleep(30)
+        if self.mode == "throttle":
+            raise ApiError(ErrorCode.THROTTLING, "busy", headers={"Retry-After": "1"})
+        raise RuntimeError("a bug, not the client's fault")
+
+
+def post(engine: BrokenEngine, **settings) -> tuple[int, dict, dict]:
+    app = create_app(Settings(**settings), engine=engine)  # type: ignore[arg-type]
+
+    async def go() -> httpx.Response:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                body = {"model": "m", "input": {"contents": ["x"]}}
+                return await client.post(EMBED_PATH, json=body)
+
+    r = asyncio.run(go())
+    return r.status_code, r.json(), dict(r.headers)
+
+
+def test_unexpected_exception_is_a_dashscope_500_with_request_id():
+    status, body, headers = post(BrokenEngine("bug"))
+    assert status == 500
+    assert body["code"] == "InternalError"
+    assert "a bug" not in body["message"]  # internals stay in the log
+    assert body["request_id"] == headers["x-request-id"]
+
+
+def test_request_deadline_gives_408():
+    status, body, _ = post(BrokenEngine("stall"), request_timeout_s=0.2)
+    assert (status, body["code"]) == (408, "RequestTimeOut")
+
+
+def test_error_headers_pass_through():
+    status, body, headers = post(BrokenEngine("throttle"))
+    assert (status, body["code"], headers["retry-after"]) == (429, "Throttling", "1")
