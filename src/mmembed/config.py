@@ -54,6 +54,18 @@ class Settings:
         40_000_000, "Images larger than this many pixels are refused (decompression bombs)."
     )
     decode_workers: int = _setting(2, "Threads that decode images and videos.")
+    batch_max_items: int = _setting(
+        64, "Dynamic batching: most inputs (across requests) in one forward pass."
+    )
+    batch_max_tokens: int = _setting(
+        16384, "Dynamic batching: most tokens (text tokens + image tokens) in one forward pass."
+    )
+    batch_max_wait_ms: float = _setting(
+        2.0, "Dynamic batching: longest wait for more requests before a forward pass starts."
+    )
+    queue_max_items: int = _setting(
+        1024, "Backpressure: inputs waiting per backend before new requests get 429 Throttling."
+    )
     cache_dir: str = _setting(
         "", "Directory for derived data (fitted bases, uploads). Empty: ~/.cache/mmembed."
     )

@@ -7,10 +7,11 @@ import asyncio
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 from mmembed.config import Settings
+from mmembed.engine.batcher import Batcher
 from mmembed.engine.dims import DimensionMapper, fit_basis
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.media.fetch import Fetcher
@@ -30,14 +31,10 @@ DEFAULT_FPS = 1.0
 class LoadedBackend:
     backend: Backend
     mapper: DimensionMapper
+    batcher: Batcher
     # One thread per backend: forward passes are serialised (the libraries use all cores
     # themselves), and never run on the event loop.
-    executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model")
-    )
-
-    async def run(self, fn, *args):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    executor: ThreadPoolExecutor
 
 
 class Engine:
@@ -64,7 +61,16 @@ class Engine:
                 mapper = DimensionMapper(
                     backend.native_dim, matryoshka=backend.matryoshka, basis=basis
                 )
-                self._backends[name] = LoadedBackend(backend, mapper)
+                executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
+                batcher = Batcher(
+                    backend.embed,
+                    executor,
+                    max_items=self.settings.batch_max_items,
+                    max_tokens=self.settings.batch_max_tokens,
+                    max_wait_s=self.settings.batch_max_wait_ms / 1000,
+                    max_queue=self.settings.queue_max_items,
+                )
+                self._backends[name] = LoadedBackend(backend, mapper, batcher, executor)
                 log.info("backend %s (%s) ready, %d-d", name, spec.family, backend.native_dim)
             except Exception as exc:  # keep serving the other models
                 log.exception("backend %s failed to load", name)
@@ -74,6 +80,7 @@ class Engine:
         await self.fetcher.aclose()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         for loaded in self._backends.values():
+            await loaded.batcher.aclose()
             loaded.executor.shutdown(wait=False, cancel_futures=True)
 
     def status(self) -> dict[str, str]:
@@ -91,7 +98,7 @@ class Engine:
         self._check_forms(spec, backend, req.items)
 
         texts = [(item, item.text) for item in req.items if item.text is not None]
-        tokens = await loaded.run(lambda: [backend.count_tokens(t) for _, t in texts])
+        tokens = await asyncio.to_thread(lambda: [backend.count_tokens(t) for _, t in texts])
         for (item, _), n in zip(texts, tokens, strict=True):
             if n > spec.text_max_tokens:
                 raise ApiError(
@@ -105,12 +112,10 @@ class Engine:
         for inp in inputs:
             inp.instruct = req.instruct
 
-        vectors = await loaded.run(lambda: loaded.mapper(backend.embed(inputs), dimension))
-        return EmbedResult(
-            vectors=vectors,
-            kinds=[item.kind for item in req.items],
-            usage=self._usage(spec, sum(tokens), inputs),
-        )
+        usage = self._usage(spec, sum(tokens), inputs)
+        native = await loaded.batcher.submit(inputs, usage["input_tokens"] + usage["image_tokens"])
+        vectors = await asyncio.to_thread(loaded.mapper, native, dimension)
+        return EmbedResult(vectors=vectors, kinds=[item.kind for item in req.items], usage=usage)
 
     def _loaded(self, spec: ModelSpec) -> LoadedBackend:
         loaded = self._backends.get(spec.backend)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import contextvars
 import re
 import ssl
@@ -128,7 +129,8 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
 
     def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
         self._inner = inner
-        self.connected: list[tuple[str, int]] = []  # for tests: every address we dialled
+        # The most recent addresses dialled (bounded): lets tests prove what was contacted.
+        self.connected: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
 
     async def connect_tcp(
         self,

@@ -172,6 +172,9 @@ def sample_video(
         raise _fail(f"video data could not be decoded as {name}: {_reason(exc)}") from None
 
 
+_Timed = tuple[float, av.video.frame.VideoFrame]  # (seconds, frame)
+
+
 class _Sampler:
     """One pass of forward decoding (with keyframe seeks) that picks a frame per target time."""
 
@@ -207,37 +210,40 @@ class _Sampler:
         stream.thread_type = "AUTO"  # frame + slice threads: the decode is most of the cost
         _check_frame_size(stream.codec_context.width, stream.codec_context.height)
         frames = self._decode(None)
-        last: av.video.frame.VideoFrame | None = None  # latest frame starting <= target
-        held: av.video.frame.VideoFrame | None = None  # first frame after the previous target
-        picked: list[av.video.frame.VideoFrame] = []
+        last: _Timed | None = None  # latest frame starting at or before the target
+        held: _Timed | None = None  # first frame after the previous target
+        previous: _Timed | None = None
+        images: list[Image.Image] = []
+        times: list[float] = []
         for target in self.targets:
             if self._should_seek(target):
                 seeked = self._seek_to(target)
                 if seeked is not None:
                     frames, last, held = seeked, None, None
-            if held is not None and self._time(held) <= target:
+            if held is not None and held[0] <= target:
                 last, held = held, None
             if held is None:
-                for frame in frames:
-                    if self._time(frame) <= target:
-                        last = frame
+                for timed in frames:
+                    if timed[0] <= target:
+                        last = timed
                     else:
-                        held = frame
+                        held = timed
                         break
             chosen = last or held
             if chosen is None:
                 break
-            picked.append(chosen)
-        if not picked:
+            # Convert now so full-size decoder frames are not kept; repeats share the image.
+            images.append(images[-1] if chosen is previous else self._to_image(chosen[1]))
+            times.append(chosen[0] - self.start)
+            previous = chosen
+        if not images:
             raise _fail("video contains no decodable frames")
         return VideoClip(
-            frames=[self._to_image(f) for f in picked],
-            duration=self.duration,
-            timestamps=[max(0.0, self._time(f) - self.start) for f in picked],
+            frames=images, duration=self.duration, timestamps=[max(0.0, t) for t in times]
         )
 
     # -- decoding ---------------------------------------------------------------------------------
-    def _decode(self, seeked_to: float | None) -> Iterator[av.video.frame.VideoFrame]:
+    def _decode(self, seeked_to: float | None) -> Iterator[_Timed]:
         """Frames in order from the current demuxer position, within the work bounds."""
         first = True
         for packet in self.container.demux(self.stream):
@@ -258,7 +264,7 @@ class _Sampler:
                     self.seek_gap *= 2  # landed behind us: keyframes are sparser than assumed
                 first = False
                 self.position = t
-                yield frame
+                yield t, frame
         self.exhausted = True
 
     def _should_seek(self, target: float) -> bool:
@@ -270,7 +276,7 @@ class _Sampler:
             return i >= 0 and self.keyframes[i] - position >= _MIN_SKIP_S
         return target - position > self.seek_gap
 
-    def _seek_to(self, target: float) -> Iterator[av.video.frame.VideoFrame] | None:
+    def _seek_to(self, target: float) -> Iterator[_Timed] | None:
         """Frames from a keyframe at or before ``target``, or None if the container can't seek.
 
         Some demuxers land after the requested time; then we ask again a little earlier
@@ -282,9 +288,9 @@ class _Sampler:
                 return None
             frames = self._decode(target)
             first = next(frames, None)
-            if first is None:
-                return iter(())
-            if self._time(first) <= target or attempt == 3:
+            if first is None:  # past the real end: keep the frames we have
+                return None
+            if first[0] <= target or attempt == 3:
                 return itertools.chain([first], frames)
             back = back * 2 or 1.0
         return None
@@ -301,8 +307,11 @@ class _Sampler:
         return True
 
     def _time(self, frame: av.video.frame.VideoFrame) -> float:
+        """The frame's time; frames without a timestamp follow the previous one."""
         t = frame.time
-        return float(t) if t is not None else self.position
+        if t is not None:
+            return float(t)
+        return self.position if self.position > -math.inf else self.start
 
     def _check_bounds(self) -> None:
         if self.decoded > MAX_DECODED_FRAMES or self.packets > MAX_PACKETS:
