@@ -1,0 +1,56 @@
+"""Device and dtype choice for the torch backends, shared so every family reads the same options.
+
+``device = "auto"`` means CUDA when torch sees a GPU, else CPU; ``dtype = "auto"`` means bfloat16
+on CUDA (fp16 where the GPU lacks bf16) and float32 on CPU, where half precision is slow and
+lossy. Explicit values (``"cuda:1"``, ``"float16"``) are taken as given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """(torch.device, torch.dtype) for the options ``device`` and ``dtype``."""
+    import torch
+
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for, but torch sees no CUDA device")
+
+    kind = (dtype or "auto").strip().lower()
+    if kind == "auto":
+        if dev.type == "cuda":
+            kind = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            kind = "float32"
+    if kind not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (known: auto, {', '.join(sorted(_DTYPES))})")
+    return dev, getattr(torch, _DTYPES[kind])
+
+
+def set_threads(threads: int) -> None:
+    """Cap torch's intra-op threads (0 keeps torch's default: all cores)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def pooled(output: Any) -> Any:
+    """``get_text_features``/``get_image_features`` return a tensor in transformers 4 and an
+    output object whose ``pooler_output`` is the projected embedding in transformers 5."""
+    return output if hasattr(output, "shape") else output.pooler_output
