@@ -5,7 +5,7 @@
   of sample embeddings). Keeping the top k is the best rank-k approximation of inner products for
   that distribution, so cosine structure survives truncation as well as any linear map allows.
   Matryoshka-trained models simply truncate instead.
-- Native: the full basis is a rotation, so cosines are exactly those of the model.
+- Native: the model's own vectors, untouched.
 - Longer: a fixed matrix with orthonormal columns (QR of a seeded Gaussian) lifts the vector; an
   isometry, so every cosine is unchanged while the values spread over all coordinates.
 """
@@ -47,9 +47,9 @@ class DimensionMapper:
         self._lifts: dict[int, np.ndarray] = {}
 
     def __call__(self, vectors: np.ndarray, dim: int) -> np.ndarray:
-        v = vectors if self.basis is None else vectors @ self.basis
+        v = vectors
         if dim < self.native_dim:
-            v = v[:, :dim]
+            v = v[:, :dim] if self.basis is None else v @ self.basis[:, :dim]
         elif dim > self.native_dim:
             lift = self._lifts.get(dim)
             if lift is None:
