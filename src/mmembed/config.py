@@ -61,7 +61,9 @@ class Settings:
         16384, "Dynamic batching: most tokens (text tokens + image tokens) in one forward pass."
     )
     batch_max_wait_ms: float = _setting(
-        2.0, "Dynamic batching: longest wait for more requests before a forward pass starts."
+        0.0,
+        "Dynamic batching: wait this long for more requests when the model is idle. 0 starts "
+        "at once; requests arriving during a pass still form the next batch.",
     )
     queue_max_items: int = _setting(
         1024, "Backpressure: inputs waiting per backend before new requests get 429 Throttling."

