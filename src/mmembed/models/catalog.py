@@ -7,7 +7,10 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-PACKAGED_PROFILES = {"offline": os.path.join(os.path.dirname(__file__), "offline.toml")}
+PACKAGED_PROFILES = {
+    "offline": os.path.join(os.path.dirname(__file__), "offline.toml"),
+    "open-weights": os.path.join(os.path.dirname(__file__), "open-weights.toml"),
+}
 
 
 @dataclass(frozen=True)

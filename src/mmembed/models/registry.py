@@ -10,6 +10,10 @@ from mmembed.models.base import Backend
 FAMILIES: dict[str, str] = {
     "conse": "mmembed.models.conse:ConSEBackend",
     "hash": "mmembed.models.hashed:HashBackend",
+    # Open-weight families (extra "open-weights": transformers, huggingface_hub).
+    "sentence": "mmembed.models.sentence:SentenceBackend",
+    "dual": "mmembed.models.dual:DualBackend",
+    "qwen3vl": "mmembed.models.qwen3vl:Qwen3VLBackend",
 }
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from mmembed.models import basis
 from mmembed.models.base import TEXT, EmbedInput, l2_normalize
-from mmembed.models.torchutil import resolve_device, set_threads
+from mmembed.models.torchutil import import_transformers, resolve_device, set_threads
 from mmembed.models.weights import resolve_weights
 
 _POOLING_KEYS = {
@@ -88,8 +88,8 @@ class SentenceBackend:
 
     def load(self) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
 
+        transformers = import_transformers()
         set_threads(self.threads)
         self.path = resolve_weights(self.weights, self.revision)
         pooling, folder_max = read_folder_config(self.path)
@@ -97,8 +97,12 @@ class SentenceBackend:
             self.pooling = pooling
         self._torch = torch
         self.device, self.dtype = resolve_device(self.device_option, self.dtype_option)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModel.from_pretrained(self.path, dtype=self.dtype).to(self.device).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        self.model = (
+            transformers.AutoModel.from_pretrained(self.path, dtype=self.dtype)
+            .to(self.device)
+            .eval()
+        )
         config = self.model.config
         limit = getattr(config, "max_position_embeddings", 0) or 512
         self.max_length = min(self.max_length or folder_max or limit, limit)

@@ -54,3 +54,15 @@ def pooled(output: Any) -> Any:
     """``get_text_features``/``get_image_features`` return a tensor in transformers 4 and an
     output object whose ``pooler_output`` is the projected embedding in transformers 5."""
     return output if hasattr(output, "shape") else output.pooler_output
+
+
+def import_transformers() -> Any:
+    """transformers, or an error naming the extra that installs it."""
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeError(
+            "open-weight backends need transformers: pip install 'mmembed[open-weights]'"
+        ) from None
+    transformers.utils.logging.disable_progress_bar()  # no bars in server logs
+    return transformers

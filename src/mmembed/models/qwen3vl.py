@@ -1,0 +1,295 @@
+"""Family ``qwen3vl``: Qwen3-VL-Embedding (2B: 2048-d, 8B: 4096-d) through transformers.
+
+Input layout, as the model card's reference code builds it: a chat with a system turn holding the
+instruction (default "Represent the user's input."; an ``instruct`` is stripped and given a final
+full stop when it ends without punctuation) and one user turn with the item's videos, then its
+images, then its text, rendered by the checkpoint's chat template with the assistant prefix
+appended. The embedding is the final hidden state of the last token (right padding), L2-normalised.
+Fused items go through the model as one sequence (type ``vl``). Matryoshka-trained (MRL), so
+shorter dimensions are prefixes (truncation, then renormalisation by the engine).
+
+Vision budgets follow the reference code: images are resized by the checkpoint's image processor
+to a multiple of 32 px (16 px patches, 2x2 merge) between ``image_min_pixels`` (4 * 32^2) and
+``image_max_pixels`` (1800 * 32^2). Videos arrive as frames the engine sampled at the request's
+``fps`` (at most the API name's ``max_video_frames``); each frame is resized like the reference
+video path: between ``video_min_pixels`` (128 * 32^2) and the smaller of ``video_max_pixels``
+(768 * 32^2) and the clip's share of ``video_total_pixels`` (10 * 768 * 32^2). Frames pair up into
+temporal patches of 2 (an odd count repeats the last frame), each pair preceded by its mean
+timestamp ("<1.5 seconds>"). transformers' own video processor needs torchvision, so the
+resize/normalise/patchify steps for video are done here with Pillow and numpy, in its layout.
+
+Options: ``weights``, ``device``, ``dtype`` (see ``torchutil``), ``instruction``,
+``image_min_pixels``, ``image_max_pixels``, ``video_min_pixels``, ``video_max_pixels``,
+``video_total_pixels``, ``attn_implementation`` (``sdpa``; ``flash_attention_2`` on a GPU with
+flash-attn), ``batch_size`` (items per forward pass), ``threads``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import unicodedata
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, EmbedInput, l2_normalize
+from mmembed.models.torchutil import import_transformers, resolve_device, set_threads
+from mmembed.models.weights import resolve_weights
+from mmembed.types import VideoClip
+
+DEFAULT_INSTRUCTION = "Represent the user's input."
+_FACTOR = 32  # patch 16 x merge 2: resized sides are multiples of this
+
+
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: float, max_pixels: float
+) -> tuple[int, int]:
+    """Sides rounded to multiples of ``factor`` with the area kept in [min_pixels, max_pixels]
+    and the aspect ratio kept as far as rounding allows (Qwen-VL's rule)."""
+    if max(height, width) / max(1, min(height, width)) > 200:
+        raise ValueError("aspect ratio over 200")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def format_instruction(instruct: str | None) -> str:
+    text = (instruct or "").strip()
+    if not text:
+        return DEFAULT_INSTRUCTION
+    if not unicodedata.category(text[-1]).startswith("P"):
+        text += "."
+    return text
+
+
+class Qwen3VLBackend:
+    modalities: ClassVar[frozenset[str]] = frozenset({TEXT, IMAGE, VIDEO, FUSED})
+    matryoshka: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        weights: str = "",
+        device: str = "auto",
+        dtype: str = "auto",
+        instruction: str = DEFAULT_INSTRUCTION,
+        image_min_pixels: int = 4 * _FACTOR**2,
+        image_max_pixels: int = 1800 * _FACTOR**2,
+        video_min_pixels: int = 128 * _FACTOR**2,
+        video_max_pixels: int = 768 * _FACTOR**2,
+        video_total_pixels: int = 10 * 768 * _FACTOR**2,
+        attn_implementation: str = "sdpa",
+        batch_size: int = 8,
+        threads: int = 0,
+        cache_dir: str = "",
+        revision: str | None = None,
+        **_: Any,
+    ) -> None:
+        self.weights, self.revision = weights, revision
+        self.device_option, self.dtype_option = device, dtype
+        self.instruction = instruction
+        self.image_pixels = (int(image_min_pixels), int(image_max_pixels))
+        self.video_pixels = (int(video_min_pixels), int(video_max_pixels), int(video_total_pixels))
+        self.attn_implementation = attn_implementation
+        self.batch_size = max(1, int(batch_size))
+        self.threads = int(threads)
+        self.native_dim = 0
+        # Decoded images need no more than the pixel budget allows.
+        self.image_size: int | None = int(math.sqrt(image_max_pixels))
+
+    # -- loading -------------------------------------------------------------------------------
+    def load(self) -> None:
+        import torch
+
+        transformers = import_transformers()
+        set_threads(self.threads)
+        self._torch = torch
+        self.path = resolve_weights(self.weights, self.revision)
+        self.device, self.dtype = resolve_device(self.device_option, self.dtype_option)
+        model = transformers.Qwen3VLModel.from_pretrained(
+            self.path, dtype=self.dtype, attn_implementation=self.attn_implementation
+        )
+        self.model = model.to(self.device).eval()
+        config = model.config
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer.padding_side = "right"  # last-token pooling reads the last real token
+        if not getattr(self.tokenizer, "chat_template", None):
+            self.tokenizer.chat_template = _read_chat_template(self.path)
+        self.image_processor = transformers.AutoImageProcessor.from_pretrained(self.path)
+
+        vision = config.vision_config
+        self.patch, self.merge = int(vision.patch_size), int(vision.spatial_merge_size)
+        self.temporal = int(vision.temporal_patch_size)
+        self.mean = np.asarray(self.image_processor.image_mean, np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(self.image_processor.image_std, np.float32).reshape(1, 3, 1, 1)
+        self.image_token_id, self.video_token_id = config.image_token_id, config.video_token_id
+        token = self.tokenizer.convert_ids_to_tokens
+        self.image_pad, self.video_pad = token(config.image_token_id), token(config.video_token_id)
+        self.vision_start = token(config.vision_start_token_id)
+        self.vision_end = token(config.vision_end_token_id)
+        self.native_dim = int(config.text_config.hidden_size)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def basis_samples(self) -> np.ndarray | None:
+        return None  # Matryoshka: shorter dimensions are prefixes
+
+    # -- embedding -----------------------------------------------------------------------------
+    def conversation(self, item: EmbedInput) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = [{"type": "video"} for _ in item.videos]
+        content += [{"type": "image"} for _ in item.images]
+        content += [{"type": "text", "text": t} for t in item.texts]
+        if not content:
+            content = [{"type": "text", "text": "NULL"}]  # as the reference does
+        instruction = format_instruction(item.instruct or self.instruction)
+        return [
+            {"role": "system", "content": [{"type": "text", "text": instruction}]},
+            {"role": "user", "content": content},
+        ]
+
+    def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
+        out = np.empty((len(inputs), self.native_dim), dtype=np.float32)
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start : start + self.batch_size]
+            out[start : start + len(chunk)] = self._embed_batch(chunk)
+        return l2_normalize(out)
+
+    def _embed_batch(self, items: list[EmbedInput]) -> np.ndarray:
+        torch = self._torch
+        images = [im.convert("RGB") for item in items for im in item.images]
+        image_inputs: dict[str, Any] = {}
+        if images:
+            lo, hi = self.image_pixels
+            image_inputs = dict(
+                self.image_processor(
+                    images=images,
+                    size={"shortest_edge": lo, "longest_edge": hi},
+                    return_tensors="pt",
+                )
+            )
+        image_grids = iter(image_inputs.get("image_grid_thw", []))
+
+        video_patches, video_grids, prompts = [], [], []
+        for item in items:
+            prompt = self.tokenizer.apply_chat_template(
+                self.conversation(item), tokenize=False, add_generation_prompt=True
+            )
+            video_marks = []
+            for clip in item.videos:
+                patches, grid, stamps = self.video_patches(clip)
+                video_patches.append(patches)
+                video_grids.append(grid)
+                video_marks.append(self._video_tokens(grid, stamps))
+            image_marks = [self._image_tokens(next(image_grids)) for _ in item.images]
+            prompt = _fill(prompt, self._mark(self.video_pad), video_marks)
+            prompts.append(_fill(prompt, self._mark(self.image_pad), image_marks))
+
+        enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        ids = enc["input_ids"]
+        kwargs: dict[str, Any] = {
+            "input_ids": ids.to(self.device),
+            "attention_mask": enc["attention_mask"].to(self.device),
+            # M-RoPE needs to know which positions are image (1) and video (2) tokens.
+            "mm_token_type_ids": (
+                (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+            ).to(self.device),
+        }
+        if images:
+            kwargs["pixel_values"] = image_inputs["pixel_values"].to(self.device, self.dtype)
+            kwargs["image_grid_thw"] = image_inputs["image_grid_thw"].to(self.device)
+        if video_patches:
+            pixels = torch.from_numpy(np.concatenate(video_patches))
+            kwargs["pixel_values_videos"] = pixels.to(self.device, self.dtype)
+            kwargs["video_grid_thw"] = torch.tensor(video_grids, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(**kwargs, use_cache=False).last_hidden_state
+            last = kwargs["attention_mask"].sum(dim=1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return pooled.float().cpu().numpy()
+
+    def _mark(self, pad: str) -> str:
+        return f"{self.vision_start}{pad}{self.vision_end}"
+
+    def _image_tokens(self, grid: Any) -> str:
+        count = int(np.prod([int(g) for g in grid])) // self.merge**2
+        return self.vision_start + self.image_pad * count + self.vision_end
+
+    def _video_tokens(self, grid: tuple[int, int, int], stamps: list[float]) -> str:
+        per_frame = grid[1] * grid[2] // self.merge**2
+        return "".join(
+            f"<{t:.1f} seconds>{self.vision_start}{self.video_pad * per_frame}{self.vision_end}"
+            for t in stamps
+        )
+
+    def video_patches(
+        self, clip: VideoClip
+    ) -> tuple[np.ndarray, tuple[int, int, int], list[float]]:
+        """(patches, (t, h, w) grid, one timestamp per temporal patch) for a sampled clip."""
+        frames = [f.convert("RGB") for f in clip.frames]
+        n = len(frames)
+        lo, frame_hi, total = self.video_pixels
+        hi = max(min(frame_hi, total / n * self.temporal), int(lo * 1.05))
+        width, height = frames[0].size
+        h, w = smart_resize(height, width, self.patch * self.merge, lo, hi)
+        arr = np.stack(
+            [np.asarray(f.resize((w, h), Image.Resampling.BICUBIC), np.float32) for f in frames]
+        ).transpose(0, 3, 1, 2)
+        arr = (arr / 255.0 - self.mean) / self.std
+        stamps = list(clip.timestamps) if len(clip.timestamps) == n else _even(clip.duration, n)
+        if pad := -n % self.temporal:  # whole temporal patches: repeat the last frame
+            arr = np.concatenate([arr, np.repeat(arr[-1:], pad, axis=0)])
+            stamps += [stamps[-1]] * pad
+        t, c = arr.shape[0] // self.temporal, arr.shape[1]
+        p, m, tp = self.patch, self.merge, self.temporal
+        gh, gw = h // p, w // p
+        patches = (
+            arr.reshape(t, tp, c, gh // m, m, p, gw // m, m, p)
+            .transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+            .reshape(t * gh * gw, c * tp * p * p)
+        )
+        mids = [(stamps[i] + stamps[i + tp - 1]) / 2 for i in range(0, len(stamps), tp)]
+        return np.ascontiguousarray(patches, np.float32), (t, gh, gw), mids
+
+
+def _fill(prompt: str, mark: str, replacements: list[str]) -> str:
+    """Replace each ``mark`` in ``prompt`` by the next replacement, in order."""
+    parts = prompt.split(mark)
+    if len(parts) != len(replacements) + 1:
+        raise ValueError(
+            f"the chat template rendered {len(parts) - 1} {mark!r} markers for "
+            f"{len(replacements)} inputs"
+        )
+    out = [parts[0]]
+    for rep, rest in zip(replacements, parts[1:], strict=True):
+        out += [rep, rest]
+    return "".join(out)
+
+
+def _even(duration: float, n: int) -> list[float]:
+    step = (duration or float(n)) / n
+    return [(i + 0.5) * step for i in range(n)]
+
+
+def _read_chat_template(path: str) -> str:
+    """The checkpoint's chat template when the tokenizer does not carry it (processor-level
+    ``chat_template.json`` or ``chat_template.jinja``)."""
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    js = os.path.join(path, "chat_template.json")
+    if os.path.exists(js):
+        with open(js, encoding="utf-8") as f:
+            return json.load(f)["chat_template"]
+    raise ValueError(f"{path}: no chat template (chat_template.json or .jinja)")

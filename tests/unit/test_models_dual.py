@@ -1,0 +1,125 @@
+"""Family ``dual`` (CLIP, SigLIP): served vectors equal the towers' own outputs computed directly
+with transformers; videos are the mean of their frames' vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmembed.media.video import sample_video
+from tests.media_util import quadrant_image, video_bytes
+from tests.tiny_models import (
+    build_clip,
+    build_siglip,
+    close_engine,
+    cosines,
+    data_uri,
+    embed,
+    png_uri,
+    start_engine,
+)
+
+TEXTS = ["a photo of a cat", "A RED CAR", "一只猫", "dog " * 100]
+IMAGES = [quadrant_image((64, 48)), Image.new("RGB", (40, 90), (10, 200, 30))]
+VIDEO = video_bytes(seconds=3.0, container="mp4")
+NATIVE = {"clip": 24, "siglip": 32}
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def served(request, tmp_path_factory):
+    kind = request.param
+    build = {"clip": build_clip, "siglip": build_siglip}[kind]
+    folder = build(tmp_path_factory.mktemp(kind))
+    catalog = {
+        "backends": {"tower": {"family": "dual", "weights": str(folder)}},
+        "models": {
+            "plus": {"backend": "tower", "dimensions": [NATIVE[kind], 16], "multi_images": 8},
+            "wide": {"backend": "tower", "dimensions": [1152]},
+        },
+    }
+    engine = start_engine(catalog, tmp_path_factory.mktemp("cache"))
+    assert engine.status() == {"tower": "ready"}
+    yield folder, engine
+    close_engine(engine)
+
+
+class Reference:
+    """The model card recipe: tokenizer (SigLIP: pad to max_length 64), image processor,
+    get_text_features / get_image_features, L2 normalisation."""
+
+    def __init__(self, folder):
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        self.model = AutoModel.from_pretrained(folder).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.processor = AutoImageProcessor.from_pretrained(folder)
+        self.siglip = self.model.config.model_type.startswith("siglip")
+
+    def texts(self, texts):
+        import torch
+
+        enc = self.tokenizer(
+            texts,
+            padding="max_length" if self.siglip else True,
+            max_length=64 if self.siglip else 77,
+            truncation=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            out = self.model.get_text_features(**enc).pooler_output
+        return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+    def images(self, images):
+        import torch
+
+        with torch.no_grad():
+            enc = self.processor(images=images, return_tensors="pt")
+            out = self.model.get_image_features(**enc).pooler_output
+        return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+def native(engine, vectors):
+    """At its native width the engine returns the model's own vectors."""
+    assert vectors.shape[1] == engine._backends["tower"].backend.native_dim
+    return vectors
+
+
+def test_text_and_image_parity(served):
+    folder, engine = served
+    ref = Reference(folder)
+    items = [{"text": t} for t in TEXTS] + [{"image": png_uri(im)} for im in IMAGES]
+    result = embed(engine, "plus", items)
+    assert result.kinds == ["text"] * len(TEXTS) + ["image"] * len(IMAGES)
+    expected = np.concatenate([ref.texts(TEXTS), ref.images(IMAGES)])
+    assert cosines(native(engine, result.vectors), expected).min() >= 0.9999
+
+
+def test_video_is_the_mean_of_its_frames(served):
+    folder, engine = served
+    backend = engine._backends["tower"].backend
+    result = embed(engine, "plus", [{"video": data_uri(VIDEO, "video/mp4")}])
+    clip = sample_video(VIDEO, fps=1.0, max_frames=16, formats=["MP4"], min_side=backend.image_size)
+    assert len(clip.frames) == 3
+    frames = Reference(folder).images(clip.frames)
+    assert cosines(native(engine, result.vectors)[0], frames.mean(axis=0)) >= 0.9999
+
+
+def test_multi_images_and_dimensions(served):
+    _, engine = served
+    uris = [png_uri(im) for im in IMAGES]
+    result = embed(engine, "plus", [{"image": uris[0]}, {"image": uris[1]}, {"multi_images": uris}])
+    a, b, both = native(engine, result.vectors)
+    assert cosines(both, a + b) >= 0.9999
+    short = embed(engine, "plus", [{"text": "cat"}], dimension=16).vectors
+    wide = embed(engine, "wide", [{"text": "cat"}]).vectors
+    assert short.shape == (1, 16) and wide.shape == (1, 1152)
+    assert np.allclose(np.linalg.norm(np.vstack([short[0], wide[0][:16]]), axis=1)[0], 1.0)
+
+
+def test_basis_samples_cover_texts_and_images(served):
+    _, engine = served
+    backend = engine._backends["tower"].backend
+    samples = backend.basis_samples()  # second call: read back from the disk cache
+    assert samples.shape == (1000 + 48, backend.native_dim)
+    assert backend.matryoshka is False and backend.image_size == 32
