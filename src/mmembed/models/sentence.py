@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mmembed.models import basis
+from mmembed.models import basis, onnxrt
 from mmembed.models.base import TEXT, EmbedInput, l2_normalize
 from mmembed.models.torchutil import import_transformers, resolve_device, set_threads
 from mmembed.models.weights import resolve_weights
@@ -69,12 +69,16 @@ class SentenceBackend:
         prompt: str = "",
         batch_size: int = 64,
         threads: int = 0,
+        runtime: str = "auto",
         cache_dir: str = "",
         revision: str | None = None,
         **_: Any,
     ) -> None:
         if pooling not in {"auto", *_POOLING_KEYS.values()}:
             raise ValueError(f"unknown pooling {pooling!r}")
+        if runtime not in {"auto", "torch", "onnxruntime"}:
+            raise ValueError(f"runtime must be auto, torch or onnxruntime, not {runtime!r}")
+        self.runtime = runtime
         self.weights = weights
         self.device_option, self.dtype_option = device, dtype
         self.pooling = pooling
@@ -107,6 +111,42 @@ class SentenceBackend:
         limit = getattr(config, "max_position_embeddings", 0) or 512
         self.max_length = min(self.max_length or folder_max or limit, limit)
         self.native_dim = int(config.hidden_size)
+        if self.runtime == "auto":
+            self.runtime = "onnxruntime" if self.device.type == "cpu" else "torch"
+        self._onnx = self._onnx_session() if self.runtime == "onnxruntime" else None
+        if self._onnx is not None:
+            del self.model  # the session holds its own copy of the weights
+
+    def _onnx_session(self) -> Any:
+        """The encoder under ONNX Runtime (2-3x eager torch on CPU for MiniLM-sized models)."""
+        torch = self._torch
+        names = ["input_ids", "attention_mask"]
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            names.append("token_type_ids")
+        model = self.model.float()
+
+        class Encoder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = model
+
+            def forward(
+                self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None
+            ) -> Any:
+                extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+                out = self.inner(input_ids=input_ids, attention_mask=attention_mask, **extra)
+                return out.last_hidden_state
+
+        def build() -> tuple[Any, tuple, dict]:
+            example = self.tokenizer(["an example", "a longer example text"], padding=True)
+            args = tuple(torch.tensor(example[n]) for n in names)
+            batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
+            return Encoder(), args, {n: {0: batch, 1: seq} for n in names}
+
+        key = ["sentence-onnx", self.path, basis.folder_fingerprint(self.path), *names]
+        path = onnxrt.export_cached(self.cache_dir, key, build, names, ["last_hidden_state"])
+        self._input_names = names
+        return onnxrt.session(path, self.threads)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(self.prompt + text)["input_ids"])
@@ -120,17 +160,26 @@ class SentenceBackend:
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                enc = self.tokenizer(
-                    [self.prompt + texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                hidden = self.model(**enc).last_hidden_state
-                vecs = self._pool(hidden, enc["attention_mask"])
-                out[idx] = vecs.float().cpu().numpy()
+                batch = [self.prompt + texts[i] for i in idx]
+                out[idx] = self._encode_onnx(batch) if self._onnx else self._encode_torch(batch)
         return l2_normalize(out)
+
+    def _tokenize(self, batch: list[str], tensors: str) -> Any:
+        return self.tokenizer(
+            batch, padding=True, truncation=True, max_length=self.max_length, return_tensors=tensors
+        )
+
+    def _encode_torch(self, batch: list[str]) -> np.ndarray:
+        enc = self._tokenize(batch, "pt").to(self.device)
+        hidden = self.model(**enc).last_hidden_state
+        return self._pool(hidden, enc["attention_mask"]).float().cpu().numpy()
+
+    def _encode_onnx(self, batch: list[str]) -> np.ndarray:
+        enc = self._tokenize(batch, "np")
+        hidden = self._onnx({n: enc[n].astype(np.int64) for n in self._input_names})
+        return self._pool(
+            self._torch.from_numpy(hidden), self._torch.from_numpy(enc["attention_mask"])
+        ).numpy()
 
     def _pool(self, hidden: Any, mask: Any) -> Any:
         m = mask.unsqueeze(-1).to(hidden.dtype)
