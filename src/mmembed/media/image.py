@@ -30,11 +30,11 @@ _WHITE = (255, 255, 255)
 _ORIENTATION = 0x0112  # EXIF tag
 
 
-def normalise_formats(formats: Collection[str]) -> list[str]:
+def normalise_formats(formats: Collection[str], aliases: dict[str, str] = _ALIASES) -> list[str]:
     """Upper-case accepted format names with aliases folded (JPG -> JPEG, TIF -> TIFF)."""
     out: list[str] = []
     for name in formats:
-        name = _ALIASES.get(name.strip().upper(), name.strip().upper())
+        name = aliases.get(name.strip().upper(), name.strip().upper())
         if name not in out:
             out.append(name)
     return out

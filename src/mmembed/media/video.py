@@ -41,6 +41,7 @@ import av.video.stream
 from PIL import Image
 
 from mmembed.errors import ApiError, ErrorCode
+from mmembed.media.image import normalise_formats
 from mmembed.types import VideoClip
 
 _ALIASES = {"MPG": "MPEG"}
@@ -61,16 +62,6 @@ MAX_DECODE_ERRORS = 50
 DEADLINE_S = 60.0  # wall-clock bound on one call, so a hostile file cannot pin a worker
 _SEEK_GAP_S = 3.0  # without an index: seek when the next target is further ahead than this
 _MIN_SKIP_S = 1.0  # with an index: seek when it skips at least this much video
-
-
-def normalise_formats(formats: Collection[str]) -> list[str]:
-    """Upper-case accepted container names with aliases folded (MPG -> MPEG)."""
-    out: list[str] = []
-    for name in formats:
-        name = _ALIASES.get(name.strip().upper(), name.strip().upper())
-        if name not in out:
-            out.append(name)
-    return out
 
 
 def sniff_video_format(data: bytes) -> str | None:
@@ -144,7 +135,7 @@ def sample_video(
     min_side: int | None = None,
 ) -> VideoClip:
     """Sample RGB frames evenly in time from an in-memory video."""
-    accepted = normalise_formats(formats)
+    accepted = normalise_formats(formats, _ALIASES)  # MPG -> MPEG
     if not (isinstance(fps, int | float) and fps >= 0 and math.isfinite(fps)):
         raise ApiError(ErrorCode.INVALID_PARAMETER, f"fps must be a number >= 0, not {fps!r}")
     if not data:
