@@ -62,14 +62,44 @@ class Settings:
     )
     batch_max_wait_ms: float = _setting(
         0.0,
-        "Dynamic batching: wait this long for more requests when the model is idle. 0 starts "
-        "at once; requests arriving during a pass still form the next batch.",
+        "Dynamic batching: extra wait for more requests before a pass. 0: start as soon as "
+        "requests stop arriving; those arriving during a pass form the next batch.",
     )
     queue_max_items: int = _setting(
         1024, "Backpressure: inputs waiting per backend before new requests get 429 Throttling."
     )
     cache_dir: str = _setting(
         "", "Directory for derived data (fitted bases, uploads). Empty: ~/.cache/mmembed."
+    )
+    public_url: str = _setting(
+        "",
+        "Base URL clients reach this server at (e.g. https://embed.example.com), used as the "
+        "upload host in upload policies. Empty: taken from each request's Host header.",
+    )
+    upload_dir: str = _setting(
+        "", "Directory for files uploaded by the SDK's local-file flow. Empty: <cache_dir>/uploads."
+    )
+    upload_ttl_s: float = _setting(
+        48 * 3600.0, "Uploaded files expire this many seconds after upload (then deleted)."
+    )
+    upload_max_bytes_per_key: int = _setting(
+        1 << 30, "Most bytes of unexpired uploads one API key may hold (413 beyond)."
+    )
+    upload_max_file_bytes: int = _setting(
+        0,
+        "Largest uploaded file in bytes. 0: the model's largest image or video limit "
+        "(the catalog's largest when the policy names no model).",
+    )
+    upload_sweep_interval_s: float = _setting(
+        600.0, "Expired uploads are also swept from disk at most this often (seconds)."
+    )
+    embed_cache_mb: float = _setting(
+        64.0,
+        "Embedding cache size in MB (LRU): the same media under the same model and parameters "
+        "is decoded and embedded once. 0 disables it.",
+    )
+    embed_cache_text: bool = _setting(
+        False, "Cache text-only items too (media items and fused items are always cached)."
     )
 
     # -- construction --------------------------------------------------------------------------

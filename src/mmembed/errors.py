@@ -17,6 +17,7 @@ class ErrorCode(Enum):
     NOT_FOUND = (404, "NotFound")
     METHOD_NOT_ALLOWED = (405, "MethodNotAllowed")
     REQUEST_TIMEOUT = (408, "RequestTimeOut")
+    FILE_EXISTS = (409, "FileAlreadyExists")  # an upload key is taken (OSS forbid-overwrite)
     TOO_LARGE = (413, "BadRequest.TooLarge")
     THROTTLING = (429, "Throttling")
     INTERNAL = (500, "InternalError")

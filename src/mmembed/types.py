@@ -43,6 +43,8 @@ class EmbedRequest:
     dimension: int | None = None
     fps: float | None = None
     instruct: str | None = None
+    owner: str | None = None  # who sent it (a hash of the API key): uploads are per owner
+    resolve_oss: bool = False  # X-DashScope-OssResourceResolve: enable (oss:// refs allowed)
 
 
 @dataclass

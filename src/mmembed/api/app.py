@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mmembed.api import routes
+from mmembed.api import routes, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -107,6 +107,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             Route(routes.EMBED_PATH, routes.embed, methods=["POST"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/models", routes.models, methods=["GET"]),
+            Route(uploads.POLICY_PATH, uploads.get_policy, methods=["GET"]),
+            Route(uploads.UPLOAD_PATH, uploads.upload, methods=["POST"]),
         ],
         exception_handlers={
             ApiError: _api_error,

@@ -15,9 +15,22 @@ from mmembed.config import Settings
 from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.logs import request_id_var
+from mmembed.media.store import UploadStore
 
 EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
 log = logging.getLogger("mmembed.api")
+
+
+def upload_owner(request: Request, settings: Settings) -> str:
+    """The owner id of the request's (already checked) API key; one anonymous owner when the
+    server has no keys."""
+    if not settings.api_keys:
+        return UploadStore.owner_id(None)
+    return UploadStore.owner_id(request.headers.get("authorization", "").partition(" ")[2].strip())
+
+
+def wants_oss_resolve(request: Request) -> bool:
+    return request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable"
 
 
 def check_api_key(request: Request, settings: Settings) -> frozenset[str] | None:
@@ -57,6 +70,8 @@ async def embed(request: Request) -> Response:
     req = parse_request(await read_body(request, settings.max_body_bytes))
     if allowed is not None and req.model not in allowed:
         raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {req.model!r}.")
+    req.owner = upload_owner(request, settings)
+    req.resolve_oss = wants_oss_resolve(request)
     try:
         result = await asyncio.wait_for(engine.embed(req), settings.request_timeout_s)
     except TimeoutError:
@@ -75,9 +90,14 @@ async def embed(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    status = request.app.state.engine.status()
+    engine = request.app.state.engine
+    status = engine.status()
     ok = all(s == "ready" for s in status.values())
-    return JSONResponse({"status": "ok" if ok else "degraded", "backends": status})
+    body = {"status": "ok" if ok else "degraded", "backends": status}
+    cache = getattr(engine, "cache", None)  # (stand-in engines in tests have none)
+    if cache is not None:
+        body["cache"] = cache.stats()
+    return JSONResponse(body)
 
 
 async def models(request: Request) -> Response:

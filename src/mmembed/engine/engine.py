@@ -8,12 +8,15 @@ import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
+import numpy as np
+
 from mmembed.config import Settings
 from mmembed.engine.batcher import Batcher
+from mmembed.engine.cache import CacheEntry, EmbeddingCache, MediaStats, digest, item_key
 from mmembed.engine.dims import DimensionMapper, fit_basis
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.media.fetch import Fetcher
@@ -27,7 +30,17 @@ from mmembed.types import ContentItem, EmbedRequest, EmbedResult, VideoClip
 log = logging.getLogger("mmembed.engine")
 
 DEFAULT_FPS = 1.0
+TEXT_FILE_MAX_BYTES = 1 << 20  # an uploaded text file (tokens are limited far below this)
 T = TypeVar("T")
+
+
+@dataclass
+class _Media:
+    """Per item: the decoded input (misses), its cache key, or the cached entry (hits)."""
+
+    inputs: list[EmbedInput]
+    keys: list[bytes | None] = field(default_factory=list)
+    hits: list[CacheEntry | None] = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +61,7 @@ class Engine:
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         self._backends: dict[str, LoadedBackend] = {}
         self._load_errors: dict[str, str] = {}
+        self.cache = EmbeddingCache(int(settings.embed_cache_mb * 1024 * 1024))
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load(self) -> None:
@@ -100,6 +114,8 @@ class Engine:
         dimension = self._dimension(spec, req.dimension)
         self._check_forms(spec, backend, req.items)
 
+        if req.resolve_oss:  # the SDK uploads local text files too: embed their content
+            await self._resolve_text_files(req)
         texts = [(item, item.text) for item in req.items if item.text is not None]
         tokens = await _maybe_in_thread(
             sum(len(t) for _, t in texts) > 20_000,
@@ -114,12 +130,17 @@ class Engine:
                 )
 
         fps = DEFAULT_FPS if req.fps is None else req.fps
-        inputs = await self._gather_media(spec, backend, req.items, fps)
-        for inp in inputs:
+        media = await self._gather_media(spec, backend, req, fps)
+        for inp in media.inputs:
             inp.instruct = req.instruct
 
-        usage = self._usage(spec, sum(tokens), inputs)
-        native = await loaded.batcher.submit(inputs, usage["input_tokens"] + usage["image_tokens"])
+        stats = [
+            hit.stats if hit else _stats(inp)
+            for inp, hit in zip(media.inputs, media.hits, strict=True)
+        ]
+        usage = self._usage(spec, sum(tokens), stats)
+        text_tokens = {item.index: n for (item, _), n in zip(texts, tokens, strict=True)}
+        native = await self._embed_cached(loaded, spec, req.items, media, stats, text_tokens)
         vectors = await _maybe_in_thread(
             native.shape[0] * max(dimension, native.shape[1]) > 100_000,
             lambda: loaded.mapper(native, dimension),
@@ -224,32 +245,89 @@ class Engine:
         return f" (supported by: {', '.join(names)})" if names else ""
 
     async def _gather_media(
-        self, spec: ModelSpec, backend: Backend, items: list[ContentItem], fps: float
-    ) -> list[EmbedInput]:
-        inputs = [EmbedInput(texts=[] if item.text is None else [item.text]) for item in items]
+        self, spec: ModelSpec, backend: Backend, req: EmbedRequest, fps: float
+    ) -> _Media:
+        items = req.items
+        media = _Media(
+            inputs=[EmbedInput(texts=[] if item.text is None else [item.text]) for item in items],
+            keys=[None] * len(items),
+            hits=[None] * len(items),
+        )
+        oss_owner = req.owner if req.resolve_oss else None
         try:
             async with asyncio.TaskGroup() as tg:
-                for item, inp in zip(items, inputs, strict=True):
-                    where = f"input.contents[{item.index}]"
-                    refs = [(f"{where}.image", item.image)] if item.image is not None else []
-                    refs += [
-                        (f"{where}.multi_images[{j}]", ref)
-                        for j, ref in enumerate(item.multi_images or [])
-                    ]
-                    inp.images = [None] * len(refs)  # type: ignore[list-item]
-                    for slot, (at, ref) in enumerate(refs):
-                        tg.create_task(self._image_into(inp.images, slot, ref, at, spec, backend))
-                    if item.video is not None:
-                        inp.videos = [None]  # type: ignore[list-item]
-                        tg.create_task(
-                            self._video_into(inp.videos, item.video, f"{where}.video", spec, fps)
-                        )
+                for n, item in enumerate(items):
+                    tg.create_task(
+                        self._item_media(n, item, media, spec, backend, fps, req, oss_owner)
+                    )
         except* ApiError as group:
-            raise group.exceptions[0] from None
-        return inputs
+            raise _first_error(group) from None
+        return media
 
-    async def _image_into(self, out: list, slot: int, ref: str, at: str, spec, backend) -> None:  # type: ignore[no-untyped-def]
-        data = await self._fetch(ref, spec.image_max_bytes, at)
+    async def _item_media(  # type: ignore[no-untyped-def]
+        self, n: int, item: ContentItem, media: _Media, spec, backend, fps, req, oss_owner
+    ) -> None:
+        """Fetch one item's media, look it up in the cache, and decode it on a miss."""
+        where = f"input.contents[{item.index}]"
+        refs = [(f"{where}.image", item.image)] if item.image is not None else []
+        refs += [
+            (f"{where}.multi_images[{j}]", ref) for j, ref in enumerate(item.multi_images or [])
+        ]
+        video_at = f"{where}.video"
+        if item.video is not None:
+            refs.append((video_at, item.video))
+        if not refs and not self.settings.embed_cache_text:
+            return  # a plain text: nothing to fetch, not cached
+        async with asyncio.TaskGroup() as tg:
+            fetches = [
+                tg.create_task(
+                    self._fetch(
+                        ref,
+                        spec.video_max_bytes if at == video_at else spec.image_max_bytes,
+                        at,
+                        oss_owner,
+                    )
+                )
+                for at, ref in refs
+            ]
+        blobs = [task.result() for task in fetches]
+
+        if self.cache.enabled:
+            parts = [] if item.text is None else [("text", item.text.encode())]
+            parts += [
+                ("video" if at == video_at else "image", blob)
+                for (at, _), blob in zip(refs, blobs, strict=True)
+            ]
+            digests = await _maybe_in_thread(
+                sum(len(b) for _, b in parts) > 1 << 20, lambda: [digest(b) for _, b in parts]
+            )
+            video = item.video is not None
+            key = item_key(
+                model=spec.name,
+                backend=spec.backend,
+                kind=item.kind,
+                instruct=req.instruct,
+                fps=fps if video else None,
+                max_frames=spec.max_video_frames if video else None,
+                parts=[(role, d) for (role, _), d in zip(parts, digests, strict=True)],
+            )
+            hit = self.cache.get(key)
+            if hit is not None:
+                media.hits[n] = hit
+                return
+            media.keys[n] = key
+
+        inp = media.inputs[n]
+        inp.images = [None] * (len(refs) - (item.video is not None))  # type: ignore[list-item]
+        async with asyncio.TaskGroup() as tg:
+            for slot, ((at, _), data) in enumerate(zip(refs, blobs, strict=True)):
+                if at == video_at:
+                    inp.videos = [None]  # type: ignore[list-item]
+                    tg.create_task(self._video_into(inp.videos, data, at, spec, fps))
+                else:
+                    tg.create_task(self._image_into(inp.images, slot, data, at, spec, backend))
+
+    async def _image_into(self, out: list, slot: int, data: bytes, at: str, spec, backend) -> None:  # type: ignore[no-untyped-def]
         decode = partial(
             decode_image,
             data,
@@ -259,8 +337,9 @@ class Engine:
         )
         out[slot] = await self._decode(decode, at)
 
-    async def _video_into(self, out: list, ref: str, at: str, spec: ModelSpec, fps: float) -> None:
-        data = await self._fetch(ref, spec.video_max_bytes, at)
+    async def _video_into(
+        self, out: list, data: bytes, at: str, spec: ModelSpec, fps: float
+    ) -> None:
         loaded = self._backends[spec.backend]
         decode = partial(
             sample_video,
@@ -272,9 +351,51 @@ class Engine:
         )
         out[0] = await self._decode(decode, at)
 
-    async def _fetch(self, ref: str, max_bytes: int, at: str) -> bytes:
+    async def _embed_cached(  # type: ignore[no-untyped-def]
+        self, loaded: LoadedBackend, spec, items, media: _Media, stats, text_tokens
+    ) -> np.ndarray:
+        """Native vectors for every item: cache hits as stored, the rest from the backend
+        (then stored under their keys)."""
+        misses = [n for n, hit in enumerate(media.hits) if hit is None]
+        fresh = None
+        if misses:
+            tokens = sum(
+                text_tokens.get(items[n].index, 0)
+                + (stats[n].images + stats[n].frames) * spec.image_tokens
+                for n in misses
+            )
+            fresh = await loaded.batcher.submit([media.inputs[n] for n in misses], tokens)
+            for n, row in zip(misses, fresh, strict=True):
+                key = media.keys[n]
+                if key is not None:
+                    self.cache.put(key, row, stats[n])
+            if len(misses) == len(items):
+                return fresh
+        first = fresh[0] if fresh is not None else next(h for h in media.hits if h).vector
+        native = np.empty((len(items), first.shape[-1]), dtype=first.dtype)
+        for n, hit in enumerate(media.hits):
+            if hit is not None:
+                native[n] = hit.vector
+        if fresh is not None:
+            native[misses] = fresh
+        return native
+
+    async def _resolve_text_files(self, req: EmbedRequest) -> None:
+        """Replace ``oss://`` texts (local text files the SDK uploaded) by their content."""
+        for item in req.items:
+            if item.text is not None and item.text.lstrip()[:6].lower() == "oss://":
+                at = f"input.contents[{item.index}].text"
+                data = await self._fetch(item.text, TEXT_FILE_MAX_BYTES, at, req.owner)
+                try:
+                    item.text = data.decode("utf-8-sig")
+                except UnicodeDecodeError:
+                    raise ApiError(
+                        ErrorCode.DATA_INSPECTION, f"{at}: the uploaded text file is not UTF-8"
+                    ) from None
+
+    async def _fetch(self, ref: str, max_bytes: int, at: str, oss_owner: str | None) -> bytes:
         try:
-            return await self.fetcher.load(ref, max_bytes=max_bytes)
+            return await self.fetcher.load(ref, max_bytes=max_bytes, oss_owner=oss_owner)
         except ApiError as exc:
             raise exc.at(at) from None
 
@@ -291,20 +412,37 @@ class Engine:
             ) from None
 
     @staticmethod
-    def _usage(spec: ModelSpec, text_tokens: int, inputs: list[EmbedInput]) -> dict[str, int]:
+    def _usage(spec: ModelSpec, text_tokens: int, stats: list[MediaStats]) -> dict[str, int]:
         """input_tokens: text tokens (special tokens included); image_tokens: ``image_tokens``
         per image and per sampled video frame; duration: video seconds, rounded up."""
-        images = sum(len(inp.images) for inp in inputs)
-        clips: list[VideoClip] = [clip for inp in inputs for clip in inp.videos]
-        frames = sum(len(clip.frames) for clip in clips)
+        images = sum(s.images for s in stats)
+        frames = sum(s.frames for s in stats)
         usage = {
             "input_tokens": text_tokens,
             "image_tokens": (images + frames) * spec.image_tokens,
             "image_count": images,
         }
-        if clips:
-            usage["duration"] = math.ceil(sum(clip.duration for clip in clips))
+        if any(s.videos for s in stats):
+            usage["duration"] = math.ceil(sum(s.seconds for s in stats))
         return usage
+
+
+def _stats(inp: EmbedInput) -> MediaStats:
+    clips: list[VideoClip] = inp.videos
+    return MediaStats(
+        images=len(inp.images),
+        videos=len(clips),
+        frames=sum(len(clip.frames) for clip in clips),
+        seconds=sum(clip.duration for clip in clips),
+    )
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first leaf of a (possibly nested) exception group."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 async def _maybe_in_thread(heavy: bool, fn: Callable[[], T]) -> T:

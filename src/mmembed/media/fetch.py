@@ -36,6 +36,7 @@ import httpx
 from mmembed.config import Settings
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.media.guard import AddressGuard, Target, parse_url, short_url, system_resolver
+from mmembed.media.store import OSS_SCHEME, UploadStore
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = b"mmembed-media-fetcher/0.1"
@@ -182,8 +183,10 @@ class Fetcher:
         settings: Settings,
         *,
         resolver: Callable[[str, int], Awaitable[list[str]]] | None = None,
+        uploads: UploadStore | None = None,
     ) -> None:
         self._settings = settings
+        self.uploads = uploads or UploadStore.from_settings(settings)  # oss:// references
         self._guard = AddressGuard(settings.fetch_allow_hosts)
         self._resolver = resolver or system_resolver
         self._backend = _PinnedBackend(httpcore.AnyIOBackend())
@@ -213,10 +216,24 @@ class Fetcher:
                 self._pool, self._hosts = self._new_pool(), {}
             self._loop = loop
 
-    async def load(self, ref: str, *, max_bytes: int) -> bytes:
-        """The bytes behind ``ref`` (an http(s) URL or a data: URI), at most ``max_bytes``."""
+    async def load(self, ref: str, *, max_bytes: int, oss_owner: str | None = None) -> bytes:
+        """The bytes behind ``ref`` (an http(s) URL or a data: URI), at most ``max_bytes``.
+
+        ``oss://`` references name files uploaded here; they resolve only when the request
+        asked for it (``X-DashScope-OssResourceResolve: enable``, giving ``oss_owner``) and
+        only for the owner that uploaded them.
+        """
         if not isinstance(ref, str) or not ref.strip():
             raise ApiError(ErrorCode.INVALID_URL, "media reference is empty")
+        if ref.lstrip()[: len(OSS_SCHEME)].lower() == OSS_SCHEME:
+            if oss_owner is None:
+                raise ApiError(
+                    ErrorCode.INVALID_URL,
+                    f"{short_url(ref.strip())}: oss:// references are resolved only when the "
+                    "request has the header 'X-DashScope-OssResourceResolve: enable' (the "
+                    "dashscope SDK sends it when it uploads local files)",
+                )
+            return await self.uploads.read(ref, oss_owner, max_bytes)
         if ref.lstrip()[:5].lower() == "data:":
             if len(ref) > 256 * 1024:  # megabytes of Base64: decode off the event loop
                 return await asyncio.to_thread(decode_data_uri, ref.lstrip(), max_bytes)

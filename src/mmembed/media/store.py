@@ -1,0 +1,361 @@
+"""Files uploaded through the DashScope SDK's local-file flow, referenced later as ``oss://KEY``.
+
+The SDK asks for an upload policy, POSTs the file with the policy's form fields, and sends
+``oss://<upload_dir>/<file name>`` in place of the local path. Here:
+
+- A policy names an upload directory ``mmembed/<owner>/<random>`` and is signed (HMAC-SHA256)
+  with a secret kept in the store directory; the upload POST carries no API key, so the
+  signature is what proves the uploader got the policy from us, for that owner, recently.
+- The owner is a keyed hash of the API key (never the key itself); without configured keys
+  every upload belongs to one anonymous owner.
+- On disk a file lives at ``<root>/<owner>/<sha256 of its key>``: the client's key and file
+  name never become a path, so no traversal is possible. Uploads stream into ``<root>/tmp``
+  and are hard-linked into place, which fails if the key already exists (OSS's
+  ``x-oss-forbid-overwrite``): an ``oss://`` reference can never change meaning.
+- A file expires ``ttl_s`` after it was written (its mtime). Expired files are deleted when
+  touched and by a sweep that runs at most every ``sweep_interval_s`` (started by uploads).
+- Each owner's total is capped; bytes being written count at once, so parallel uploads cannot
+  overshoot. Usage is counted in memory from one scan at first use (one server process per
+  store directory is assumed; other processes' uploads are not counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from mmembed.config import Settings
+from mmembed.errors import ApiError, ErrorCode
+
+log = logging.getLogger("mmembed.uploads")
+
+OSS_SCHEME = "oss://"
+KEY_PREFIX = "mmembed"  # first segment of every key we issue
+MAX_KEY_CHARS = 1023  # OSS's own limit on object keys
+_OWNER_LEN = 32  # hex characters (128 bits)
+_TMP_MAX_AGE_S = 3600.0  # abandoned partial uploads (a crash mid-write) are removed after this
+
+
+def format_mb(n: int) -> str:
+    return f"{n / (1 << 20):.3g} MB"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a verified policy allows: one owner, one directory, files up to ``max_bytes``."""
+
+    owner: str
+    upload_dir: str
+    max_bytes: int
+    expires: float  # epoch seconds
+
+
+class UploadStore:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        ttl_s: float,
+        owner_max_bytes: int,
+        policy_ttl_s: float = 300.0,
+        sweep_interval_s: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = Path(root)
+        self.ttl_s = ttl_s
+        self.owner_max_bytes = owner_max_bytes
+        self.policy_ttl_s = policy_ttl_s
+        self.sweep_interval_s = sweep_interval_s
+        self._clock = clock
+        self._secret: bytes | None = None
+        # Accounting, touched on the event loop only (sweeps report back what they deleted).
+        self._disk: dict[str, int] | None = None  # owner -> bytes of finished uploads
+        self._inflight: dict[str, int] = {}  # owner -> bytes of uploads being written
+        self._last_sweep = -float("inf")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UploadStore:
+        root = settings.upload_dir or os.path.join(settings.cache_path, "uploads")
+        return cls(
+            root,
+            ttl_s=settings.upload_ttl_s,
+            owner_max_bytes=settings.upload_max_bytes_per_key,
+            sweep_interval_s=settings.upload_sweep_interval_s,
+        )
+
+    # -- identity and policies ----------------------------------------------------------------
+    @staticmethod
+    def owner_id(api_key: str | None) -> str:
+        """A stable, non-reversible id for an API key (None: the anonymous owner)."""
+        name = b"\x00anonymous" if api_key is None else api_key.encode()
+        digest = hmac.new(b"mmembed upload owner v1", name, hashlib.sha256).hexdigest()
+        return digest[:_OWNER_LEN]
+
+    def new_policy(self, owner: str, max_bytes: int) -> dict[str, str | int]:
+        """The form fields of a fresh upload policy (the SDK's names; see ``api.uploads``)."""
+        expires = self._clock() + self.policy_ttl_s
+        upload_dir = f"{KEY_PREFIX}/{owner}/{secrets.token_hex(12)}"
+        doc = {"dir": upload_dir, "owner": owner, "max": max_bytes, "exp": round(expires, 3)}
+        policy = base64.b64encode(orjson.dumps(doc)).decode()
+        return {"policy": policy, "signature": self._sign(policy), "upload_dir": upload_dir}
+
+    def verify_policy(self, policy: str, signature: str) -> Policy:
+        """The policy's terms if we signed it and it has not expired; 403 otherwise."""
+        if not policy or not hmac.compare_digest(
+            self._sign(policy).encode(), (signature or "").encode()
+        ):
+            raise ApiError(ErrorCode.ACCESS_DENIED, "upload policy signature does not match")
+        try:
+            doc = orjson.loads(base64.b64decode(policy, validate=True))
+            terms = Policy(str(doc["owner"]), str(doc["dir"]), int(doc["max"]), float(doc["exp"]))
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise ApiError(ErrorCode.ACCESS_DENIED, "upload policy is malformed") from None
+        if terms.expires < self._clock():
+            raise ApiError(ErrorCode.ACCESS_DENIED, "upload policy has expired; request a new one")
+        return terms
+
+    def _sign(self, policy: str) -> str:
+        mac = hmac.new(self._load_secret(), policy.encode(), hashlib.sha256).digest()
+        return base64.b64encode(mac).decode()
+
+    def _load_secret(self) -> bytes:
+        """A random signing key kept in the store (0600), shared by restarts and processes.
+        Written aside and linked into place, so a reader never sees a half-written one."""
+        if self._secret is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            path = self.root / ".secret"
+            if not path.exists():
+                tmp = self.root / f".secret-{secrets.token_hex(8)}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(secrets.token_bytes(32))
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)  # the first process to get here wins
+                tmp.unlink()
+            secret = path.read_bytes()
+            if len(secret) < 32:
+                raise RuntimeError(f"upload signing secret {path} is damaged; delete it")
+            self._secret = secret
+        return self._secret
+
+    # -- writing -------------------------------------------------------------------------------
+    def check_key(self, key: str, terms: Policy) -> None:
+        """A key the SDK built from the policy: ``<upload_dir>/<file name>``."""
+        name = key[len(terms.upload_dir) + 1 :]
+        if not key.startswith(terms.upload_dir + "/") or not name:
+            raise ApiError(
+                ErrorCode.ACCESS_DENIED,
+                f"upload key must be {terms.upload_dir}/<file name>, as the policy says",
+            )
+        if len(key) > MAX_KEY_CHARS or any(ord(c) < 32 or c == "\x7f" for c in key):
+            raise ApiError(ErrorCode.INVALID_PARAMETER, "upload key is too long or has controls")
+
+    async def save(
+        self, key: str, terms: Policy, chunks: AsyncIterable[bytes], declared: int | None = None
+    ) -> int:
+        """Stream ``chunks`` to the file for ``key``; returns its size. The per-file and
+        per-owner caps are enforced as bytes arrive; nothing is kept on failure."""
+        self.check_key(key, terms)
+        owner = terms.owner
+        await self._ensure_usage()
+        await self.maybe_sweep()
+        final = self._path(owner, key)
+        if final.exists():
+            raise _exists(key)
+        if declared is not None:  # refuse before reading anything when the size is known
+            self._check_file_size(declared, terms.max_bytes)
+            self._check_quota(owner, declared)
+        tmp_dir = self.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_dir / f"{secrets.token_hex(16)}.part"
+        size = 0
+        try:
+            with open(tmp, "xb") as out:
+                async for chunk in chunks:
+                    self._check_file_size(size + len(chunk), terms.max_bytes)
+                    self._check_quota(owner, len(chunk))
+                    self._inflight[owner] = self._inflight.get(owner, 0) + len(chunk)
+                    size += len(chunk)
+                    out.write(chunk)  # page-cache writes: cheap enough on the event loop
+            if size == 0:
+                raise ApiError(ErrorCode.INVALID_PARAMETER, "the uploaded file is empty")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(tmp, final)  # atomic, and never replaces an existing upload
+            except FileExistsError:
+                raise _exists(key) from None
+            self._add_disk(owner, size)
+        finally:
+            self._inflight[owner] = self._inflight.get(owner, 0) - size
+            if self._inflight[owner] <= 0:
+                del self._inflight[owner]
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        log.info("stored an upload of %d bytes for owner %s", size, owner[:8])
+        return size
+
+    def usage(self, owner: str) -> int:
+        """Bytes this owner has stored (not expired) or is uploading right now."""
+        return (self._disk or {}).get(owner, 0) + self._inflight.get(owner, 0)
+
+    def _check_file_size(self, size: int, max_bytes: int) -> None:
+        if size > max_bytes:
+            raise ApiError(
+                ErrorCode.TOO_LARGE,
+                f"the file is larger than this upload policy allows ({format_mb(max_bytes)})",
+            )
+
+    def _check_quota(self, owner: str, extra: int) -> None:
+        used = self.usage(owner)
+        if used + extra > self.owner_max_bytes:
+            raise ApiError(
+                ErrorCode.TOO_LARGE,
+                f"uploads of this API key would take {format_mb(used + extra)}, over the "
+                f"limit of {format_mb(self.owner_max_bytes)}; uploads expire after "
+                f"{self.ttl_s / 3600:g} h",
+            )
+
+    def _add_disk(self, owner: str, size: int) -> None:
+        if self._disk is not None:
+            self._disk[owner] = max(0, self._disk.get(owner, 0) + size)
+
+    # -- reading -------------------------------------------------------------------------------
+    async def read(self, ref: str, owner: str, max_bytes: int) -> bytes:
+        """The bytes behind ``oss://KEY`` for ``owner``; clear errors for everything else."""
+        key = ref.strip()[len(OSS_SCHEME) :]
+        parts = key.split("/")
+        if len(parts) < 4 or parts[0] != KEY_PREFIX or len(key) > MAX_KEY_CHARS:
+            raise ApiError(
+                ErrorCode.INVALID_URL,
+                f"{_short(ref)} is not a file uploaded to this server (upload local files "
+                "with the dashscope SDK, which asks this server for an upload policy)",
+            )
+        if not hmac.compare_digest(parts[1].encode(), owner.encode()):
+            raise ApiError(
+                ErrorCode.ACCESS_DENIED,
+                f"{_short(ref)} was uploaded with a different API key; files are only "
+                "visible to the key that uploaded them",
+            )
+        path = self._path(owner, key)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ApiError(
+                ErrorCode.INVALID_URL,
+                f"{_short(ref)} does not exist (uploads expire after {self.ttl_s / 3600:g} h; "
+                "upload the file again)",
+            ) from None
+        if self._expired(stat.st_mtime):
+            self._delete(path, owner, stat.st_size)
+            raise ApiError(
+                ErrorCode.INVALID_URL,
+                f"{_short(ref)} has expired (uploads are kept {self.ttl_s / 3600:g} h); "
+                "upload the file again",
+            )
+        if stat.st_size > max_bytes:
+            raise ApiError(
+                ErrorCode.TOO_LARGE,
+                f"uploaded file is {stat.st_size} bytes, over the limit of {max_bytes} bytes",
+            )
+
+        def load() -> bytes:
+            with open(path, "rb") as f:
+                return f.read(max_bytes + 1)
+
+        data = await asyncio.to_thread(load)
+        if len(data) > max_bytes:
+            raise ApiError(ErrorCode.TOO_LARGE, f"uploaded file is over {max_bytes} bytes")
+        return data
+
+    # -- expiry --------------------------------------------------------------------------------
+    def _expired(self, mtime: float) -> bool:
+        return mtime + self.ttl_s < self._clock()
+
+    def _path(self, owner: str, key: str) -> Path:
+        return self.root / owner / hashlib.sha256(key.encode()).hexdigest()
+
+    def _delete(self, path: Path, owner: str, size: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            self._add_disk(owner, -size)
+
+    async def _ensure_usage(self) -> None:
+        if self._disk is None:
+            scanned = await asyncio.to_thread(self._scan)
+            if self._disk is None:
+                self._disk = scanned
+
+    def _scan(self) -> dict[str, int]:
+        """Bytes per owner on disk, expired files excluded."""
+        used: dict[str, int] = {}
+        for owner, _, st in self._entries():
+            if owner != "tmp" and not self._expired(st.st_mtime):
+                used[owner] = used.get(owner, 0) + st.st_size
+        return used
+
+    def _entries(self) -> Iterator[tuple[str, os.DirEntry[str], os.stat_result]]:
+        """(owner, entry, stat) for every stored file; partial uploads have owner "tmp"."""
+        if not self.root.is_dir():
+            return
+        for owner_dir in os.scandir(self.root):
+            if not owner_dir.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(owner_dir.path):
+                with contextlib.suppress(FileNotFoundError):
+                    yield owner_dir.name, entry, entry.stat(follow_symlinks=False)
+
+    def sweep(self) -> list[tuple[str, int]]:
+        """Delete expired uploads and stale partial files (thread-safe: touches only the disk).
+        Returns the (owner, size) of each deleted upload, for the caller's accounting."""
+        now = self._clock()
+        deleted: list[tuple[str, int]] = []
+        for owner, entry, st in list(self._entries()):
+            if owner == "tmp":
+                if st.st_mtime + _TMP_MAX_AGE_S < now:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+            elif self._expired(st.st_mtime):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    deleted.append((owner, st.st_size))
+        if deleted:
+            log.info("upload sweep deleted %d expired files", len(deleted))
+        return deleted
+
+    async def maybe_sweep(self) -> None:
+        """Sweep on a worker thread if the last sweep is older than the interval."""
+        now = time.monotonic()
+        if now - self._last_sweep < self.sweep_interval_s:
+            return
+        self._last_sweep = now
+        try:
+            deleted = await asyncio.to_thread(self.sweep)
+        except OSError as exc:  # a sweep is housekeeping: never fail an upload for it
+            log.warning("upload sweep failed: %r", exc)
+            return
+        for owner, size in deleted:
+            self._add_disk(owner, -size)
+
+
+def _exists(key: str) -> ApiError:
+    return ApiError(
+        ErrorCode.FILE_EXISTS,
+        f"an upload named {key!r} already exists; request a new upload policy",
+    )
+
+
+def _short(ref: str, limit: int = 120) -> str:
+    return ref if len(ref) <= limit else ref[: limit - 3] + "..."
