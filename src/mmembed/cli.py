@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import socket
 import sys
 
@@ -21,6 +22,10 @@ def is_loopback_bind(host: str) -> bool:
 
 
 def serve(settings: Settings) -> int:
+    # Idle OpenMP threads (the e5 text engine, torch) sleep instead of spinning, so they leave
+    # the cores to the event loop and media decoding between passes. Must precede the first
+    # load of libgomp; a value the user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from mmembed.api.app import create_app
