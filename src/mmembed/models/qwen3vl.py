@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, EmbedInput, l2_normalize
-from mmembed.models.torchutil import import_transformers, resolve_device, set_threads
+from mmembed.models.torchutil import TokenCounter, import_transformers, resolve_device, set_threads
 from mmembed.models.weights import resolve_weights
 from mmembed.types import VideoClip
 
@@ -122,6 +122,7 @@ class Qwen3VLBackend:
         self.model = model.to(self.device).eval()
         config = model.config
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        self._count = TokenCounter(self.tokenizer)
         self.tokenizer.padding_side = "right"  # last-token pooling reads the last real token
         if not getattr(self.tokenizer, "chat_template", None):
             self.tokenizer.chat_template = _read_chat_template(self.path)
@@ -140,7 +141,7 @@ class Qwen3VLBackend:
         self.native_dim = int(config.text_config.hidden_size)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+        return self._count(text)
 
     def basis_samples(self) -> np.ndarray | None:
         return None  # Matryoshka: shorter dimensions are prefixes

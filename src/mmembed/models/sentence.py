@@ -22,7 +22,12 @@ import numpy as np
 
 from mmembed.models import basis, onnxrt
 from mmembed.models.base import TEXT, EmbedInput, l2_normalize
-from mmembed.models.torchutil import import_transformers, resolve_device, set_threads
+from mmembed.models.torchutil import (
+    TokenCounter,
+    import_transformers,
+    resolve_device,
+    set_threads,
+)
 from mmembed.models.weights import resolve_weights
 
 _POOLING_KEYS = {
@@ -102,6 +107,7 @@ class SentenceBackend:
         self._torch = torch
         self.device, self.dtype = resolve_device(self.device_option, self.dtype_option)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        self._count = TokenCounter(self.tokenizer)
         self.model = (
             transformers.AutoModel.from_pretrained(self.path, dtype=self.dtype)
             .to(self.device)
@@ -149,7 +155,7 @@ class SentenceBackend:
         return onnxrt.session(path, self.threads)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(self.prompt + text)["input_ids"])
+        return self._count(self.prompt + text)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         torch = self._torch

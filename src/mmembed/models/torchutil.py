@@ -7,6 +7,8 @@ lossy. Explicit values (``"cuda:1"``, ``"float16"``) are taken as given.
 
 from __future__ import annotations
 
+import copy
+import threading
 from typing import Any
 
 _DTYPES = {
@@ -66,3 +68,20 @@ def import_transformers() -> Any:
         ) from None
     transformers.utils.logging.disable_progress_bar()  # no bars in server logs
     return transformers
+
+
+class TokenCounter:
+    """Counts tokens with a private copy of a tokenizer.
+
+    Hugging Face fast tokenizers keep padding and truncation settings as shared mutable state,
+    set on every call. The engine counts tokens on the event loop while the model thread
+    tokenises padded batches, so sharing one instance lets a batch come back unpadded.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = copy.deepcopy(tokenizer)
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str) -> int:
+        with self._lock:
+            return len(self._tokenizer(text)["input_ids"])
