@@ -15,9 +15,18 @@ import io
 import os
 import time
 
-import httpx
 import numpy as np
-from loadgen import EMBED_PATH, StaticOrigin, rss_mb, sentences, start_mmembed, stop, table
+from loadgen import (
+    EMBED_PATH,
+    StaticOrigin,
+    client_session,
+    post,
+    rss_mb,
+    sentences,
+    start_mmembed,
+    stop,
+    table,
+)
 from PIL import Image
 
 MODEL = "tongyi-embedding-vision-plus"
@@ -36,7 +45,7 @@ async def steady(url: str, origin: str, seconds: float, clients: int) -> int:
     done = 0
     deadline = time.monotonic() + seconds
 
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with client_session(clients) as http:
 
         async def loop(k: int) -> None:
             nonlocal done
@@ -46,10 +55,9 @@ async def steady(url: str, origin: str, seconds: float, clients: int) -> int:
                     contents = [{"image": f"{origin}/{i % 64}.jpg"}]
                 else:
                     contents = [texts[i % len(texts)], texts[(i * 7) % len(texts)]]
-                r = await client.post(
-                    url + EMBED_PATH, json={"model": MODEL, "input": {"contents": contents}}
-                )
-                r.raise_for_status()
+                body = {"model": MODEL, "input": {"contents": contents}}
+                if await post(http, url + EMBED_PATH, body) != 200:
+                    raise SystemExit("a request failed under steady load")
                 done += 1
                 i += clients
 

@@ -60,7 +60,9 @@ def main() -> None:
 
     corpus = sentences(100_000)
     catalog = os.path.join(HERE, "minilm.toml")
-    mm_proc, mm_url = start_mmembed({"MMEMBED_CATALOG": catalog, "MMEMBED_LOG_LEVEL": "error"}, quiet=False)
+    mm_proc, mm_url = start_mmembed(
+        {"MMEMBED_CATALOG": catalog, "MMEMBED_LOG_LEVEL": "error"}, quiet=False
+    )
     inf_proc, inf_url = start_infinity()
 
     def bodies(per_request: int):

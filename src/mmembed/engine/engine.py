@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,13 +74,17 @@ class Engine:
             try:
                 options = {"cache_dir": self.settings.cache_path, **spec.options}
                 backend = create_backend(spec.family, options)
-                backend.load()
+                executor = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"model-{name}", initializer=_lower_priority
+                )
+                # Loaded on the model thread, so the threads its libraries start (ORT, OpenMP)
+                # inherit that thread's lower priority.
+                executor.submit(backend.load).result()
                 samples = None if backend.matryoshka else backend.basis_samples()
                 basis = None if samples is None else fit_basis(samples)
                 mapper = DimensionMapper(
                     backend.native_dim, matryoshka=backend.matryoshka, basis=basis
                 )
-                executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
                 batcher = Batcher(
                     backend.embed,
                     executor,
@@ -449,3 +455,17 @@ async def _maybe_in_thread(heavy: bool, fn: Callable[[], T]) -> T:
     """Run ``fn`` on a worker thread when it is heavy enough to stall the event loop; small
     jobs run inline, where a thread hop would cost more than the work."""
     return await asyncio.to_thread(fn) if heavy else fn()
+
+
+MODEL_NICE = 5
+
+
+def _lower_priority() -> None:
+    """Run forward passes below the event loop's CPU priority. A pass uses every core; at equal
+    priority it starves the loop of the core it needs to read requests and send answers, and
+    tail latency under many concurrent clients grows several-fold (docs/benchmarks.md). With a
+    lower priority the loop preempts it briefly and the pass still has the cores when idle."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MODEL_NICE)
+    except (AttributeError, OSError):  # not Linux-like, or not permitted: run at normal priority
+        log.debug("could not lower the model thread's priority")

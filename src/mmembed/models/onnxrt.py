@@ -65,10 +65,7 @@ def session(model: str | bytes, threads: int = 0) -> Callable[[dict[str, np.ndar
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    # Default: every core but one. The spare core keeps the event loop, media decoding and
-    # tokenisation running beside a forward pass; without it, tail latency under concurrent
-    # load grows several-fold (docs/benchmarks.md).
-    options.intra_op_num_threads = threads or max(1, (os.cpu_count() or 2) - 1)
+    options.intra_op_num_threads = threads  # 0: one per core
     options.inter_op_num_threads = 1
     # Idle ORT threads must not spin: they would steal the cores that parse and decode.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
