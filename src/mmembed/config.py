@@ -66,7 +66,7 @@ class Settings:
         "requests stop arriving; those arriving during a pass form the next batch.",
     )
     queue_max_items: int = _setting(
-        1024, "Backpressure: inputs waiting per backend before new requests get 429 Throttling."
+        256, "Backpressure: inputs waiting per backend before new requests get 429 Throttling."
     )
     cache_dir: str = _setting(
         "", "Directory for derived data (fitted bases, uploads). Empty: ~/.cache/mmembed."
