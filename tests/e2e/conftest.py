@@ -107,3 +107,12 @@ def origin() -> Iterator[HostileOrigin]:
     """Serves generated media (``origin.serve(path, bytes, type)``) and misbehaving routes."""
     with HostileOrigin(trickle_interval=0.5) as o:
         yield o
+
+
+@pytest.fixture
+def sdk(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the dashscope SDK at the module's ``server`` (a module may define its own)."""
+    import dashscope
+
+    monkeypatch.setattr(dashscope, "base_http_api_url", server.api_base)
+    monkeypatch.setattr(dashscope, "api_key", API_KEY)

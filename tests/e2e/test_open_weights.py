@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from mmembed.models.catalog import PACKAGED_PROFILES
-from tests.e2e.conftest import API_KEY, start_server, stop_server
+from tests.e2e.conftest import start_server, stop_server
 from tests.media_util import image_bytes, quadrant_image, video_bytes
 from tests.tiny_models import build_clip, build_qwen3vl, build_siglip
 
-pytestmark = [pytest.mark.slow, pytest.mark.network]
+pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.usefixtures("sdk")]
 
 TINY = {
     "siglip2-so400m": build_siglip,
@@ -61,12 +61,6 @@ def server(tmp_path_factory):
     yield srv
     stop_server(srv)
     assert "Traceback" not in srv.logs(), srv.logs()
-
-
-@pytest.fixture(autouse=True)
-def point_sdk_at_server(server, monkeypatch):
-    monkeypatch.setattr(dashscope, "base_http_api_url", server.api_base)
-    monkeypatch.setattr(dashscope, "api_key", API_KEY)
 
 
 @pytest.fixture(scope="module")

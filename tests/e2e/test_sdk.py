@@ -9,16 +9,9 @@ import dashscope
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import API_KEY
 from tests.media_util import image_bytes, video_bytes
 
-pytestmark = [pytest.mark.slow, pytest.mark.network]
-
-
-@pytest.fixture(autouse=True)
-def point_sdk_at_server(server, monkeypatch):
-    monkeypatch.setattr(dashscope, "base_http_api_url", server.api_base)
-    monkeypatch.setattr(dashscope, "api_key", API_KEY)
+pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.usefixtures("sdk")]
 
 
 @pytest.fixture(scope="module")
