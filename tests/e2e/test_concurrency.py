@@ -39,3 +39,13 @@ def test_stalled_download_does_not_block_text_requests(server, origin):
     assert slow.status_code == 408  # the stalled origin hits the fetch deadline
     assert all(r.status_code == 200 for r in quick)
     assert max(done[f"text{i}"] for i in range(5)) < done["stalled"]
+
+
+def test_health_reports_batching(server):
+    before = httpx.get(server.url + "/health").json()["batching"]["offline"]
+    body = {"model": "tongyi-embedding-vision-flash", "input": {"contents": ["one", "two"]}}
+    assert server.post(body).status_code == 200
+    after = httpx.get(server.url + "/health").json()["batching"]["offline"]
+    assert after["batches"] >= before["batches"] + 1
+    assert after["inputs"] >= before["inputs"] + 2
+    assert {"requests", "rejected", "mean_batch"} <= set(after)

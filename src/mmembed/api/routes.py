@@ -97,6 +97,7 @@ async def health(request: Request) -> Response:
     cache = getattr(engine, "cache", None)  # (stand-in engines in tests have none)
     if cache is not None:
         body["cache"] = cache.stats()
+        body["batching"] = engine.batch_stats()
     return JSONResponse(body)
 
 

@@ -106,6 +106,13 @@ class Engine:
             await loaded.batcher.aclose()
             loaded.executor.shutdown(wait=False, cancel_futures=True)
 
+    def batch_stats(self) -> dict[str, dict[str, float]]:
+        """Per backend: forward passes, inputs and requests batched, 429s, mean batch size."""
+        return {
+            name: {**vars(b.batcher.stats), "mean_batch": round(b.batcher.stats.mean_batch, 2)}
+            for name, b in self._backends.items()
+        }
+
     def status(self) -> dict[str, str]:
         ok = {name: "ready" for name in self._backends}
         return ok | {name: f"failed: {err}" for name, err in self._load_errors.items()}
