@@ -124,6 +124,12 @@ def build_sentence(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def _tower(**extra: object) -> dict:
+    """A 2-layer, 32-wide transformer tower config (text or vision), with ``extra`` keys."""
+    base = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    return {**base, "num_attention_heads": 2, **extra}
+
+
 def build_clip(folder: Path, seed: int = 1) -> Path:
     """A 2+2-layer CLIP at 32 px, 24-d projections."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -134,25 +140,17 @@ def build_clip(folder: Path, seed: int = 1) -> Path:
     )
     ids = tok.convert_tokens_to_ids(["<pad>", "<bos>", "<eos>"])
     config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tok),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "pad_token_id": ids[0],
-            "bos_token_id": ids[1],
-            "eos_token_id": ids[2],
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
+        text_config=_tower(
+            vocab_size=len(tok),
+            max_position_embeddings=77,
+            pad_token_id=ids[0],
+            bos_token_id=ids[1],
+            eos_token_id=ids[2],
+        ),
+        vision_config=_tower(
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=24,
     )
     CLIPModel(config).eval().save_pretrained(folder)
@@ -170,25 +168,17 @@ def build_siglip(folder: Path, seed: int = 2) -> Path:
     _seed(seed)
     tok = make_tokenizer(["<pad>", "<unk>", "<eos>"], eos="<eos>", lowercase=True, max_length=64)
     config = SiglipConfig(
-        text_config={
-            "vocab_size": len(tok),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 64,
-            "pad_token_id": 0,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
+        text_config=_tower(
+            vocab_size=len(tok),
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=_tower(
+            image_size=32,
+            patch_size=8,
+        ),
     )
     SiglipModel(config).eval().save_pretrained(folder)
     tok.save_pretrained(folder)

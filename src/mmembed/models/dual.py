@@ -25,12 +25,9 @@ from mmembed.models import basis
 from mmembed.models.base import PooledBackend, l2_normalize
 from mmembed.models.torchutil import (
     TokenCounter,
-    import_transformers,
+    begin_load,
     pooled,
-    resolve_device,
-    set_threads,
 )
-from mmembed.models.weights import resolve_weights
 
 SIGLIP_TEXT_LENGTH = 64  # the SigLIP model cards: padding="max_length", max_length=64
 
@@ -65,13 +62,7 @@ class DualBackend(PooledBackend):
         self.cache_dir = cache_dir
 
     def load(self) -> None:
-        import torch
-
-        transformers = import_transformers()
-        set_threads(self.threads)
-        self._torch = torch
-        self.path = resolve_weights(self.weights, self.revision)
-        self.device, self.dtype = resolve_device(self.device_option, self.dtype_option)
+        transformers = begin_load(self)
         model = transformers.AutoModel.from_pretrained(self.path, dtype=self.dtype)
         if not hasattr(model, "get_text_features") or not hasattr(model, "get_image_features"):
             raise ValueError(

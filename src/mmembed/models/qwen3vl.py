@@ -36,8 +36,10 @@ import numpy as np
 from PIL import Image
 
 from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, EmbedInput, l2_normalize
-from mmembed.models.torchutil import TokenCounter, import_transformers, resolve_device, set_threads
-from mmembed.models.weights import resolve_weights
+from mmembed.models.torchutil import (
+    TokenCounter,
+    begin_load,
+)
 from mmembed.types import VideoClip
 
 DEFAULT_INSTRUCTION = "Represent the user's input."
@@ -109,13 +111,7 @@ class Qwen3VLBackend:
 
     # -- loading -------------------------------------------------------------------------------
     def load(self) -> None:
-        import torch
-
-        transformers = import_transformers()
-        set_threads(self.threads)
-        self._torch = torch
-        self.path = resolve_weights(self.weights, self.revision)
-        self.device, self.dtype = resolve_device(self.device_option, self.dtype_option)
+        transformers = begin_load(self)
         model = transformers.Qwen3VLModel.from_pretrained(
             self.path, dtype=self.dtype, attn_implementation=self.attn_implementation
         )

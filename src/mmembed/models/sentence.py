@@ -24,11 +24,8 @@ from mmembed.models import basis, onnxrt
 from mmembed.models.base import TEXT, EmbedInput, l2_normalize
 from mmembed.models.torchutil import (
     TokenCounter,
-    import_transformers,
-    resolve_device,
-    set_threads,
+    begin_load,
 )
-from mmembed.models.weights import resolve_weights
 
 _POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -96,16 +93,10 @@ class SentenceBackend:
         self.native_dim = 0
 
     def load(self) -> None:
-        import torch
-
-        transformers = import_transformers()
-        set_threads(self.threads)
-        self.path = resolve_weights(self.weights, self.revision)
+        transformers = begin_load(self)
         pooling, folder_max = read_folder_config(self.path)
         if self.pooling == "auto":
             self.pooling = pooling
-        self._torch = torch
-        self.device, self.dtype = resolve_device(self.device_option, self.dtype_option)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
         self._count = TokenCounter(self.tokenizer)
         self.model = (

@@ -85,3 +85,21 @@ class TokenCounter:
     def __call__(self, text: str) -> int:
         with self._lock:
             return len(self._tokenizer(text)["input_ids"])
+
+
+def begin_load(backend: Any) -> Any:
+    """The steps every transformers backend's ``load()`` starts with: transformers imported (or
+    an error naming the extra), torch's threads capped, weights resolved to a folder, device and
+    dtype chosen. Sets ``_torch``, ``path``, ``device`` and ``dtype`` on ``backend`` (which has
+    ``weights``, ``revision``, ``threads``, ``device_option``, ``dtype_option``); returns
+    transformers."""
+    import torch
+
+    from mmembed.models.weights import resolve_weights
+
+    transformers = import_transformers()
+    set_threads(backend.threads)
+    backend._torch = torch
+    backend.path = resolve_weights(backend.weights, backend.revision)
+    backend.device, backend.dtype = resolve_device(backend.device_option, backend.dtype_option)
+    return transformers
