@@ -99,7 +99,7 @@ def test_independent_items_keep_order_and_types(media):
     assert [e["type"] for e in embs] == ["text", "image", "video", "multi_images"]
     assert resp.usage["image_count"] == 3
     v = vectors(resp)
-    # the text "a cat" is closer to the cat photo than to the coffee-and-cat pair's other half
+    # the text "a cat" is closer to the cat photo than to the (synthetic) video
     assert v[0] @ v[1] > v[0] @ v[2]
 
 

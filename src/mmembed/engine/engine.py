@@ -267,9 +267,16 @@ class Engine:
             hits=[None] * len(items),
         )
         oss_owner = req.owner if req.resolve_oss else None
+        work = [
+            (n, item)
+            for n, item in enumerate(items)
+            if item.kind != "text" or self.settings.embed_cache_text
+        ]
+        if not work:
+            return media  # plain texts only: nothing to fetch, decode or look up
         try:
             async with asyncio.TaskGroup() as tg:
-                for n, item in enumerate(items):
+                for n, item in work:
                     tg.create_task(
                         self._item_media(n, item, media, spec, backend, fps, req, oss_owner)
                     )
@@ -289,8 +296,6 @@ class Engine:
         video_at = f"{where}.video"
         if item.video is not None:
             refs.append((video_at, item.video))
-        if not refs and not self.settings.embed_cache_text:
-            return  # a plain text: nothing to fetch, not cached
         async with asyncio.TaskGroup() as tg:
             fetches = [
                 tg.create_task(
