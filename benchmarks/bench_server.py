@@ -68,13 +68,21 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=1024)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the server, e.g. MMEMBED_BATCH_MAX_ITEMS=1 (no batching)",
+    )
     args = ap.parse_args()
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
 
     texts, jpegs = sentences(args.texts), photos(args.images)
     origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(jpegs)}, "image/jpeg")
     local_text, local_image = in_process(texts, jpegs, 32)
 
-    proc, url = start_mmembed({"MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1"})
+    proc, url = start_mmembed({"MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1", **server_env})
     try:
 
         def text_body(i: int) -> dict:

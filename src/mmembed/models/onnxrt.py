@@ -1,7 +1,8 @@
 """Run a torch module under ONNX Runtime: export once (cached on disk), then serve the session.
 
-On this project's CPUs ONNX Runtime runs the default model's classifier ~5x and MiniLM ~2-3x
-faster than eager torch (benchmarks/ and docs/benchmarks.md). The export uses torch's
+On this project's CPUs ONNX Runtime runs the default model's classifier ~5x faster than eager
+torch, and MiniLM ~1.5x on single sentences, about even on batches of 32
+(benchmarks/bench_cpu_paths.py, docs/benchmarks.md). The export uses torch's
 ``torch.export``-based exporter: the older TorchScript tracer silently mis-exports
 transformers' BERT attention masks. Each caller checks parity in its tests.
 """

@@ -115,7 +115,8 @@ class SentenceBackend:
             del self.model  # the session holds its own copy of the weights
 
     def _onnx_session(self) -> Any:
-        """The encoder under ONNX Runtime (2-3x eager torch on CPU for MiniLM-sized models)."""
+        """The encoder under ONNX Runtime (for MiniLM on CPU: ~1.5x eager torch
+        on single sentences, even on batches of 32; benchmarks/bench_cpu_paths.py)."""
         torch = self._torch
         names = ["input_ids", "attention_mask"]
         if "token_type_ids" in self.tokenizer.model_input_names:
