@@ -100,7 +100,8 @@ def main() -> None:
         origin.close()
 
     print(
-        f"\ndefault model, {os.cpu_count()} cores; server: {args.concurrency} clients, 1 item each"
+        f"\ndefault model, {os.cpu_count()} cores; server: {args.concurrency} clients, "
+        f"1 item each; server env: {server_env or 'default'}"
     )
     measured = [("texts", local_text, srv_text), ("images", local_image, srv_image)]
     rows = [
