@@ -68,6 +68,24 @@ class Settings:
     queue_max_items: int = _setting(
         256, "Backpressure: inputs waiting per backend before new requests get 429 Throttling."
     )
+    batch_max_images: int = _setting(
+        32, "Dynamic batching: most images and video frames in one forward pass (bounds memory)."
+    )
+    admit_max_units: int = _setting(
+        1024,
+        "Admission: most work admitted per backend at once, in units (a text per 4,096 "
+        "characters, an image, a video's frame cap); beyond it requests get 429 before any "
+        "media is fetched. A request to an idle backend is always admitted.",
+    )
+    max_request_pixels: int = _setting(
+        200_000_000, "Most decoded pixels (images and video frames) one request may hold (413)."
+    )
+    model_isolation: str = _setting(
+        "process",
+        "Where native model code and video decoding run: 'process' (supervised worker "
+        "processes, restarted after a crash; only the request that caused it fails) or "
+        "'thread' (in the server process: for development and tests).",
+    )
     cache_dir: str = _setting(
         "", "Directory for derived data (fitted bases, uploads). Empty: ~/.cache/mmembed."
     )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mmembed.engine.batcher import Batcher
+from mmembed.engine.worker import WorkerCrashed
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.models.base import EmbedInput
 from mmembed.models.hashed import HashBackend
@@ -24,6 +25,7 @@ class RecordingModel:
         self.backend = HashBackend(dim=16)
         self.delay = delay
         self.batches: list[int] = []
+        self.contents: list[list[str]] = []
         self.fail_on: str | None = None
         self.gate = threading.Event()
         self.gate.set()
@@ -31,6 +33,7 @@ class RecordingModel:
     def __call__(self, inputs: list[EmbedInput]) -> np.ndarray:
         self.gate.wait(5)
         self.batches.append(len(inputs))
+        self.contents.append([t for inp in inputs for t in inp.texts])
         if self.fail_on and any(self.fail_on in inp.texts for inp in inputs):
             raise RuntimeError("boom")
         time.sleep(self.delay)
@@ -71,15 +74,19 @@ def test_item_and_token_limits_split_batches():
         await asyncio.gather(*(batcher.submit(texts(f"a{i}", f"b{i}"), 20) for i in range(8)))
 
     asyncio.run(go())
-    assert max(model.batches) <= 4  # token limit: two requests of 20 tokens per batch
+    assert max(model.batches) <= 5  # token limit: five inputs of 10 tokens per batch
     assert sum(model.batches) == 16
 
 
-def test_oversized_request_runs_alone():
+def test_oversized_request_is_split_into_bounded_passes():
     model = RecordingModel()
     batcher = make(model, max_items=4)
-    out = asyncio.run(batcher.submit(texts(*[str(i) for i in range(10)]), 1))
-    assert out.shape == (10, 16) and model.batches == [10]
+    inputs = texts(*[str(i) for i in range(10)])
+    out = asyncio.run(batcher.submit(inputs, 1))
+    assert model.batches == [4, 4, 2]
+    # Rows come back in order, exactly as one pass would give them.
+    assert np.array_equal(out, model.backend.embed(inputs))
+    assert batcher.stats.largest_batch == 4
 
 
 def test_full_queue_is_throttled_at_once():
@@ -140,3 +147,94 @@ def test_cancelled_request_leaves_the_queue():
 
     assert asyncio.run(go()) == 0
     assert model.batches == [1]
+
+
+def multi(n_images: int, tag: int) -> EmbedInput:
+    from PIL import Image
+
+    return EmbedInput(images=[Image.new("RGB", (8, 8), (tag, j, 0)) for j in range(n_images)])
+
+
+def test_images_per_pass_are_bounded():
+    # 64 multi_images items of 8 images: never one pass of 512 images.
+    model = RecordingModel(delay=0)
+    batcher = make(model, max_images=32)
+    inputs = [multi(8, i) for i in range(64)]
+    out = asyncio.run(batcher.submit(inputs, 64 * 8 * 64))
+    assert out.shape == (64, 16)
+    assert model.batches == [4] * 16
+    assert batcher.stats.largest_images == 32
+    assert np.array_equal(out, model.backend.embed(inputs))
+
+
+def test_small_request_is_not_stuck_behind_a_large_one():
+    model = RecordingModel(delay=0.02)
+    model.gate.clear()
+    batcher = make(model, max_items=2, max_wait_s=0)
+
+    async def go():
+        big = asyncio.ensure_future(batcher.submit(texts(*[f"big{i}" for i in range(20)]), 20))
+        await asyncio.sleep(0.05)  # the first pass of the big request holds the model
+        small = asyncio.ensure_future(batcher.submit(texts("small"), 1))
+        model.gate.set()
+        await asyncio.gather(big, small)
+
+    asyncio.run(go())
+    # The small request joins the second pass (not the eleventh, after all of the big one).
+    assert model.contents[0] == ["big0", "big1"]
+    assert "small" in model.contents[1], model.contents
+    assert sum(model.batches) == 21
+
+
+def test_cancelled_request_stops_between_its_passes():
+    model = RecordingModel(delay=0.05)
+    batcher = make(model, max_items=2, max_wait_s=0)
+
+    async def go():
+        big = asyncio.ensure_future(batcher.submit(texts(*[f"t{i}" for i in range(20)]), 20))
+        await asyncio.sleep(0.08)
+        big.cancel()
+        await asyncio.sleep(0.3)
+        return batcher.queued_items
+
+    queued = asyncio.run(go())
+    assert queued == 0
+    assert sum(model.batches) <= 6  # the other 14+ inputs were never run
+
+
+class CrashingModel(RecordingModel):
+    """Dies (as a crashed worker process reports it) on any pass holding a poisoned text."""
+
+    def __call__(self, inputs):
+        if any("poison" in t for inp in inputs for t in inp.texts):
+            self.batches.append(-len(inputs))
+            raise WorkerCrashed("worker died")
+        return super().__call__(inputs)
+
+
+def test_a_crash_costs_only_the_request_that_causes_it():
+    model = CrashingModel(delay=0.02)
+    model.gate.clear()
+    batcher = make(model, max_wait_s=0)
+
+    async def go():
+        first = asyncio.ensure_future(batcher.submit(texts("warm"), 1))
+        await asyncio.sleep(0.05)
+        many = [
+            asyncio.ensure_future(batcher.submit(texts(f"a{i}", f"b{i}"), 2, ["x[0]", "x[1]"]))
+            for i in range(5)
+        ]
+        bad = asyncio.ensure_future(
+            batcher.submit(texts("fine", "poison"), 2, ["input.contents[0]", "input.contents[1]"])
+        )
+        model.gate.set()
+        return await asyncio.gather(first, *many, bad, return_exceptions=True)
+
+    *good, bad = asyncio.run(go())
+    assert all(isinstance(g, np.ndarray) for g in good), good
+    assert isinstance(bad, ApiError) and bad.error is ErrorCode.INTERNAL_ALGO
+    assert bad.message.startswith("input.contents[1]: ")
+    # One crashed pass of 12 inputs, then each input alone: one more crash (the poison).
+    assert model.batches.count(-12) == 1 and model.batches.count(-1) == 1
+    assert batcher.stats.crashes == 2
+    assert np.array_equal(good[1], model.backend.embed(texts("a0", "b0")))

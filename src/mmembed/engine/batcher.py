@@ -1,11 +1,22 @@
-"""Dynamic batching across requests, with a bounded queue per backend.
+"""Dynamic batching across requests: bounded passes, fair turns, crash isolation.
 
-Requests put their inputs in one queue per backend; a single worker takes as many queued
-requests as fit the item and token limits (waiting at most ``max_wait_s`` for more to arrive
-once the model is idle), runs ONE forward pass for all of them in the backend's thread, and
-hands each request its rows. While a pass runs, new requests pile up and form the next batch,
-so 32 clients sending one text each cost a few forward passes rather than 32. A request is
-never split; one larger than the limits runs alone.
+Requests put their inputs in one queue per backend; a single worker task builds each forward
+pass from as many queued inputs as fit the item, token and image limits (waiting at most
+``max_wait_s`` for more to arrive once the model is idle), runs it on the backend, and hands
+each request its rows. While a pass runs, new requests pile up and form the next batch, so 32
+clients sending one text each cost a few forward passes rather than 32.
+
+- **Bounded passes**: a large request is split across passes, so what one pass holds in memory
+  is bounded by the limits whatever the request size (one input larger than the limits runs
+  alone).
+- **Fair turns**: each pass serves the requests that have received least so far first (least
+  attained service, in inputs), so a one-text request waits for at most the pass in progress,
+  not for the rest of a 20-text request queued before it.
+- **Cancellation**: a request whose caller gave up (timeout, disconnect) leaves the queue with
+  whatever it had not started.
+- **Crash isolation**: when the model process dies during a pass (``WorkerCrashed``), each input
+  of that pass is run again alone; the one that crashes alone fails its request with
+  ``InternalError.Algo`` naming the item, and every other request is answered.
 """
 
 from __future__ import annotations
@@ -20,17 +31,38 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmembed.engine.contained import crashed_on
+from mmembed.engine.memory import images_in
+from mmembed.engine.worker import WorkerCrashed
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.models.base import EmbedInput
 
 log = logging.getLogger("mmembed.batcher")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     inputs: list[EmbedInput]
-    tokens: int
+    tokens: list[int]  # per input
+    images: list[int]  # per input: images and video frames
+    where: list[str]  # per input, for error messages
     future: asyncio.Future = field(repr=False)
+    taken: int = 0  # inputs handed to passes so far
+    rows: np.ndarray | None = None
+    filled: int = 0
+
+    def deliver(self, start: int, vectors: np.ndarray) -> None:
+        if self.future.done():
+            return
+        if self.rows is None:
+            if start == 0 and len(vectors) == len(self.inputs):
+                self.future.set_result(vectors)
+                return
+            self.rows = np.empty((len(self.inputs), vectors.shape[1]), dtype=vectors.dtype)
+        self.rows[start : start + len(vectors)] = vectors
+        self.filled += len(vectors)
+        if self.filled == len(self.inputs):
+            self.future.set_result(self.rows)
 
 
 @dataclass
@@ -39,6 +71,9 @@ class BatchStats:
     inputs: int = 0
     requests: int = 0
     rejected: int = 0
+    largest_batch: int = 0  # inputs
+    largest_images: int = 0  # images and frames in one pass
+    crashes: int = 0
 
     @property
     def mean_batch(self) -> float:
@@ -55,22 +90,35 @@ class Batcher:
         max_tokens: int,
         max_wait_s: float,
         max_queue: int,
+        max_images: int = 0,
     ) -> None:
         self._run = run
         self._executor = executor
         self.max_items = max_items
         self.max_tokens = max_tokens
+        self.max_images = max_images or 1 << 30
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self._queue: deque[_Pending] = deque()
+        self._queue: list[_Pending] = []
+        self._served: dict[int, int] = {}
+        self._arrival = 0
+        self._isolated: deque[tuple[_Pending, int]] = deque()  # inputs to rerun alone
         self._queued_items = 0
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = BatchStats()
 
-    async def submit(self, inputs: list[EmbedInput], tokens: int) -> np.ndarray:
-        """Native vectors for ``inputs``, in order; 429 at once when the queue is full."""
+    async def submit(
+        self,
+        inputs: list[EmbedInput],
+        tokens: int | list[int],
+        where: list[str] | None = None,
+    ) -> np.ndarray:
+        """Native vectors for ``inputs``, in order; 429 at once when the queue is full.
+
+        ``tokens`` is the text+image token count per input (or a total, spread evenly);
+        ``where`` names each input in error messages."""
         if self._queued_items and self._queued_items + len(inputs) > self.max_queue:
             self.stats.rejected += 1
             raise ApiError(
@@ -78,20 +126,38 @@ class Batcher:
                 f"The model is busy ({self._queued_items} inputs queued); retry shortly.",
                 headers={"Retry-After": "1"},
             )
+        if not inputs:
+            return np.zeros((0, 0), dtype=np.float32)
         self._ensure_worker()
         assert self._wakeup is not None
-        pending = _Pending(inputs, tokens, asyncio.get_running_loop().create_future())
+        n = len(inputs)
+        if isinstance(tokens, int):
+            tokens = [tokens // n + (i < tokens % n) for i in range(n)]
+        pending = _Pending(
+            inputs,
+            tokens,
+            [images_in(inp) for inp in inputs],
+            where or [f"input {i}" for i in range(n)],
+            asyncio.get_running_loop().create_future(),
+        )
         self._queue.append(pending)
-        self._queued_items += len(inputs)
+        self._served[id(pending)] = 0
+        self._queued_items += n
         self._wakeup.set()
         try:
             return await pending.future
         except asyncio.CancelledError:
-            # The caller gave up (timeout, disconnect): drop the work if it has not started.
-            with contextlib.suppress(ValueError):
-                self._queue.remove(pending)
-                self._queued_items -= len(inputs)
+            # The caller gave up (timeout, disconnect): drop what has not started.
+            self._drop(pending)
             raise
+        finally:
+            self._served.pop(id(pending), None)
+
+    def _drop(self, pending: _Pending) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(pending)
+            self._queued_items -= len(pending.inputs) - pending.taken
+        pending.taken = len(pending.inputs)
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -99,6 +165,7 @@ class Batcher:
             # (A new event loop, as in tests calling asyncio.run twice, needs its own worker.)
             self._loop, self._wakeup = loop, asyncio.Event()
             self._queue.clear()
+            self._isolated.clear()
             self._queued_items = 0
             self._worker = loop.create_task(self._work())
 
@@ -108,35 +175,80 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
 
+    @property
+    def queued_items(self) -> int:
+        return self._queued_items
+
     async def _work(self) -> None:
         assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
         while True:
+            if self._isolated:
+                await self._run_isolated(*self._isolated.popleft())
+                continue
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._gather_arrivals()
             batch = self._take()
-            if not batch:
-                continue
-            inputs = [inp for p in batch for inp in p.inputs]
-            try:
-                vectors = await loop.run_in_executor(self._executor, self._run, inputs)
-            except Exception as exc:  # a failure of this batch fails its requests only
-                log.exception("forward pass failed for %d inputs", len(inputs))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            self.stats.batches += 1
-            self.stats.inputs += len(inputs)
-            self.stats.requests += len(batch)
-            row = 0
-            for p in batch:
-                n = len(p.inputs)
+            if batch:
+                await self._run_batch(batch)
+
+    async def _forward(self, inputs: list[EmbedInput]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, inputs)
+
+    async def _run_batch(self, batch: list[tuple[_Pending, int, int]]) -> None:
+        inputs = [inp for p, a, b in batch for inp in p.inputs[a:b]]
+        try:
+            vectors = await self._forward(inputs)
+        except WorkerCrashed:
+            self.stats.crashes += 1
+            if len(inputs) == 1:
+                self._fail_crashed(batch[0][0], batch[0][1])
+            else:
+                log.warning("the model crashed on a pass of %d inputs; rerunning each", len(inputs))
+                self._isolated.extend((p, i) for p, a, b in batch for i in range(a, b))
+            return
+        except Exception as exc:  # a failure of this batch fails its requests only
+            log.exception("forward pass failed for %d inputs", len(inputs))
+            for p, _, _ in batch:
                 if not p.future.done():
-                    p.future.set_result(vectors[row : row + n])
-                row += n
+                    p.future.set_exception(exc)
+                self._drop(p)
+            return
+        self.stats.batches += 1
+        self.stats.inputs += len(inputs)
+        self.stats.requests += len({id(p) for p, _, _ in batch})
+        self.stats.largest_batch = max(self.stats.largest_batch, len(inputs))
+        images = sum(sum(p.images[a:b]) for p, a, b in batch)
+        self.stats.largest_images = max(self.stats.largest_images, images)
+        row = 0
+        for p, a, b in batch:
+            p.deliver(a, vectors[row : row + b - a])
+            row += b - a
+
+    async def _run_isolated(self, pending: _Pending, i: int) -> None:
+        if pending.future.done():
+            return
+        try:
+            vectors = await self._forward([pending.inputs[i]])
+        except WorkerCrashed:
+            self.stats.crashes += 1
+            self._fail_crashed(pending, i)
+            return
+        except Exception as exc:
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+            return
+        self.stats.batches += 1
+        self.stats.inputs += 1
+        pending.deliver(i, vectors)
+
+    def _fail_crashed(self, pending: _Pending, i: int) -> None:
+        log.error("%s crashed the model process; it was restarted", pending.where[i])
+        if not pending.future.done():
+            pending.future.set_exception(crashed_on(pending.where[i]))
+        self._drop(pending)
 
     async def _gather_arrivals(self) -> None:
         """Let requests that are already arriving join this batch before the pass starts.
@@ -158,19 +270,37 @@ class Batcher:
         if self.max_wait_s > 0 and self._queued_items < self.max_items:
             await asyncio.sleep(max(0.0, deadline - loop.time()))
 
-    def _take(self) -> list[_Pending]:
-        batch: list[_Pending] = []
-        items = tokens = 0
-        while self._queue:
-            p = self._queue[0]
-            fits = items + len(p.inputs) <= self.max_items and tokens + p.tokens <= self.max_tokens
-            if batch and not fits:
+    def _take(self) -> list[tuple[_Pending, int, int]]:
+        """The next pass: (request, first input, end) slices within the limits, requests that
+        have received least so far first."""
+        live = [p for p in self._queue if not p.future.done()]
+        for p in self._queue:
+            if p.future.done():
+                self._queued_items -= len(p.inputs) - p.taken
+                p.taken = len(p.inputs)
+        live.sort(key=lambda p: self._served.get(id(p), 0))  # stable: arrival order on ties
+        batch: list[tuple[_Pending, int, int]] = []
+        items = tokens = images = 0
+        for p in live:
+            start = p.taken
+            while p.taken < len(p.inputs):
+                i = p.taken
+                fits = (
+                    items + 1 <= self.max_items
+                    and tokens + p.tokens[i] <= self.max_tokens
+                    and images + p.images[i] <= self.max_images
+                )
+                if items and not fits:
+                    break
+                items += 1
+                tokens += p.tokens[i]
+                images += p.images[i]
+                p.taken += 1
+            if p.taken > start:
+                batch.append((p, start, p.taken))
+                self._served[id(p)] = self._served.get(id(p), 0) + p.taken - start
+            if items >= self.max_items:
                 break
-            self._queue.popleft()
-            self._queued_items -= len(p.inputs)
-            if p.future.cancelled():
-                continue
-            batch.append(p)
-            items += len(p.inputs)
-            tokens += p.tokens
+        self._queued_items -= items
+        self._queue = [p for p in live if p.taken < len(p.inputs)]
         return batch

@@ -7,6 +7,7 @@ check routing, batching, pooling and dimension handling without loading a networ
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import numpy as np
@@ -21,10 +22,15 @@ def _vector(seed_bytes: bytes, dim: int) -> np.ndarray:
 
 
 class HashBackend(PooledBackend):
-    def __init__(self, dim: int = 64, image_size: int = 32, **options: Any) -> None:
+    def __init__(
+        self, dim: int = 64, image_size: int = 32, crash_on: str = "", **options: Any
+    ) -> None:
         super().__init__(**options)
         self.native_dim = dim
         self.image_size = image_size
+        # For containment tests: a text containing this string aborts the process, as a native
+        # library overrunning its heap would.
+        self.crash_on = crash_on
 
     def load(self) -> None:
         pass
@@ -33,6 +39,8 @@ class HashBackend(PooledBackend):
         return len(text.split()) + 2  # stand-in for [CLS] ... [SEP]
 
     def embed_texts(self, texts: list[str], instruct: str | None) -> np.ndarray:
+        if self.crash_on and any(self.crash_on in t for t in texts):
+            os.abort()
         prefix = (instruct or "").encode()
         return l2_normalize(
             np.stack([_vector(prefix + t.encode(), self.native_dim) for t in texts])
