@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mmembed.engine.engine as engine_module
+import mmembed.engine.media_stage as engine_module
 from mmembed.config import Settings
 from mmembed.engine.cache import EmbeddingCache, MediaStats, digest, item_key
 from mmembed.engine.engine import Engine
@@ -126,8 +126,9 @@ VIDEO = uri(make_video("MP4", seconds=3.0), "video/mp4")
 
 @pytest.fixture
 def engines():
-    cached = Engine(Settings(), parse_catalog(CATALOG))
-    plain = Engine(Settings(embed_cache_mb=0), parse_catalog(CATALOG))
+    # In-process decoding, so the decodes fixture can count them.
+    cached = Engine(Settings(model_isolation="thread"), parse_catalog(CATALOG))
+    plain = Engine(Settings(model_isolation="thread", embed_cache_mb=0), parse_catalog(CATALOG))
     cached.load()
     plain.load()
     yield cached, plain
