@@ -7,6 +7,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mmembed.models.registry import check_options
+
 PACKAGED_PROFILES = {
     "offline": os.path.join(os.path.dirname(__file__), "offline.toml"),
     "open-weights": os.path.join(os.path.dirname(__file__), "open-weights.toml"),
@@ -81,7 +83,12 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
         body = dict(body)
         if "family" not in body:
             raise ValueError(f"{source}: backends.{name} has no 'family'")
-        backends[name] = BackendSpec(name=name, family=body.pop("family"), options=body)
+        family = body.pop("family")
+        try:
+            check_options(family, body)  # typed per-family options: a typo is an error
+        except ValueError as exc:
+            raise ValueError(f"{source}: backends.{name}: {exc}") from None
+        backends[name] = BackendSpec(name=name, family=family, options=body)
 
     known = {f.name for f in fields(ModelSpec)} - {"name"}
     models = {}
