@@ -110,3 +110,46 @@ def test_a_crashing_backend_costs_one_request(crashy):
     assert after.status_code == 200
     assert crashy.proc.poll() is None  # the server itself never went down
     assert "restarted" in crashy.logs()
+
+
+SLOW_CATALOG = """
+[backends.h]
+family = "hash"
+dim = 16
+delay_s = 0.2
+
+[models."tongyi-embedding-vision-plus"]
+backend = "h"
+dimensions = [16]
+"""
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("slow")
+    catalog = tmp / "slow.toml"
+    catalog.write_text(SLOW_CATALOG)
+    srv = start_server(tmp, {"MMEMBED_CATALOG": str(catalog), "MMEMBED_BATCH_MAX_ITEMS": "4"})
+    yield srv
+    stop_server(srv)
+
+
+def slow_batching(server: Server) -> dict:
+    import httpx
+
+    return httpx.get(server.url + "/health", timeout=30).json()["batching"]["h"]
+
+
+def test_work_of_a_disconnected_client_is_cancelled(slow):
+    import httpx
+
+    # 200 texts at 4 per 0.2 s pass: 10 s of work. The client gives up after 1 s.
+    with pytest.raises(httpx.ReadTimeout):
+        slow.post(req(PLUS, [f"t{i}" for i in range(200)]), timeout=1.0)
+    time.sleep(1.5)
+    done = slow_batching(slow)["inputs"]
+    time.sleep(1.0)
+    # Nothing ran meanwhile: the rest of the request was dropped, not run for no one.
+    assert slow_batching(slow)["inputs"] == done < 100, done
+    assert slow.post(req(PLUS, ["next"])).status_code == 200
+    assert slow_batching(slow)["inputs"] == done + 1

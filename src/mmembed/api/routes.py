@@ -10,6 +10,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from mmembed.api.disconnect import unless_disconnected
 from mmembed.api.schemas import parse_request, render_result
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -73,7 +74,9 @@ async def embed(request: Request) -> Response:
     req.owner = upload_owner(request, settings)
     req.resolve_oss = wants_oss_resolve(request)
     try:
-        result = await asyncio.wait_for(engine.embed(req), settings.request_timeout_s)
+        result = await asyncio.wait_for(
+            unless_disconnected(request, engine.embed(req)), settings.request_timeout_s
+        )
     except TimeoutError:
         raise ApiError(
             ErrorCode.REQUEST_TIMEOUT,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from mmembed.models.base import PooledBackend, l2_normalize
+from mmembed.models.base import EmbedInput, PooledBackend, l2_normalize
 
 
 def _vector(seed_bytes: bytes, dim: int) -> np.ndarray:
@@ -23,7 +24,12 @@ def _vector(seed_bytes: bytes, dim: int) -> np.ndarray:
 
 class HashBackend(PooledBackend):
     def __init__(
-        self, dim: int = 64, image_size: int = 32, crash_on: str = "", **options: Any
+        self,
+        dim: int = 64,
+        image_size: int = 32,
+        crash_on: str = "",
+        delay_s: float = 0.0,
+        **options: Any,
     ) -> None:
         super().__init__(**options)
         self.native_dim = dim
@@ -31,6 +37,12 @@ class HashBackend(PooledBackend):
         # For containment tests: a text containing this string aborts the process, as a native
         # library overrunning its heap would.
         self.crash_on = crash_on
+        self.delay_s = delay_s  # per forward pass: a stand-in for a slow model
+
+    def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return super().embed(inputs)
 
     def load(self) -> None:
         pass
