@@ -18,6 +18,7 @@ from mmembed.engine.memory import TRIM_AFTER_IMAGES, images_in, trim_heap
 from mmembed.engine.worker import Worker, WorkerCrashed, WorkerUnavailable
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.models.base import EmbedInput
+from mmembed.models.registry import backend_class
 
 FORWARD, AUX, DECODE = "forward", "aux", "decode"
 
@@ -64,6 +65,10 @@ class ContainedBackend:
             lanes={FORWARD: (1, True), AUX: (1, False)},
             start_timeout_s=start_timeout_s,
         )
+        # Image preparation runs here, on the decode pool, from an unloaded instance.
+        cls = backend_class(family)
+        if hasattr(cls, "prepare_image"):
+            self.prepare_image = cls(**options).prepare_image
         self.native_dim = 0
         self.modalities: frozenset[str] = frozenset()
         self.matryoshka = False

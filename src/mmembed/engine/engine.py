@@ -31,7 +31,7 @@ from mmembed.engine.media_stage import MediaStage, Prepared
 from mmembed.engine.memory import TRIM_AFTER_IMAGES, images_in, trim_heap
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.media.fetch import Fetcher
-from mmembed.models.base import Backend, EmbedInput
+from mmembed.models.base import Backend, EmbedInput, prepare_image_fn
 from mmembed.models.catalog import Catalog, ModelSpec
 from mmembed.models.registry import create_backend
 from mmembed.types import EmbedRequest, EmbedResult
@@ -176,7 +176,9 @@ class Engine:
             await self._count_tokens(spec, backend, records)
 
             fps = DEFAULT_FPS if req.fps is None else req.fps
-            await self.media.run(spec, backend.image_size, req, records, fps)
+            await self.media.run(
+                spec, backend.image_size, req, records, fps, prepare_image_fn(backend)
+            )
 
             usage = self._usage(spec, sum(r.tokens for r in records), [r.stats for r in records])
             native = await self._embed_cached(loaded, spec, records)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,17 +64,31 @@ class _PixelBudget:
     def __init__(self, cap: int) -> None:
         self.left = cap
         self.cap = cap
+        self._lock = threading.Lock()
 
     def spend(self, image: Any, at: str) -> None:
         if self.cap <= 0:
             return
-        self.left -= image.width * image.height
-        if self.left < 0:
+        with self._lock:  # (spent from the decode threads)
+            self.left -= image.width * image.height
+            over = self.left < 0
+        if over:
             raise ApiError(
                 ErrorCode.TOO_LARGE,
                 f"{at}: the images of this request decode to more than {self.cap} pixels in "
                 "all; send fewer or smaller images per request.",
             )
+
+
+@dataclass
+class _ItemMedia:
+    """What decoding needs to know for one request."""
+
+    spec: ModelSpec
+    image_size: int | None
+    fps: float
+    budget: _PixelBudget
+    prepare: Callable[[Any], Any] | None
 
 
 class MediaStage:
@@ -98,26 +113,28 @@ class MediaStage:
         req: EmbedRequest,
         records: list[Prepared],
         fps: float,
+        prepare_image: Callable[[Any], Any] | None = None,
     ) -> None:
+        """Fill each record's input with its decoded (and, with ``prepare_image``, prepared)
+        media, or its cache hit."""
         work = [r for r in records if r.item.kind != "text" or self.settings.embed_cache_text]
         if not work:
             return  # plain texts only: nothing to fetch, decode or look up
         oss_owner = req.owner if req.resolve_oss else None
         budget = _PixelBudget(self.settings.max_request_pixels)
+        media = _ItemMedia(spec, image_size, fps, budget, prepare_image)
         try:
             async with asyncio.TaskGroup() as tg:
                 for r in work:
-                    tg.create_task(
-                        self._item(r, spec, image_size, fps, req.instruct, oss_owner, budget)
-                    )
+                    tg.create_task(self._item(r, media, req.instruct, oss_owner))
         except* ApiError as group:
             raise _first_error(group) from None
 
-    async def _item(  # type: ignore[no-untyped-def]
-        self, r: Prepared, spec: ModelSpec, image_size, fps, instruct, oss_owner, budget
+    async def _item(
+        self, r: Prepared, media: _ItemMedia, instruct: str | None, oss_owner: str | None
     ) -> None:
         """Fetch one item's media, look it up in the cache, and decode it on a miss."""
-        item, where = r.item, r.where
+        item, where, spec, fps = r.item, r.where, media.spec, media.fps
         refs = [(f"{where}.image", item.image)] if item.image is not None else []
         refs += [
             (f"{where}.multi_images[{j}]", ref) for j, ref in enumerate(item.multi_images or [])
@@ -170,36 +187,46 @@ class MediaStage:
             for slot, ((at, _), data) in enumerate(zip(refs, blobs, strict=True)):
                 if at == video_at:
                     videos.append(None)
-                    tg.create_task(self._video(videos, data, at, spec, fps, image_size, budget))
+                    tg.create_task(self._video(videos, data, at, media))
                 else:
-                    tg.create_task(self._image(images, slot, data, at, spec, image_size, budget))
+                    tg.create_task(self._image(images, slot, data, at, media))
         r.input.images, r.input.videos = images, videos
 
-    async def _image(self, out, slot, data, at, spec, image_size, budget) -> None:  # type: ignore[no-untyped-def]
+    async def _image(self, out: list, slot: int, data: bytes, at: str, m: _ItemMedia) -> None:
         decode = partial(
             decode_image,
             data,
-            formats=spec.image_formats,
+            formats=m.spec.image_formats,
             max_pixels=self.settings.max_image_pixels,
-            min_side=image_size,
+            min_side=m.image_size,
         )
-        image = await self._decode(decode, at)
-        budget.spend(image, at)
-        out[slot] = image
 
-    async def _video(self, out, data, at, spec, fps, image_size, budget) -> None:  # type: ignore[no-untyped-def]
+        def work() -> Any:
+            image = decode()
+            m.budget.spend(image, at)
+            return m.prepare(image) if m.prepare is not None else image
+
+        out[slot] = await self._decode(work, at)
+
+    async def _video(self, out: list, data: bytes, at: str, m: _ItemMedia) -> None:
         decode = partial(
             self._sample_video or sample_video,
             data,
-            fps=fps,
-            max_frames=spec.max_video_frames,
-            formats=spec.video_formats,
-            min_side=image_size,
+            fps=m.fps,
+            max_frames=m.spec.max_video_frames,
+            formats=m.spec.video_formats,
+            min_side=m.image_size,
         )
         clip = await self._decode(decode, at)
-        for frame in clip.frames:
-            budget.spend(frame, at)
-        out[0] = clip
+
+        def prepare() -> VideoClip:
+            for frame in clip.frames:
+                m.budget.spend(frame, at)
+            if m.prepare is not None:
+                clip.frames = [m.prepare(frame) for frame in clip.frames]
+            return clip
+
+        out[0] = await self._decode(prepare, at)
 
     async def resolve_text_files(self, req: EmbedRequest) -> None:
         """Replace ``oss://`` texts (local text files the SDK uploaded) by their content."""

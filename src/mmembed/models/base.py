@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -39,6 +40,16 @@ class Backend(Protocol):
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray: ...
 
     def basis_samples(self) -> np.ndarray | None: ...
+
+    # Optional: ``prepare_image(image) -> Any`` turns a decoded image (or video frame) into
+    # what ``embed`` needs of it (e.g. the resized crop), on the decode pool, so preprocessing
+    # overlaps forward passes and less crosses to the model process. It must not need
+    # ``load()``. Without it, images reach ``embed`` as decoded.
+
+
+def prepare_image_fn(backend: Any) -> Callable[[Image.Image], Any] | None:
+    """The backend's ``prepare_image``, or None when it takes images as decoded."""
+    return getattr(backend, "prepare_image", None)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
