@@ -1,0 +1,238 @@
+"""Issue 8 (engine side): a probe client's latency and the server's memory during attacks, and
+throughput at concurrency 32 before and after the change, in one invocation.
+
+    .venv/bin/python benchmarks/bench_hardening.py --baseline /path/to/checkout-of-50a6aa0
+
+1. Throughput: a server running the ``--baseline`` checkout's code and one running this
+   checkout's code (each via PYTHONPATH), alternately, ``--rounds`` times: 32 clients sending one
+   text per request, then 32 clients sending one image (fetched from a loopback origin).
+   Reported as the ratio after / before, per round (the machine is shared: read ratios).
+2. Attacks, against this checkout's server (default settings, offline model), each for
+   ``--seconds``, while ONE probe client sends one short text at a time:
+   - long text: 4 clients, each request 20 texts of ~30,000 tokens (qwen3-vl-embedding);
+   - oversized multi_images: 2 clients, each request 64 items × 8 PNGs (plus).
+   The probe's p50/p99 and the peak RSS of the server and its worker processes together.
+   (The baseline is not attacked: per the issue it grows to 6.5 GB on the second attack.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import threading
+import time
+
+import numpy as np
+from loadgen import (
+    EMBED_PATH,
+    Result,
+    StaticOrigin,
+    client_session,
+    closed_loop,
+    post,
+    sentences,
+    start_mmembed,
+    stop,
+    table,
+)
+from PIL import Image
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLASH, PLUS = "tongyi-embedding-vision-flash", "tongyi-embedding-vision-plus"
+QWEN = "qwen3-vl-embedding"
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and all its descendants, in MiB (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        tree.update(kids)
+        frontier += kids
+    total = 0.0
+    for p in tree:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def jpegs(n: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640] / 640.0
+    out = []
+    for _ in range(n):
+        a, b, c = rng.uniform(0, 255, (3, 3))
+        arr = np.stack([a[i] * xx + b[i] * yy + c[i] for i in range(3)], axis=-1) % 256
+        buf = io.BytesIO()
+        Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def throughput(src: str, texts: list[str], origin: StaticOrigin, n_images: int) -> tuple:
+    env = {"PYTHONPATH": src, "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1"}
+    proc, url = start_mmembed(env)
+    try:
+
+        def text_body(i: int) -> dict:
+            return {"model": FLASH, "input": {"contents": [texts[i % len(texts)]]}}
+
+        def image_body(i: int) -> dict:
+            image = f"{origin.url}/{i % n_images}.jpg"
+            return {"model": FLASH, "input": {"contents": [{"image": image}]}}
+
+        t = asyncio.run(closed_loop(url + EMBED_PATH, text_body, 1, 32, len(texts)))
+        im = asyncio.run(closed_loop(url + EMBED_PATH, image_body, 1, 32, n_images))
+        return t, im
+    finally:
+        stop(proc)
+
+
+async def attack(url: str, body: dict, clients: int, seconds: float, pid: int) -> tuple:
+    """``clients`` attackers in closed loops and one probe, for ``seconds``; RSS sampled."""
+    probe = Result()
+    attacks: dict[int | str, int] = {}
+    peak = [tree_rss_mb(pid)]
+    stop_at = time.perf_counter() + seconds
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.2):
+            peak.append(tree_rss_mb(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    async with client_session(clients + 1) as http:
+
+        async def attacker() -> None:
+            while time.perf_counter() < stop_at:
+                try:
+                    status: int | str = await post(http, url, body)
+                except Exception as exc:  # count it, keep attacking
+                    status = type(exc).__name__
+                attacks[status] = attacks.get(status, 0) + 1
+
+        async def prober() -> None:
+            await asyncio.sleep(0.5)  # let the attack start
+            i = 0
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                status = await post(
+                    http, url, {"model": FLASH, "input": {"contents": [f"probe {i}"]}}
+                )
+                probe.statuses[status] += 1
+                if status == 200:
+                    probe.latencies.append(time.perf_counter() - t0)
+                i += 1
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(prober(), *(attacker() for _ in range(clients)))
+    sampling.set()
+    sampler.join()
+    return probe, attacks, max(peak), tree_rss_mb(pid)
+
+
+def long_texts() -> list[str]:
+    words = sentences(20_000)
+    out = []
+    for k in range(20):
+        text, i = "", k
+        while len(text) < 100_000:
+            text += words[i % len(words)] + " "
+            i += 7
+        out.append(text)
+    return out
+
+
+def png_uris(n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), ((i * 37) % 256, 80, 160)).save(buf, "PNG")
+        out.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--baseline", required=True, help="a checkout of the code before the change")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--texts", type=int, default=1024)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--skip-throughput", action="store_true")
+    args = ap.parse_args()
+    new_src, old_src = os.path.join(HERE, "src"), os.path.join(args.baseline, "src")
+
+    if not args.skip_throughput:
+        texts = sentences(args.texts)
+        files = jpegs(args.images)
+        origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(files)}, "image/jpeg")
+        rows = []
+        try:
+            for r in range(args.rounds):
+                before = throughput(old_src, texts, origin, len(files))
+                after = throughput(new_src, texts, origin, len(files))
+                for k, what in enumerate(("texts", "images")):
+                    b, a = before[k], after[k]
+                    rows.append([
+                        str(r + 1), what, f"{b.rate:.1f}", f"{a.rate:.1f}",
+                        f"{a.rate / b.rate:.2f}",
+                        f"{b.pct(50):.0f} / {b.pct(99):.0f}", f"{a.pct(50):.0f} / {a.pct(99):.0f}",
+                    ])  # fmt: skip
+        finally:
+            origin.close()
+        print(f"\nthroughput, 32 clients, 1 item per request, {os.cpu_count()} cores (shared)")
+        header = ["round", "what", "before /s", "after /s", "after / before",
+                  "before p50/p99 ms", "after p50/p99 ms"]  # fmt: skip
+        print(table(header, rows))
+
+    env = {"PYTHONPATH": new_src}
+    proc, url = start_mmembed(env)
+    rows = []
+    try:
+        attacks = [
+            ("long text: 4 clients × 20 texts of ~30k tokens", QWEN, long_texts(), 4),
+            ("multi_images: 2 clients × 64 items × 8 PNGs", PLUS, None, 2),
+        ]
+        pngs = png_uris(8)
+        for label, model, contents, clients in attacks:
+            if contents is None:
+                contents = [{"multi_images": pngs} for _ in range(64)]
+            body = {"model": model, "input": {"contents": contents}}
+            idle = tree_rss_mb(proc.pid)
+            probe, statuses, peak, end = asyncio.run(
+                attack(url + EMBED_PATH, body, clients, args.seconds, proc.pid)
+            )
+            rows.append([
+                label, str(dict(sorted(statuses.items(), key=str))), str(len(probe.latencies)),
+                f"{probe.pct(50):.0f} / {probe.pct(99):.0f}", f"{idle:.0f}", f"{peak:.0f}",
+                f"{end:.0f}",
+            ])  # fmt: skip
+    finally:
+        stop(proc)
+    print(f"\nattacks, {args.seconds:g} s each; probe: one short text at a time (flash)")
+    header = ["attack", "attack answers", "probes", "probe p50/p99 ms", "RSS idle MB",
+              "RSS peak MB", "RSS after MB"]  # fmt: skip
+    print(table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
