@@ -371,6 +371,13 @@ def test_data_uri_without_base64_is_percent_decoded() -> None:
     ("uri", "code", "fragment"),
     [
         ("data:image/png;base64,iVBOR!w0KGgo=", ErrorCode.INVALID_PARAMETER, "'!' at position 5"),
+        ("data:image/png;base64,é", ErrorCode.INVALID_PARAMETER, "character 'é' at position 0"),
+        (
+            "data:image/png;base64,iVBORw0K\nGgoé=",
+            ErrorCode.INVALID_PARAMETER,
+            "'é' at position 12",
+        ),
+        ("data:image/png;base64,%C3%A9", ErrorCode.INVALID_PARAMETER, "invalid character"),
         ("data:image/png;base64,iVBORw0KG", ErrorCode.INVALID_PARAMETER, "wrong length"),
         ("data:image/png;base64,iV=BORw0", ErrorCode.INVALID_PARAMETER, "misplaced '='"),
         ("data:image/png;base64", ErrorCode.INVALID_PARAMETER, "no ',' before the data"),

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from mmembed.api.schemas import parse_request, render_result
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.logs import request_id_var
 from mmembed.media.store import UploadStore
 
@@ -69,7 +69,9 @@ async def embed(request: Request) -> Response:
     allowed = check_api_key(request, settings)
     req = parse_request(await read_body(request, settings.max_body_bytes))
     if allowed is not None and req.model not in allowed:
-        raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {req.model!r}.")
+        raise ApiError(
+            ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(req.model)}."
+        )
     req.owner = upload_owner(request, settings)
     req.resolve_oss = wants_oss_resolve(request)
     try:

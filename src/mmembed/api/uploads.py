@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from mmembed.api.routes import check_api_key, upload_owner
 from mmembed.config import Settings
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.logs import request_id_var
 from mmembed.media.store import UploadStore
 
@@ -62,13 +62,15 @@ async def get_policy(request: Request) -> Response:
     allowed = check_api_key(request, settings)
     action = request.query_params.get("action")
     if action != "getPolicy":
-        raise _bad(f"action must be 'getPolicy', got {action!r}.")
+        raise _bad(f"action must be 'getPolicy', got {echo(action)}.")
     model = request.query_params.get("model") or None
     if model is not None:
         if model not in request.app.state.engine.catalog.models:
-            raise _bad(f"Model not exist: {model!r}.")
+            raise _bad(f"Model not exist: {echo(model)}.")
         if allowed is not None and model not in allowed:
-            raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {model!r}.")
+            raise ApiError(
+                ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(model)}."
+            )
     store = _store(request)
     owner = upload_owner(request, settings)
     max_bytes = _file_cap(request, model)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -75,7 +75,9 @@ def parse_url(url: str) -> Target:
         raw_host = parsed.raw_host.decode("ascii")
         port = parsed.port
     except (httpx.InvalidURL, UnicodeError, ValueError, TypeError) as exc:
-        raise ApiError(ErrorCode.INVALID_URL, f"malformed URL {short_url(url)!r}: {exc}") from None
+        raise ApiError(
+            ErrorCode.INVALID_URL, f"malformed URL {short_url(url)!r}: {str(exc)[:200]}"
+        ) from None
     scheme = parsed.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         shown = f"URL scheme {scheme!r}" if scheme else "a URL without a scheme"
@@ -185,18 +187,20 @@ class AddressGuard:
                 ip = ipaddress.ip_address(text)
             except ValueError:
                 raise ApiError(
-                    ErrorCode.INVALID_URL, f"host {host!r} resolved to an invalid address"
+                    ErrorCode.INVALID_URL, f"host {echo(host)} resolved to an invalid address"
                 ) from None
             reason = None if allowed_host or self.ip_allowed(ip) else forbidden_reason(ip)
             if reason:
-                shown = f"address {host}" if _is_ip(host) else f"host {host!r} resolves to {ip}"
+                shown = f"address {host}" if _is_ip(host) else f"host {echo(host)} resolves to {ip}"
                 raise ApiError(
                     ErrorCode.INVALID_URL,
                     f"{shown}, a {reason} address, which media URLs may not reach",
                 )
             result.append(str(_plain(ip)))
         if not result:
-            raise ApiError(ErrorCode.INVALID_URL, f"host {host!r} did not resolve to any address")
+            raise ApiError(
+                ErrorCode.INVALID_URL, f"host {echo(host)} did not resolve to any address"
+            )
         return list(dict.fromkeys(result))
 
     async def resolve(self, target: Target, resolver: Resolver) -> list[str]:
@@ -211,7 +215,7 @@ class AddressGuard:
         except Exception as exc:  # resolvers are pluggable; none of their failures is a 500
             raise ApiError(
                 ErrorCode.INVALID_URL,
-                f"could not resolve host {target.host!r}: {exc or type(exc).__name__}",
+                f"could not resolve host {echo(target.host)}: {exc or type(exc).__name__}",
             ) from None
         if isinstance(addresses, str):
             addresses = [addresses]
@@ -225,6 +229,6 @@ async def system_resolver(host: str, port: int) -> list[str]:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ApiError(
-            ErrorCode.INVALID_URL, f"could not resolve host {host!r}: {exc.strerror}"
+            ErrorCode.INVALID_URL, f"could not resolve host {echo(host)}: {exc.strerror}"
         ) from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))

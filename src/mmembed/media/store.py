@@ -38,7 +38,7 @@ from pathlib import Path
 import orjson
 
 from mmembed.config import Settings
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 
 log = logging.getLogger("mmembed.uploads")
 
@@ -353,7 +353,7 @@ class UploadStore:
 def _exists(key: str) -> ApiError:
     return ApiError(
         ErrorCode.FILE_EXISTS,
-        f"an upload named {key!r} already exists; request a new upload policy",
+        f"an upload named {echo(key)} already exists; request a new upload policy",
     )
 
 
