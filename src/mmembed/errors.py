@@ -46,7 +46,8 @@ class ApiError(Exception):
         self, error: ErrorCode, message: str, *, headers: dict[str, str] | None = None
     ) -> None:
         if len(message) > MAX_MESSAGE_CHARS:
-            message = message[: MAX_MESSAGE_CHARS - 20] + f"... ({len(message)} characters)"
+            tail = f"... ({len(message)} characters)"
+            message = message[: MAX_MESSAGE_CHARS - len(tail)] + tail
         super().__init__(message)
         self.error = error
         self.message = message
