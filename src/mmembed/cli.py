@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     pull_parser.add_argument("name", help="API name or backend name of the catalog, or a hub id")
     Settings.add_arguments(pull_parser)
     args = parser.parse_args(argv)
-    settings = Settings.from_args(args)
+    try:
+        settings = Settings.from_args(args)
+    except ValueError as exc:  # a malformed number, an empty API key...
+        print(f"mmembed: invalid settings: {exc}", file=sys.stderr)
+        return 2
     if args.command == "pull":
         return pull(settings, args.name)
     return {"serve": serve, "models": models}[args.command](settings)

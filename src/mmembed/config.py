@@ -48,7 +48,9 @@ class Settings:
     fetch_allow_hosts: tuple[str, ...] = _setting(
         (),
         "Hosts, IPs or CIDRs that media URLs may reach even though they are loopback, private "
-        "or otherwise internal (comma-separated). By default internal addresses are refused.",
+        "or otherwise internal (comma-separated); 'HOST:PORT' ('[IPv6]:PORT', 'CIDR:PORT') "
+        "allows that port only, a bare entry every port. By default internal addresses are "
+        "refused.",
     )
     max_image_pixels: int = _setting(
         40_000_000, "Images larger than this many pixels are refused (decompression bombs)."
@@ -101,6 +103,14 @@ class Settings:
     embed_cache_text: bool = _setting(
         False, "Cache text-only items too (media items and fused items are always cached)."
     )
+
+    def __post_init__(self) -> None:
+        for entry in self.api_keys:
+            if not entry.partition(":")[0].strip():
+                raise ValueError(
+                    f"api_keys has an entry with an empty key ({entry[:40]!r}); an empty key "
+                    "would accept any client. Remove it or give it a key."
+                )
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

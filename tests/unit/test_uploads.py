@@ -217,6 +217,52 @@ def test_parallel_uploads_cannot_overshoot_the_quota(store):
     assert store.usage(ALICE) == 8000
 
 
+def test_uploaded_files_are_private_on_disk(store, tmp_path):
+    ref = put(store, ALICE, "x.png", PNG)
+    path = store._path(ALICE, ref[len("oss://") :])
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o077 == 0  # the owner's directory too
+
+
+def test_quota_message_shows_sizes_that_differ(tmp_path, clock):
+    limit = 30_000_000  # 28.6 MB at three digits
+    store = UploadStore(tmp_path / "q", ttl_s=3600, owner_max_bytes=limit, clock=clock)
+    store._disk = {ALICE: limit - 10}
+    err = refused(store._check_quota, ALICE, 20)
+    assert "28.61 MB, over the limit of 28.61 MB" not in err.message
+    assert "over the limit of" in err.message
+    taken, limit_shown = err.message.split("would take ")[1].split(", over the limit of ")
+    assert taken != limit_shown.split(";")[0]
+
+
+def test_a_policy_whose_expiry_is_not_finite_is_invalid(store):
+    import orjson
+
+    for exp in ("NaN", "Infinity", "1e999"):
+        doc = b'{"dir": "mmembed/x/y", "owner": "%s", "max": 10, "exp": %s}' % (
+            ALICE.encode(),
+            exp.encode(),
+        )
+        policy = base64.b64encode(doc).decode()
+        try:
+            orjson.loads(doc)  # orjson refuses these; json.dumps would write them
+        except orjson.JSONDecodeError:
+            policy = base64.b64encode(doc.replace(exp.encode(), b'"%s"' % exp.encode())).decode()
+        err = refused(store.verify_policy, policy, store._sign(policy))
+        assert err.error is ErrorCode.ACCESS_DENIED and "malformed" in err.message
+
+
+def test_partial_uploads_left_by_a_crash_are_removed_at_start(store, tmp_path):
+    ref = put(store, ALICE, "kept.png", PNG)
+    tmp_dir = tmp_path / "up" / "tmp"
+    (tmp_dir / "abc.part").write_bytes(b"half an upload")
+    (tmp_dir / "def.part").write_bytes(b"another")
+    again = UploadStore(tmp_path / "up", ttl_s=3600, owner_max_bytes=10_000)
+    assert again.sweep_partials() == 2
+    assert list(tmp_dir.iterdir()) == []
+    assert asyncio.run(again.read(ref, ALICE, 5000)) == PNG  # finished uploads stay
+
+
 def test_expiry_lazily_and_by_sweep(store, clock):
     old = put(store, ALICE, "old", b"o" * 4000)
     mid = put(store, ALICE, "mid", b"m" * 4000)

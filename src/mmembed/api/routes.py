@@ -42,7 +42,7 @@ def check_api_key(request: Request, settings: Settings) -> frozenset[str] | None
     if scheme.lower() == "bearer":
         for entry in settings.api_keys:
             key, _, models = entry.partition(":")
-            if hmac.compare_digest(given.encode(), key.encode()):
+            if key and hmac.compare_digest(given.encode(), key.encode()):
                 return frozenset(models.split("|")) if models else None
     raise ApiError(ErrorCode.INVALID_API_KEY, "Invalid API-key provided.")
 

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import time
@@ -51,6 +52,16 @@ _TMP_MAX_AGE_S = 3600.0  # abandoned partial uploads (a crash mid-write) are rem
 
 def format_mb(n: int) -> str:
     return f"{n / (1 << 20):.3g} MB"
+
+
+def format_mb_pair(a: int, b: int) -> tuple[str, str]:
+    """Two sizes in MB with enough digits that different sizes never read the same (a quota
+    message saying "28.6 MB, over the limit of 28.6 MB" explains nothing)."""
+    for digits in (3, 4, 5, 6, 7):
+        shown = f"{a / (1 << 20):.{digits}g} MB", f"{b / (1 << 20):.{digits}g} MB"
+        if shown[0] != shown[1] or a == b:
+            return shown
+    return f"{a} bytes", f"{b} bytes"
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,9 @@ class UploadStore:
         try:
             doc = orjson.loads(base64.b64decode(policy, validate=True))
             terms = Policy(str(doc["owner"]), str(doc["dir"]), int(doc["max"]), float(doc["exp"]))
-        except (ValueError, KeyError, TypeError, binascii.Error):
+            if not math.isfinite(terms.expires):  # NaN would never compare as expired
+                raise ValueError("exp")
+        except (ValueError, KeyError, TypeError, OverflowError, binascii.Error):
             raise ApiError(ErrorCode.ACCESS_DENIED, "upload policy is malformed") from None
         if terms.expires < self._clock():
             raise ApiError(ErrorCode.ACCESS_DENIED, "upload policy has expired; request a new one")
@@ -135,7 +148,7 @@ class UploadStore:
         """A random signing key kept in the store (0600), shared by restarts and processes.
         Written aside and linked into place, so a reader never sees a half-written one."""
         if self._secret is None:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = self.root / ".secret"
             if not path.exists():
                 tmp = self.root / f".secret-{secrets.token_hex(8)}"
@@ -179,11 +192,13 @@ class UploadStore:
             self._check_file_size(declared, terms.max_bytes)
             self._check_quota(owner, declared)
         tmp_dir = self.root / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = tmp_dir / f"{secrets.token_hex(16)}.part"
         size = 0
         try:
-            with open(tmp, "xb") as out:
+            # Owner-only (0600): uploads are private to one API key, on disk as well.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
                 async for chunk in chunks:
                     self._check_file_size(size + len(chunk), terms.max_bytes)
                     self._check_quota(owner, len(chunk))
@@ -192,7 +207,7 @@ class UploadStore:
                     out.write(chunk)  # page-cache writes: cheap enough on the event loop
             if size == 0:
                 raise ApiError(ErrorCode.INVALID_PARAMETER, "the uploaded file is empty")
-            final.parent.mkdir(parents=True, exist_ok=True)
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
                 os.link(tmp, final)  # atomic, and never replaces an existing upload
             except FileExistsError:
@@ -221,11 +236,11 @@ class UploadStore:
     def _check_quota(self, owner: str, extra: int) -> None:
         used = self.usage(owner)
         if used + extra > self.owner_max_bytes:
+            total, limit = format_mb_pair(used + extra, self.owner_max_bytes)
             raise ApiError(
                 ErrorCode.TOO_LARGE,
-                f"uploads of this API key would take {format_mb(used + extra)}, over the "
-                f"limit of {format_mb(self.owner_max_bytes)}; uploads expire after "
-                f"{self.ttl_s / 3600:g} h",
+                f"uploads of this API key would take {total}, over the limit of {limit}; "
+                f"uploads expire after {self.ttl_s / 3600:g} h",
             )
 
     def _add_disk(self, owner: str, size: int) -> None:
@@ -334,6 +349,21 @@ class UploadStore:
         if deleted:
             log.info("upload sweep deleted %d expired files", len(deleted))
         return deleted
+
+    def sweep_partials(self) -> int:
+        """At start-up: delete every partial upload (no upload can be in progress yet; those
+        left by a crash or a kill would otherwise sit there for ``_TMP_MAX_AGE_S``)."""
+        tmp_dir = self.root / "tmp"
+        removed = 0
+        if tmp_dir.is_dir():
+            for entry in os.scandir(tmp_dir):
+                if entry.name.endswith(".part") and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            log.info("removed %d partial uploads left by an earlier run", removed)
+        return removed
 
     async def maybe_sweep(self) -> None:
         """Sweep on a worker thread if the last sweep is older than the interval."""
