@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import reprlib
 from enum import Enum
 
@@ -75,3 +76,13 @@ def echo(value: object, limit: int = 100) -> str:
         return repr(value[:limit]) + f"... ({len(value)} characters)"
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# An absolute file path (not a URL: no "scheme:" or "host" before the slash).
+_PATH = re.compile(r"""(?<![\w:/.~-])~?/[^\s'"]+""")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` without file paths, for errors of ours shown to clients (the server log
+    keeps the full text)."""
+    return _PATH.sub("<path>", message)

@@ -263,6 +263,34 @@ def test_partial_uploads_left_by_a_crash_are_removed_at_start(store, tmp_path):
     assert asyncio.run(again.read(ref, ALICE, 5000)) == PNG  # finished uploads stay
 
 
+def test_a_full_disk_is_a_clear_503_without_paths(store, tmp_path, monkeypatch):
+    real_open = os.open
+
+    def full_disk_open(path, flags, mode=0o777, **kw):  # the kernel's ENOSPC, from /dev/full
+        if str(path).endswith(".part"):
+            return real_open("/dev/full", os.O_WRONLY)
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr("mmembed.media.store.os.open", full_disk_open)
+    err = refused(put, store, ALICE, "x.png", PNG)
+    assert err.error is ErrorCode.SERVICE_UNAVAILABLE and err.error.status == 503
+    assert "upload store is full" in err.message and str(tmp_path) not in err.message
+    assert store.usage(ALICE) == 0
+
+
+def test_an_unreadable_signing_secret_is_a_503_and_reported(tmp_path):
+    (tmp_path / "up" / ".secret").mkdir(parents=True)
+    store = UploadStore(tmp_path / "up", ttl_s=3600, owner_max_bytes=10_000)
+    err = refused(store.new_policy, ALICE, 100)
+    assert err.error is ErrorCode.SERVICE_UNAVAILABLE and str(tmp_path) not in err.message
+    assert "signing secret" in (store.check() or "")
+    (tmp_path / "up2").mkdir()
+    (tmp_path / "up2" / ".secret").write_bytes(b"short")  # damaged
+    damaged = UploadStore(tmp_path / "up2", ttl_s=3600, owner_max_bytes=10_000)
+    err = refused(damaged.new_policy, ALICE, 100)
+    assert err.error is ErrorCode.SERVICE_UNAVAILABLE and str(tmp_path) not in err.message
+
+
 def test_expiry_lazily_and_by_sweep(store, clock):
     old = put(store, ALICE, "old", b"o" * 4000)
     mid = put(store, ALICE, "mid", b"m" * 4000)
@@ -292,8 +320,9 @@ CATALOG = {
 
 def serve(tmp_path: Path, **settings) -> tuple[object, Engine]:
     s = Settings(cache_dir=str(tmp_path), **settings)
-    engine = Engine(s, parse_catalog(CATALOG), fetcher=Fetcher(s))
-    return create_app(s, engine=engine), engine
+    store = UploadStore.from_settings(s)
+    engine = Engine(s, parse_catalog(CATALOG), fetcher=Fetcher(s, uploads=store))
+    return create_app(s, engine=engine, upload_store=store), engine
 
 
 async def sdk_upload(client: httpx.AsyncClient, key: str | None, data: bytes, name: str) -> str:

@@ -19,8 +19,10 @@ from mmembed.api import routes, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, redact_paths
 from mmembed.logs import request_id_var
+from mmembed.media.fetch import Fetcher
+from mmembed.media.store import UploadStore
 from mmembed.models.catalog import load_catalog
 
 log = logging.getLogger("mmembed.api")
@@ -29,6 +31,8 @@ log = logging.getLogger("mmembed.api")
 def error_response(error: ApiError) -> Response:
     rid = request_id_var.get()
     headers = {"x-request-id": rid, **error.headers}
+    if error.error.status >= 500:  # our faults: the log has the details, clients no paths
+        error = ApiError(error.error, redact_paths(error.message), headers=error.headers)
     return Response(
         render_error(error, rid),
         status_code=error.error.status,
@@ -93,12 +97,28 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
+def create_app(
+    settings: Settings, engine: Engine | None = None, *, upload_store: UploadStore | None = None
+) -> Starlette:
+    """The composition root: builds the parts (catalog, upload store, fetcher, engine) once and
+    hands them to the handlers through ``app.state``. Tests may pass their own engine (and the
+    upload store its fetcher reads)."""
+    store = upload_store or UploadStore.from_settings(settings)
+    if engine is None:
+        fetcher = Fetcher(settings, uploads=store)
+        engine = Engine(settings, load_catalog(settings.catalog), fetcher=fetcher)
+    eng = engine
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        eng = engine or Engine(settings, load_catalog(settings.catalog))
+        try:  # partial uploads of an earlier run (a crash, a kill) can never be finished
+            await asyncio.to_thread(store.sweep_partials)
+        except OSError as exc:
+            log.warning("could not sweep partial uploads: %s", exc)
         await asyncio.to_thread(eng.load)
-        app.state.engine = eng
+        problem = await asyncio.to_thread(store.check)
+        if problem:
+            log.error("uploads unavailable: %s", problem)
         yield
         await eng.aclose()
 
@@ -117,5 +137,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.engine = eng
+    app.state.catalog = eng.catalog
+    app.state.uploads = store
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from mmembed.api.schemas import parse_request, render_result
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
-from mmembed.errors import ApiError, ErrorCode, echo
+from mmembed.errors import ApiError, ErrorCode, echo, redact_paths
 from mmembed.logs import request_id_var
 from mmembed.media.store import UploadStore
 
@@ -93,9 +93,14 @@ async def embed(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     engine = request.app.state.engine
-    status = engine.status()
-    ok = all(s == "ready" for s in status.values())
-    body = {"status": "ok" if ok else "degraded", "backends": status}
+    status = {name: redact_paths(s) for name, s in engine.status().items()}  # unauthenticated
+    problem = request.app.state.uploads.check()  # a few syscalls; the secret is read once
+    ok = all(s == "ready" for s in status.values()) and problem is None
+    body = {
+        "status": "ok" if ok else "degraded",
+        "backends": status,
+        "uploads": "ok" if problem is None else f"unavailable: {problem}",
+    }
     cache = getattr(engine, "cache", None)  # (stand-in engines in tests have none)
     if cache is not None:
         body["cache"] = cache.stats()
@@ -108,7 +113,7 @@ async def models(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     status = engine.status()
     listed = [
-        spec.describe() | {"status": status.get(spec.backend, "not loaded")}
+        spec.describe() | {"status": redact_paths(status.get(spec.backend, "not loaded"))}
         for spec in engine.catalog.models.values()
     ]
     return JSONResponse({"models": listed})

@@ -43,7 +43,7 @@ def _bad(message: str) -> ApiError:
 
 
 def _store(request: Request) -> UploadStore:
-    return request.app.state.engine.fetcher.uploads  # the fetcher reads what we write
+    return request.app.state.uploads  # the same store the fetcher reads oss:// from
 
 
 def _file_cap(request: Request, model: str | None) -> int:
@@ -51,7 +51,7 @@ def _file_cap(request: Request, model: str | None) -> int:
     settings: Settings = request.app.state.settings
     if settings.upload_max_file_bytes > 0:
         return settings.upload_max_file_bytes
-    specs = request.app.state.engine.catalog.models
+    specs = request.app.state.catalog.models
     chosen = [specs[model]] if model in specs else list(specs.values())
     return max(max(s.image_max_bytes, s.video_max_bytes) for s in chosen)
 
@@ -65,7 +65,7 @@ async def get_policy(request: Request) -> Response:
         raise _bad(f"action must be 'getPolicy', got {echo(action)}.")
     model = request.query_params.get("model") or None
     if model is not None:
-        if model not in request.app.state.engine.catalog.models:
+        if model not in request.app.state.catalog.models:
             raise _bad(f"Model not exist: {echo(model)}.")
         if allowed is not None and model not in allowed:
             raise ApiError(

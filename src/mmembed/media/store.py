@@ -25,12 +25,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
 import math
 import os
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ KEY_PREFIX = "mmembed"  # first segment of every key we issue
 MAX_KEY_CHARS = 1023  # OSS's own limit on object keys
 _OWNER_LEN = 32  # hex characters (128 bits)
 _TMP_MAX_AGE_S = 3600.0  # abandoned partial uploads (a crash mid-write) are removed after this
+_MIN_FREE_BYTES = 1 << 20  # /health calls the store unusable below this much free disk
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def format_mb(n: int) -> str:
@@ -146,23 +150,50 @@ class UploadStore:
 
     def _load_secret(self) -> bytes:
         """A random signing key kept in the store (0600), shared by restarts and processes.
-        Written aside and linked into place, so a reader never sees a half-written one."""
+        Written aside and linked into place, so a reader never sees a half-written one.
+        Unreadable or damaged: uploads are unavailable (503), and the log says where."""
         if self._secret is None:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = self.root / ".secret"
-            if not path.exists():
-                tmp = self.root / f".secret-{secrets.token_hex(8)}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    out.write(secrets.token_bytes(32))
-                with contextlib.suppress(FileExistsError):
-                    os.link(tmp, path)  # the first process to get here wins
-                tmp.unlink()
-            secret = path.read_bytes()
-            if len(secret) < 32:
-                raise RuntimeError(f"upload signing secret {path} is damaged; delete it")
-            self._secret = secret
+            try:
+                self._secret = self._read_secret()
+            except (OSError, ValueError) as exc:
+                log.error("upload signing secret in %s is unusable: %s", self.root, exc)
+                raise ApiError(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "uploads are unavailable: the upload signing secret cannot be read "
+                    "(the server log says why)",
+                ) from None
         return self._secret
+
+    def _read_secret(self) -> bytes:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.root / ".secret"
+        if not path.exists():
+            tmp = self.root / f".secret-{secrets.token_hex(8)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(32))
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # the first process to get here wins
+            tmp.unlink()
+        secret = path.read_bytes()
+        if len(secret) < 32:
+            raise ValueError(f"upload signing secret {path} is damaged; delete it")
+        return secret
+
+    def check(self) -> str | None:
+        """Why uploads cannot work right now (for /health), or None. No paths: clients see it."""
+        try:
+            self._load_secret()
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                return "the upload directory is not writable"
+            if shutil.disk_usage(self.root).free < _MIN_FREE_BYTES:
+                return "the upload disk is full"
+        except ApiError as exc:
+            return exc.message
+        except OSError as exc:
+            log.error("upload store %s: %s", self.root, exc)
+            return "the upload directory cannot be used"
+        return None
 
     # -- writing -------------------------------------------------------------------------------
     def check_key(self, key: str, terms: Policy) -> None:
@@ -192,10 +223,10 @@ class UploadStore:
             self._check_file_size(declared, terms.max_bytes)
             self._check_quota(owner, declared)
         tmp_dir = self.root / "tmp"
-        tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = tmp_dir / f"{secrets.token_hex(16)}.part"
         size = 0
         try:
+            tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Owner-only (0600): uploads are private to one API key, on disk as well.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as out:
@@ -213,6 +244,8 @@ class UploadStore:
             except FileExistsError:
                 raise _exists(key) from None
             self._add_disk(owner, size)
+        except OSError as exc:  # a full disk, a read-only or vanished directory
+            raise _storage_error("store an upload", exc) from None
         finally:
             self._inflight[owner] = self._inflight.get(owner, 0) - size
             if self._inflight[owner] <= 0:
@@ -273,6 +306,8 @@ class UploadStore:
                 f"{_short(ref)} does not exist (uploads expire after {self.ttl_s / 3600:g} h; "
                 "upload the file again)",
             ) from None
+        except OSError as exc:
+            raise _storage_error("read an upload", exc) from None
         if self._expired(stat.st_mtime):
             self._delete(path, owner, stat.st_size)
             raise ApiError(
@@ -290,7 +325,10 @@ class UploadStore:
             with open(path, "rb") as f:
                 return f.read(max_bytes + 1)
 
-        data = await asyncio.to_thread(load)
+        try:
+            data = await asyncio.to_thread(load)
+        except OSError as exc:
+            raise _storage_error("read an upload", exc) from None
         if len(data) > max_bytes:
             raise ApiError(ErrorCode.TOO_LARGE, f"uploaded file is over {max_bytes} bytes")
         return data
@@ -378,6 +416,16 @@ class UploadStore:
             return
         for owner, size in deleted:
             self._add_disk(owner, -size)
+
+
+def _storage_error(doing: str, exc: OSError) -> ApiError:
+    """A storage fault as the client sees it: 503, what failed, no paths (those go to the log)."""
+    log.error("could not %s: %s", doing, exc)
+    if exc.errno in _FULL:
+        message = f"could not {doing}: the upload store is full; try again later"
+    else:
+        message = f"could not {doing}: the upload store is unavailable (the server log says why)"
+    return ApiError(ErrorCode.SERVICE_UNAVAILABLE, message, headers={"Retry-After": "60"})
 
 
 def _exists(key: str) -> ApiError:
