@@ -40,6 +40,11 @@ class Settings:
         "Safety cap on content items per request, for models whose API sets no count limit.",
     )
     request_timeout_s: float = _setting(120.0, "Whole-request deadline in seconds (408 after).")
+    shutdown_grace_s: float = _setting(
+        10.0,
+        "On SIGTERM/SIGINT: seconds in-flight requests get to finish; those still running "
+        "then get 503 ServiceUnavailable.",
+    )
     fetch_connect_timeout_s: float = _setting(5.0, "Media fetch: TCP/TLS connect timeout.")
     fetch_read_timeout_s: float = _setting(10.0, "Media fetch: timeout between received bytes.")
     fetch_total_timeout_s: float = _setting(30.0, "Media fetch: deadline for one whole download.")

@@ -3,6 +3,10 @@ shutdown with requests in flight, storage faults. The server must stay healthy t
 
 from __future__ import annotations
 
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 
@@ -42,3 +46,28 @@ def test_a_10_mb_model_name_is_not_echoed(hserver: Server):
     for params in ({"dimension": "d" * 1_000_000}, {"fps": "f" * 1_000_000}):
         resp = hserver.post({"model": PLUS, "input": {"contents": ["hi"]}, "parameters": params})
         assert resp.status_code == 400 and len(resp.content) < 1000, resp.text[:300]
+
+
+def test_requests_in_flight_after_the_grace_period_get_503(tmp_path, origin):
+    srv = start_server(
+        tmp_path,
+        {
+            "MMEMBED_SHUTDOWN_GRACE_S": "1",
+            "MMEMBED_FETCH_READ_TIMEOUT_S": "60",
+            "MMEMBED_FETCH_TOTAL_TIMEOUT_S": "60",
+        },
+    )
+    try:
+        body = {"model": PLUS, "input": {"contents": [{"image": origin.url("/stall")}]}}
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(srv.post, body)
+            time.sleep(1.0)  # let the request reach the stalled download (sequencing only)
+            srv.proc.send_signal(signal.SIGTERM)
+            resp = pending.result(timeout=60)
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["code"] == "ServiceUnavailable"
+        assert "shutting down" in resp.json()["message"]
+        assert srv.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+        assert "Traceback" not in srv.logs(), srv.logs()[-3000:]
+    finally:
+        stop_server(srv)

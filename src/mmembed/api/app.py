@@ -62,8 +62,9 @@ class RequestIdMiddleware:
     """Give every HTTP request an id, visible in logs, error bodies and ``x-request-id``; turn
     anything unexpected into a DashScope 500 body that carries that id."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, inflight: set[asyncio.Task] | None = None) -> None:
         self.app = app
+        self.inflight = set() if inflight is None else inflight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,6 +72,9 @@ class RequestIdMiddleware:
             return
         rid = str(uuid.uuid4())
         token = request_id_var.set(rid)
+        task = asyncio.current_task()
+        if task is not None:
+            self.inflight.add(task)
 
         started = False
 
@@ -86,6 +90,18 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # Only the server cancels a request task: at shutdown, once the grace period
+            # (shutdown_grace_s) is over. Answer it (the response is what the client is owed)
+            # rather than leave the server to write a bare 500.
+            log.warning("request cancelled: the server is shutting down")
+            if not started:
+                error = ApiError(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "The server is shutting down; send the request again.",
+                    headers={"Retry-After": "1", "Connection": "close"},
+                )
+                await error_response(error)(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error")
             if not started:
@@ -95,6 +111,7 @@ class RequestIdMiddleware:
                 await error_response(error)(scope, receive, send)
         finally:
             request_id_var.reset(token)
+            self.inflight.discard(task)  # type: ignore[arg-type]
 
 
 def create_app(
@@ -108,6 +125,7 @@ def create_app(
         fetcher = Fetcher(settings, uploads=store)
         engine = Engine(settings, load_catalog(settings.catalog), fetcher=fetcher)
     eng = engine
+    inflight: set[asyncio.Task] = set()  # request tasks, for an orderly shutdown
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -120,6 +138,11 @@ def create_app(
         if problem:
             log.error("uploads unavailable: %s", problem)
         yield
+        # Requests the server cancelled after the grace period are answering 503 right now;
+        # the process exits when this returns, so give them a moment to be written.
+        pending = {t for t in inflight if not t.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
         await eng.aclose()
 
     app = Starlette(
@@ -140,5 +163,5 @@ def create_app(
     app.state.engine = eng
     app.state.catalog = eng.catalog
     app.state.uploads = store
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, inflight=inflight)
     return app
