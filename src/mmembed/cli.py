@@ -26,8 +26,7 @@ def serve(settings: Settings) -> int:
     # the cores to the event loop and media decoding between passes. Must precede the first
     # load of libgomp; a value the user set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import uvicorn
-
+    from mmembed.api import server
     from mmembed.api.app import create_app
     from mmembed.logs import setup_logging
 
@@ -43,15 +42,12 @@ def serve(settings: Settings) -> int:
         print(
             "mmembed: no API keys configured; accepting any key on loopback only.", file=sys.stderr
         )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,  # the app logs each request with its request_id
-        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
-    )
-    return 0
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a malformed catalog or allowlist entry: one line, no traceback
+        print(f"mmembed: {exc}", file=sys.stderr)
+        return 2
+    return server.run(app, settings)  # uvicorn behind a guard against slow clients
 
 
 def models(settings: Settings) -> int:

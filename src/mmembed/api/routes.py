@@ -7,7 +7,7 @@ import hmac
 import logging
 import time
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from mmembed.api.schemas import parse_request, render_result
@@ -54,11 +54,14 @@ async def read_body(request: Request, cap: int) -> bytes:
     if declared.isdigit() and int(declared) > cap:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or dropped by the server for sending too slowly
+        raise ApiError(ErrorCode.INVALID_PARAMETER, "The client disconnected.") from None
     return b"".join(chunks)
 
 
