@@ -17,7 +17,7 @@ import requests
 
 from mmembed.api.app import create_app
 from mmembed.api.routes import EMBED_PATH
-from mmembed.api.uploads import MultipartReader
+from mmembed.api.uploads import FormReader
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode
@@ -47,14 +47,15 @@ async def chunked(body: bytes, sizes: list[int]) -> AsyncIterator[bytes]:
 
 
 def parse(body: bytes, content_type: str, sizes: list[int]) -> dict[str, bytes]:
+    """The fields and the file, read the way the upload route reads them."""
     boundary = content_type.split("boundary=")[1].encode()
 
     async def go() -> dict[str, bytes]:
-        reader = MultipartReader(chunked(body, sizes), boundary)
-        out: dict[str, bytes] = {}
-        while (part := await reader.next_part()) is not None:
-            out[part[0]] = b"".join([c async for c in reader.read_part()])
-        return out
+        form = FormReader(chunked(body, sizes), boundary, 1 << 30)
+        if not await form.until_file():
+            raise ApiError(ErrorCode.INVALID_PARAMETER, "no file")
+        data = b"".join([c async for c in form.file_data()])
+        return {**{k: v.encode() for k, v in form.fields.items()}, "file": data}
 
     return asyncio.run(go())
 
@@ -73,12 +74,34 @@ def test_multipart_reader_refuses_malformed_bodies():
     body, ctype = sdk_form({"a": "1"}, "f", b"data")
     for broken, why in [
         (body[: len(body) // 2], "ended inside"),
-        (b"no boundary at all" * 10, "no boundary"),
+        (b"no boundary at all" * 10, "malformed multipart body"),
         (body.replace(b"Content-Disposition: form-data; ", b"X: "), "Content-Disposition"),
+        (body.replace(b'name="a"', b'name="a"; x="' + b"y" * 9000 + b'"'), "malformed"),
     ]:
         with pytest.raises(ApiError) as info:
             parse(broken, ctype, [16])
         assert info.value.error is ErrorCode.INVALID_PARAMETER and why in info.value.message
+    many, ctype = sdk_form({f"f{i}": "v" for i in range(40)}, "f", b"data")
+    with pytest.raises(ApiError, match="more than 32 fields"):
+        parse(many, ctype, [1000])
+    long_field, ctype = sdk_form({"a": "v" * 9000}, "f", b"data")
+    with pytest.raises(ApiError, match="longer than 8192 bytes"):
+        parse(long_field, ctype, [1000])
+
+
+def test_multipart_reader_caps_the_whole_body():
+    body, ctype = sdk_form({"a": "1"}, "f", os.urandom(5000))
+    boundary = ctype.split("boundary=")[1].encode()
+
+    async def go() -> None:
+        form = FormReader(chunked(body, [1000]), boundary, 3000)
+        await form.until_file()
+        async for _ in form.file_data():
+            pass
+
+    with pytest.raises(ApiError) as info:
+        asyncio.run(go())
+    assert info.value.error is ErrorCode.TOO_LARGE
 
 
 # -- the store -----------------------------------------------------------------------------------
