@@ -26,8 +26,7 @@ def serve(settings: Settings) -> int:
     # the cores to the event loop and media decoding between passes. Must precede the first
     # load of libgomp; a value the user set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import uvicorn
-
+    from mmembed.api import server
     from mmembed.api.app import create_app
     from mmembed.logs import setup_logging
 
@@ -43,15 +42,12 @@ def serve(settings: Settings) -> int:
         print(
             "mmembed: no API keys configured; accepting any key on loopback only.", file=sys.stderr
         )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,  # the app logs each request with its request_id
-        timeout_graceful_shutdown=10,
-    )
-    return 0
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a malformed catalog or allowlist entry: one line, no traceback
+        print(f"mmembed: {exc}", file=sys.stderr)
+        return 2
+    return server.run(app, settings)  # uvicorn behind a guard against slow clients
 
 
 def models(settings: Settings) -> int:
@@ -118,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     pull_parser.add_argument("name", help="API name or backend name of the catalog, or a hub id")
     Settings.add_arguments(pull_parser)
     args = parser.parse_args(argv)
-    settings = Settings.from_args(args)
+    try:
+        settings = Settings.from_args(args)
+    except ValueError as exc:  # a malformed number, an empty API key...
+        print(f"mmembed: invalid settings: {exc}", file=sys.stderr)
+        return 2
     if args.command == "pull":
         return pull(settings, args.name)
     return {"serve": serve, "models": models}[args.command](settings)

@@ -40,6 +40,35 @@ class Settings:
         "Safety cap on content items per request, for models whose API sets no count limit.",
     )
     request_timeout_s: float = _setting(120.0, "Whole-request deadline in seconds (408 after).")
+    header_timeout_s: float = _setting(
+        10.0,
+        "Seconds a client has to send a request's line and headers, from connecting or from "
+        "the previous response (408 and closed after).",
+    )
+    body_timeout_s: float = _setting(
+        30.0, "Seconds a request body may pause between two reads (408 and closed after)."
+    )
+    keep_alive_timeout_s: float = _setting(
+        5.0, "Seconds an idle keep-alive connection is kept open after a response."
+    )
+    max_header_bytes: int = _setting(
+        64 * 1024, "Largest request line plus headers in bytes (431 and closed beyond)."
+    )
+    max_connections: int = _setting(
+        4096,
+        "Open connections at most; more are answered 503 and closed at once (also kept below "
+        "the file-descriptor limit). 0: only that limit.",
+    )
+    max_connections_per_client: int = _setting(
+        256,
+        "Open connections from one client address at most; more get 429 and are closed. "
+        "0: no limit (behind a reverse proxy every client has the proxy's address).",
+    )
+    shutdown_grace_s: float = _setting(
+        10.0,
+        "On SIGTERM/SIGINT: seconds in-flight requests get to finish; those still running "
+        "then get 503 ServiceUnavailable.",
+    )
     fetch_connect_timeout_s: float = _setting(5.0, "Media fetch: TCP/TLS connect timeout.")
     fetch_read_timeout_s: float = _setting(10.0, "Media fetch: timeout between received bytes.")
     fetch_total_timeout_s: float = _setting(30.0, "Media fetch: deadline for one whole download.")
@@ -48,7 +77,9 @@ class Settings:
     fetch_allow_hosts: tuple[str, ...] = _setting(
         (),
         "Hosts, IPs or CIDRs that media URLs may reach even though they are loopback, private "
-        "or otherwise internal (comma-separated). By default internal addresses are refused.",
+        "or otherwise internal (comma-separated); 'HOST:PORT' ('[IPv6]:PORT', 'CIDR:PORT') "
+        "allows that port only, a bare entry every port. By default internal addresses are "
+        "refused.",
     )
     max_image_pixels: int = _setting(
         40_000_000, "Images larger than this many pixels are refused (decompression bombs)."
@@ -119,6 +150,14 @@ class Settings:
     embed_cache_text: bool = _setting(
         False, "Cache text-only items too (media items and fused items are always cached)."
     )
+
+    def __post_init__(self) -> None:
+        for entry in self.api_keys:
+            if not entry.partition(":")[0].strip():
+                raise ValueError(
+                    f"api_keys has an entry with an empty key ({entry[:40]!r}); an empty key "
+                    "would accept any client. Remove it or give it a key."
+                )
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import reprlib
 from enum import Enum
+
+# Longest message an error carries to a client or a log line; client input is echoed through
+# ``echo`` (much shorter), this cap is the backstop for messages built elsewhere.
+MAX_MESSAGE_CHARS = 1000
 
 
 class ErrorCode(Enum):
@@ -23,6 +29,7 @@ class ErrorCode(Enum):
     INTERNAL = (500, "InternalError")
     INTERNAL_ALGO = (500, "InternalError.Algo")
     MODEL_UNAVAILABLE = (503, "ModelUnavailable")
+    SERVICE_UNAVAILABLE = (503, "ServiceUnavailable")  # shutting down, or storage unusable
 
     @property
     def status(self) -> int:
@@ -39,6 +46,9 @@ class ApiError(Exception):
     def __init__(
         self, error: ErrorCode, message: str, *, headers: dict[str, str] | None = None
     ) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            tail = f"... ({len(message)} characters)"
+            message = message[: MAX_MESSAGE_CHARS - len(tail)] + tail
         super().__init__(message)
         self.error = error
         self.message = message
@@ -50,3 +60,29 @@ class ApiError(Exception):
 
     def __repr__(self) -> str:
         return f"ApiError({self.error.code}, {self.message!r})"
+
+
+_REPR = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 2, 4, 4
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+
+
+def echo(value: object, limit: int = 100) -> str:
+    """A client-supplied value as it may appear in an error message or a log line: its repr,
+    cut to about ``limit`` characters (a 10 MB model name must not come back 10 MB long)."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# An absolute file path (not a URL: no "scheme:" or "host" before the slash).
+_PATH = re.compile(r"""(?<![\w:/.~-])~?/[^\s'"]+""")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` without file paths, for errors of ours shown to clients (the server log
+    keeps the full text)."""
+    return _PATH.sub("<path>", message)

@@ -241,6 +241,12 @@ def test_bad_data_uri(server):
     )
     png = image_bytes(np.zeros((8, 8, 3), np.uint8), "PNG")
     good = "data:image/png;base64," + base64.b64encode(png).decode()
+    # non-ASCII in Base64 (was a 500): a 400 naming the item, in every place media can be
+    for item, where in [
+        ({"image": "data:image/png;base64,é"}, "input.contents[0].image"),
+        ({"multi_images": [good, "data:image/png;base64,aé"]}, "input.contents[0].multi_images[1]"),
+    ]:
+        expect(server.post(req(PLUS, [item])), 400, "InvalidParameter", where, "'é'")
     assert server.post(req(PLUS, [{"image": good}])).status_code == 200
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 
 import httpx
 
@@ -27,9 +28,15 @@ class BrokenEngine:
         pass
 
     def status(self) -> dict[str, str]:
+        if self.mode == "unavailable":
+            return {"broken": "failed: OSError: [Errno 2] No such file: '/srv/weights/secret-x'"}
         return {"broken": "ready"}
 
     async def embed(self, req):
+        if self.mode == "unavailable":
+            raise ApiError(
+                ErrorCode.MODEL_UNAVAILABLE, f"Model m is not available here ({self.status()})."
+            )
         if self.mode == "stall":
             await asyncio.sleep(30)
         if self.mode == "throttle":
@@ -38,6 +45,7 @@ class BrokenEngine:
 
 
 def post(engine: BrokenEngine, **settings) -> tuple[int, dict, dict]:
+    settings.setdefault("cache_dir", tempfile.mkdtemp(prefix="mmembed-app-"))
     app = create_app(Settings(**settings), engine=engine)  # type: ignore[arg-type]
 
     async def go() -> httpx.Response:
@@ -67,3 +75,36 @@ def test_request_deadline_gives_408():
 def test_error_headers_pass_through():
     status, body, headers = post(BrokenEngine("throttle"))
     assert (status, body["code"], headers["retry-after"]) == (429, "Throttling", "1")
+
+
+def get(engine: BrokenEngine, path: str, **settings) -> tuple[int, dict]:
+    settings.setdefault("cache_dir", tempfile.mkdtemp(prefix="mmembed-app-"))
+    app = create_app(Settings(**settings), engine=engine)  # type: ignore[arg-type]
+
+    async def go() -> httpx.Response:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                return await client.get(path)
+
+    r = asyncio.run(go())
+    return r.status_code, r.json()
+
+
+def test_503_messages_and_health_show_no_file_paths():
+    status, body, _ = post(BrokenEngine("unavailable"))
+    assert (status, body["code"]) == (503, "ModelUnavailable")
+    assert "/srv/weights" not in body["message"] and "<path>" in body["message"]
+    status, body = get(BrokenEngine("unavailable"), "/health")
+    assert body["status"] == "degraded"
+    assert "/srv" not in str(body) and "<path>" in body["backends"]["broken"]
+
+
+def test_health_tells_when_uploads_cannot_work(tmp_path):
+    status, body = get(BrokenEngine("bug"), "/health", cache_dir=str(tmp_path / "ok"))
+    assert (body["status"], body["uploads"]) == ("ok", "ok")
+    (tmp_path / "bad" / "uploads" / ".secret").mkdir(parents=True)  # unreadable as a file
+    status, body = get(BrokenEngine("bug"), "/health", cache_dir=str(tmp_path / "bad"))
+    assert status == 200 and body["status"] == "degraded"
+    assert body["uploads"].startswith("unavailable: uploads are unavailable: the upload signing")
+    assert str(tmp_path) not in str(body)

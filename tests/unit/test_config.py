@@ -35,6 +35,15 @@ def test_serve_refuses_public_bind_without_keys(capsys):
     assert "refusing to bind" in capsys.readouterr().err
 
 
+def test_an_empty_api_key_is_refused(capsys):
+    for keys in ("realkey,:model", "realkey, :a|b", "realkey,:"):
+        with pytest.raises(ValueError, match="empty key"):
+            Settings.from_env({"MMEMBED_API_KEYS": keys})
+    assert main(["serve", "--api-keys", "realkey,:tongyi-embedding-vision-plus"]) == 2
+    assert "empty key" in capsys.readouterr().err
+    assert Settings.from_env({"MMEMBED_API_KEYS": "k1,k2:m"}).api_keys == ("k1", "k2:m")
+
+
 def test_loopback_detection():
     assert is_loopback_bind("127.0.0.1") and is_loopback_bind("localhost")
     assert not is_loopback_bind("0.0.0.0")

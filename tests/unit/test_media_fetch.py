@@ -295,6 +295,24 @@ def test_allowlist_by_hostname_and_cidr(origin: HostileOrigin) -> None:
     assert fetch(origin.url("/image.png"), settings=by_cidr).data == make_image("PNG")
 
 
+def test_allowlist_entries_with_a_port_allow_that_port_only(origin: HostileOrigin) -> None:
+    for entry in (f"127.0.0.1:{origin.port}", f"127.0.0.0/8:{origin.port}"):
+        allowed = replace(SETTINGS, fetch_allow_hosts=(entry,))
+        assert fetch(origin.url("/image.png"), settings=allowed).data == make_image("PNG")
+    other_port = origin.port + 1 if origin.port < 65535 else origin.port - 1
+    for entry in (f"127.0.0.1:{other_port}", f"intranet.test:{other_port}"):
+        refused = replace(SETTINGS, fetch_allow_hosts=(entry,))
+        resolver = _resolver({"intranet.test": ["127.0.0.1"]})
+        for host in ("127.0.0.1", "intranet.test"):
+            out = fetch(origin.url("/image.png", host=host), settings=refused, resolver=resolver)
+            expect_error(out, ErrorCode.INVALID_URL, "loopback")
+            assert out.dialled == []
+    named = replace(SETTINGS, fetch_allow_hosts=(f"intranet.test:{origin.port}",))
+    resolver = _resolver({"intranet.test": ["127.0.0.1"]})
+    out = fetch(origin.url("/image.png", host="intranet.test"), settings=named, resolver=resolver)
+    assert out.data == make_image("PNG")
+
+
 def test_resolver_failures_are_invalid_url(origin: HostileOrigin) -> None:
     out = fetch(origin.url("/image.png", host="nowhere.test"), resolver=_resolver({}))
     expect_error(out, ErrorCode.INVALID_URL, "could not resolve host 'nowhere.test'")
@@ -336,6 +354,20 @@ def test_guard_units() -> None:
     assert guard.check("x", ["::ffff:127.0.0.1"]) == ["127.0.0.1"]
     assert guard.check("media.test", ["10.9.9.9"]) == ["10.9.9.9"]
     assert guard.check("x", ["10.1.2.3", "8.8.8.8"]) == ["10.1.2.3", "8.8.8.8"]
+    ported = AddressGuard(["[::1]:8080", "::2", "media.test:9000", "10.0.0.0/8:443"])
+    assert ported.check("x", ["::1"], 8080) == ["::1"]
+    assert ported.check("x", ["::2"], 1) == ["::2"]  # a bare IPv6 address has no port
+    assert ported.check("media.test", ["10.9.9.9"], 9000) == ["10.9.9.9"]
+    assert ported.check("x", ["10.9.9.9"], 443) == ["10.9.9.9"]
+    for host, ip, port in (
+        ("x", "::1", 8081),
+        ("media.test", "10.9.9.9", 80),
+        ("x", "10.1.1.1", 80),
+    ):
+        with pytest.raises(ApiError):
+            ported.check(host, [ip], port)
+    with pytest.raises(ValueError, match="invalid port"):
+        AddressGuard(["media.test:http"])
     target = parse_url("HTTP://Example.COM:8080/a b?q=1#frag")
     assert (target.host, target.port, target.target) == ("example.com", 8080, b"/a%20b?q=1")
     assert target.host_header == b"example.com:8080"
@@ -371,6 +403,13 @@ def test_data_uri_without_base64_is_percent_decoded() -> None:
     ("uri", "code", "fragment"),
     [
         ("data:image/png;base64,iVBOR!w0KGgo=", ErrorCode.INVALID_PARAMETER, "'!' at position 5"),
+        ("data:image/png;base64,é", ErrorCode.INVALID_PARAMETER, "character 'é' at position 0"),
+        (
+            "data:image/png;base64,iVBORw0K\nGgoé=",
+            ErrorCode.INVALID_PARAMETER,
+            "'é' at position 12",
+        ),
+        ("data:image/png;base64,%C3%A9", ErrorCode.INVALID_PARAMETER, "invalid character"),
         ("data:image/png;base64,iVBORw0KG", ErrorCode.INVALID_PARAMETER, "wrong length"),
         ("data:image/png;base64,iV=BORw0", ErrorCode.INVALID_PARAMETER, "misplaced '='"),
         ("data:image/png;base64", ErrorCode.INVALID_PARAMETER, "no ',' before the data"),

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import math
 import time
+from fractions import Fraction
 
+import av
 import pytest
 
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.media import video
 from mmembed.media.video import sample_video, sniff_video_format
 from mmembed.types import VideoClip
-from tests.media_util import VIDEO_FORMATS, corrupted, frame_index, make_video, truncated
+from tests.media_util import (
+    VIDEO_FORMATS,
+    corrupted,
+    frame_index,
+    index_frame,
+    make_video,
+    truncated,
+)
 
 RATE = 25
 
@@ -256,3 +265,32 @@ def test_display_rotation_is_applied() -> None:
     assert image.size == (48, 64)
     grey = np.asarray(image.convert("L"))
     assert grey[-8:, :8].mean() > 200 and grey[:8, :8].mean() < 50
+
+
+# -- usage duration ------------------------------------------------------------------------------
+def _faststart_mp4(tmp_path, seconds: float, rate: int = 25) -> bytes:
+    """An MP4 with its index (and so its claimed duration) before the frames."""
+    path = tmp_path / "fast.mp4"
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = rate
+        stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        for i in range(round(seconds * rate)):
+            frame = av.VideoFrame.from_ndarray(index_frame(i % 256, (64, 48)), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, rate)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path.read_bytes()
+
+
+def test_usage_duration_comes_from_the_frames_present(tmp_path) -> None:
+    data = _faststart_mp4(tmp_path, 60.0)
+    assert sample(data, fps=1, max_frames=64).duration == pytest.approx(60.0, abs=0.05)
+    cut = sample(data[: len(data) // 2], fps=1, max_frames=64)  # the index still claims 60 s
+    last = max(cut.timestamps)
+    assert last < 40
+    assert cut.duration == pytest.approx(last + 1 / 25, abs=0.05)
+    avi = make_video("AVI", seconds=20.0, gop=25)
+    clip = sample(avi[: len(avi) // 5], fps=1, max_frames=32)  # AVI's header claims more too
+    assert clip.duration == pytest.approx(max(clip.timestamps) + 1 / 25, abs=0.05)

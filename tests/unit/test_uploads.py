@@ -17,7 +17,7 @@ import requests
 
 from mmembed.api.app import create_app
 from mmembed.api.routes import EMBED_PATH
-from mmembed.api.uploads import MultipartReader
+from mmembed.api.uploads import FormReader
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode
@@ -47,14 +47,15 @@ async def chunked(body: bytes, sizes: list[int]) -> AsyncIterator[bytes]:
 
 
 def parse(body: bytes, content_type: str, sizes: list[int]) -> dict[str, bytes]:
+    """The fields and the file, read the way the upload route reads them."""
     boundary = content_type.split("boundary=")[1].encode()
 
     async def go() -> dict[str, bytes]:
-        reader = MultipartReader(chunked(body, sizes), boundary)
-        out: dict[str, bytes] = {}
-        while (part := await reader.next_part()) is not None:
-            out[part[0]] = b"".join([c async for c in reader.read_part()])
-        return out
+        form = FormReader(chunked(body, sizes), boundary, 1 << 30)
+        if not await form.until_file():
+            raise ApiError(ErrorCode.INVALID_PARAMETER, "no file")
+        data = b"".join([c async for c in form.file_data()])
+        return {**{k: v.encode() for k, v in form.fields.items()}, "file": data}
 
     return asyncio.run(go())
 
@@ -73,12 +74,34 @@ def test_multipart_reader_refuses_malformed_bodies():
     body, ctype = sdk_form({"a": "1"}, "f", b"data")
     for broken, why in [
         (body[: len(body) // 2], "ended inside"),
-        (b"no boundary at all" * 10, "no boundary"),
+        (b"no boundary at all" * 10, "malformed multipart body"),
         (body.replace(b"Content-Disposition: form-data; ", b"X: "), "Content-Disposition"),
+        (body.replace(b'name="a"', b'name="a"; x="' + b"y" * 9000 + b'"'), "malformed"),
     ]:
         with pytest.raises(ApiError) as info:
             parse(broken, ctype, [16])
         assert info.value.error is ErrorCode.INVALID_PARAMETER and why in info.value.message
+    many, ctype = sdk_form({f"f{i}": "v" for i in range(40)}, "f", b"data")
+    with pytest.raises(ApiError, match="more than 32 fields"):
+        parse(many, ctype, [1000])
+    long_field, ctype = sdk_form({"a": "v" * 9000}, "f", b"data")
+    with pytest.raises(ApiError, match="longer than 8192 bytes"):
+        parse(long_field, ctype, [1000])
+
+
+def test_multipart_reader_caps_the_whole_body():
+    body, ctype = sdk_form({"a": "1"}, "f", os.urandom(5000))
+    boundary = ctype.split("boundary=")[1].encode()
+
+    async def go() -> None:
+        form = FormReader(chunked(body, [1000]), boundary, 3000)
+        await form.until_file()
+        async for _ in form.file_data():
+            pass
+
+    with pytest.raises(ApiError) as info:
+        asyncio.run(go())
+    assert info.value.error is ErrorCode.TOO_LARGE
 
 
 # -- the store -----------------------------------------------------------------------------------
@@ -217,6 +240,80 @@ def test_parallel_uploads_cannot_overshoot_the_quota(store):
     assert store.usage(ALICE) == 8000
 
 
+def test_uploaded_files_are_private_on_disk(store, tmp_path):
+    ref = put(store, ALICE, "x.png", PNG)
+    path = store._path(ALICE, ref[len("oss://") :])
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o077 == 0  # the owner's directory too
+
+
+def test_quota_message_shows_sizes_that_differ(tmp_path, clock):
+    limit = 30_000_000  # 28.6 MB at three digits
+    store = UploadStore(tmp_path / "q", ttl_s=3600, owner_max_bytes=limit, clock=clock)
+    store._disk = {ALICE: limit - 10}
+    err = refused(store._check_quota, ALICE, 20)
+    assert "28.61 MB, over the limit of 28.61 MB" not in err.message
+    assert "over the limit of" in err.message
+    taken, limit_shown = err.message.split("would take ")[1].split(", over the limit of ")
+    assert taken != limit_shown.split(";")[0]
+
+
+def test_a_policy_whose_expiry_is_not_finite_is_invalid(store):
+    import orjson
+
+    for exp in ("NaN", "Infinity", "1e999"):
+        doc = b'{"dir": "mmembed/x/y", "owner": "%s", "max": 10, "exp": %s}' % (
+            ALICE.encode(),
+            exp.encode(),
+        )
+        policy = base64.b64encode(doc).decode()
+        try:
+            orjson.loads(doc)  # orjson refuses these; json.dumps would write them
+        except orjson.JSONDecodeError:
+            policy = base64.b64encode(doc.replace(exp.encode(), b'"%s"' % exp.encode())).decode()
+        err = refused(store.verify_policy, policy, store._sign(policy))
+        assert err.error is ErrorCode.ACCESS_DENIED and "malformed" in err.message
+
+
+def test_partial_uploads_left_by_a_crash_are_removed_at_start(store, tmp_path):
+    ref = put(store, ALICE, "kept.png", PNG)
+    tmp_dir = tmp_path / "up" / "tmp"
+    (tmp_dir / "abc.part").write_bytes(b"half an upload")
+    (tmp_dir / "def.part").write_bytes(b"another")
+    again = UploadStore(tmp_path / "up", ttl_s=3600, owner_max_bytes=10_000)
+    assert again.sweep_partials() == 2
+    assert list(tmp_dir.iterdir()) == []
+    assert asyncio.run(again.read(ref, ALICE, 5000)) == PNG  # finished uploads stay
+
+
+def test_a_full_disk_is_a_clear_503_without_paths(store, tmp_path, monkeypatch):
+    real_open = os.open
+
+    def full_disk_open(path, flags, mode=0o777, **kw):  # the kernel's ENOSPC, from /dev/full
+        if str(path).endswith(".part"):
+            return real_open("/dev/full", os.O_WRONLY)
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr("mmembed.media.store.os.open", full_disk_open)
+    err = refused(put, store, ALICE, "x.png", PNG)
+    assert err.error is ErrorCode.SERVICE_UNAVAILABLE and err.error.status == 503
+    assert "upload store is full" in err.message and str(tmp_path) not in err.message
+    assert store.usage(ALICE) == 0
+
+
+def test_an_unreadable_signing_secret_is_a_503_and_reported(tmp_path):
+    (tmp_path / "up" / ".secret").mkdir(parents=True)
+    store = UploadStore(tmp_path / "up", ttl_s=3600, owner_max_bytes=10_000)
+    err = refused(store.new_policy, ALICE, 100)
+    assert err.error is ErrorCode.SERVICE_UNAVAILABLE and str(tmp_path) not in err.message
+    assert "signing secret" in (store.check() or "")
+    (tmp_path / "up2").mkdir()
+    (tmp_path / "up2" / ".secret").write_bytes(b"short")  # damaged
+    damaged = UploadStore(tmp_path / "up2", ttl_s=3600, owner_max_bytes=10_000)
+    err = refused(damaged.new_policy, ALICE, 100)
+    assert err.error is ErrorCode.SERVICE_UNAVAILABLE and str(tmp_path) not in err.message
+
+
 def test_expiry_lazily_and_by_sweep(store, clock):
     old = put(store, ALICE, "old", b"o" * 4000)
     mid = put(store, ALICE, "mid", b"m" * 4000)
@@ -246,8 +343,9 @@ CATALOG = {
 
 def serve(tmp_path: Path, **settings) -> tuple[object, Engine]:
     s = Settings(cache_dir=str(tmp_path), **settings)
-    engine = Engine(s, parse_catalog(CATALOG), fetcher=Fetcher(s))
-    return create_app(s, engine=engine), engine
+    store = UploadStore.from_settings(s)
+    engine = Engine(s, parse_catalog(CATALOG), fetcher=Fetcher(s, uploads=store))
+    return create_app(s, engine=engine, upload_store=store), engine
 
 
 async def sdk_upload(client: httpx.AsyncClient, key: str | None, data: bytes, name: str) -> str:

@@ -19,8 +19,10 @@ from mmembed.api import routes, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, redact_paths
 from mmembed.logs import request_id_var
+from mmembed.media.fetch import Fetcher
+from mmembed.media.store import UploadStore
 from mmembed.models.catalog import load_catalog
 
 log = logging.getLogger("mmembed.api")
@@ -29,6 +31,8 @@ log = logging.getLogger("mmembed.api")
 def error_response(error: ApiError) -> Response:
     rid = request_id_var.get()
     headers = {"x-request-id": rid, **error.headers}
+    if error.error.status >= 500:  # our faults: the log has the details, clients no paths
+        error = ApiError(error.error, redact_paths(error.message), headers=error.headers)
     return Response(
         render_error(error, rid),
         status_code=error.error.status,
@@ -58,8 +62,9 @@ class RequestIdMiddleware:
     """Give every HTTP request an id, visible in logs, error bodies and ``x-request-id``; turn
     anything unexpected into a DashScope 500 body that carries that id."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, inflight: set[asyncio.Task] | None = None) -> None:
         self.app = app
+        self.inflight = set() if inflight is None else inflight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,6 +72,9 @@ class RequestIdMiddleware:
             return
         rid = str(uuid.uuid4())
         token = request_id_var.set(rid)
+        task = asyncio.current_task()
+        if task is not None:
+            self.inflight.add(task)
 
         started = False
 
@@ -82,6 +90,18 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # Only the server cancels a request task: at shutdown, once the grace period
+            # (shutdown_grace_s) is over. Answer it (the response is what the client is owed)
+            # rather than leave the server to write a bare 500.
+            log.warning("request cancelled: the server is shutting down")
+            if not started:
+                error = ApiError(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "The server is shutting down; send the request again.",
+                    headers={"Retry-After": "1", "Connection": "close"},
+                )
+                await error_response(error)(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error")
             if not started:
@@ -91,15 +111,38 @@ class RequestIdMiddleware:
                 await error_response(error)(scope, receive, send)
         finally:
             request_id_var.reset(token)
+            self.inflight.discard(task)  # type: ignore[arg-type]
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
+def create_app(
+    settings: Settings, engine: Engine | None = None, *, upload_store: UploadStore | None = None
+) -> Starlette:
+    """The composition root: builds the parts (catalog, upload store, fetcher, engine) once and
+    hands them to the handlers through ``app.state``. Tests may pass their own engine (and the
+    upload store its fetcher reads)."""
+    store = upload_store or UploadStore.from_settings(settings)
+    if engine is None:
+        fetcher = Fetcher(settings, uploads=store)
+        engine = Engine(settings, load_catalog(settings.catalog), fetcher=fetcher)
+    eng = engine
+    inflight: set[asyncio.Task] = set()  # request tasks, for an orderly shutdown
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        eng = engine or Engine(settings, load_catalog(settings.catalog))
+        try:  # partial uploads of an earlier run (a crash, a kill) can never be finished
+            await asyncio.to_thread(store.sweep_partials)
+        except OSError as exc:
+            log.warning("could not sweep partial uploads: %s", exc)
         await asyncio.to_thread(eng.load)
-        app.state.engine = eng
+        problem = await asyncio.to_thread(store.check)
+        if problem:
+            log.error("uploads unavailable: %s", problem)
         yield
+        # Requests the server cancelled after the grace period are answering 503 right now;
+        # the process exits when this returns, so give them a moment to be written.
+        pending = {t for t in inflight if not t.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
         await eng.aclose()
 
     app = Starlette(
@@ -117,5 +160,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.add_middleware(RequestIdMiddleware)
+    app.state.engine = eng
+    app.state.catalog = eng.catalog
+    app.state.uploads = store
+    app.add_middleware(RequestIdMiddleware, inflight=inflight)
     return app

@@ -7,14 +7,14 @@ import hmac
 import logging
 import time
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from mmembed.api.disconnect import unless_disconnected
 from mmembed.api.schemas import parse_request, render_result
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo, redact_paths
 from mmembed.logs import request_id_var
 from mmembed.media.store import UploadStore
 
@@ -43,7 +43,7 @@ def check_api_key(request: Request, settings: Settings) -> frozenset[str] | None
     if scheme.lower() == "bearer":
         for entry in settings.api_keys:
             key, _, models = entry.partition(":")
-            if hmac.compare_digest(given.encode(), key.encode()):
+            if key and hmac.compare_digest(given.encode(), key.encode()):
                 return frozenset(models.split("|")) if models else None
     raise ApiError(ErrorCode.INVALID_API_KEY, "Invalid API-key provided.")
 
@@ -55,11 +55,14 @@ async def read_body(request: Request, cap: int) -> bytes:
     if declared.isdigit() and int(declared) > cap:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or dropped by the server for sending too slowly
+        raise ApiError(ErrorCode.INVALID_PARAMETER, "The client disconnected.") from None
     return b"".join(chunks)
 
 
@@ -70,7 +73,9 @@ async def embed(request: Request) -> Response:
     allowed = check_api_key(request, settings)
     req = parse_request(await read_body(request, settings.max_body_bytes))
     if allowed is not None and req.model not in allowed:
-        raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {req.model!r}.")
+        raise ApiError(
+            ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(req.model)}."
+        )
     req.owner = upload_owner(request, settings)
     req.resolve_oss = wants_oss_resolve(request)
     try:
@@ -94,9 +99,14 @@ async def embed(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     engine = request.app.state.engine
-    status = engine.status()
-    ok = all(s == "ready" for s in status.values())
-    body = {"status": "ok" if ok else "degraded", "backends": status}
+    status = {name: redact_paths(s) for name, s in engine.status().items()}  # unauthenticated
+    problem = request.app.state.uploads.check()  # a few syscalls; the secret is read once
+    ok = all(s == "ready" for s in status.values()) and problem is None
+    body = {
+        "status": "ok" if ok else "degraded",
+        "backends": status,
+        "uploads": "ok" if problem is None else f"unavailable: {problem}",
+    }
     cache = getattr(engine, "cache", None)  # (stand-in engines in tests have none)
     if cache is not None:
         body["cache"] = cache.stats()
@@ -109,7 +119,7 @@ async def models(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     status = engine.status()
     listed = [
-        spec.describe() | {"status": status.get(spec.backend, "not loaded")}
+        spec.describe() | {"status": redact_paths(status.get(spec.backend, "not loaded"))}
         for spec in engine.catalog.models.values()
     ]
     return JSONResponse({"models": listed})

@@ -10,10 +10,11 @@ from typing import Any
 
 import orjson
 
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.types import ContentItem, EmbedRequest, EmbedResult
 
 MODALITY_KEYS = ("text", "image", "video")
+MAX_MODEL_CHARS = 256  # no model name is longer; a longer one is refused before any lookup
 
 
 def _bad(message: str) -> ApiError:
@@ -32,7 +33,9 @@ def parse_request(body: bytes) -> EmbedRequest:
     if model is None or model == "":
         raise ApiError(ErrorCode.EMPTY_MODEL, "Model can not be empty: set 'model'.")
     if not isinstance(model, str):
-        raise _bad("model must be a string.")
+        raise _bad(f"model must be a string, got {type(model).__name__}.")
+    if len(model) > MAX_MODEL_CHARS:
+        raise _bad(f"Model not exist: {echo(model)}.")
 
     contents = _contents(data.get("input"))
     items = [_item(i, raw) for i, raw in enumerate(contents)]
@@ -106,7 +109,7 @@ def _dimension(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"parameters.dimension: must be an integer, got {value!r}.")
+        raise _bad(f"parameters.dimension: must be an integer, got {echo(value)}.")
     return value
 
 
@@ -114,7 +117,7 @@ def _fps(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(f"parameters.fps: must be a number in [0, 1], got {value!r}.")
+        raise _bad(f"parameters.fps: must be a number in [0, 1], got {echo(value)}.")
     if not 0.0 <= value <= 1.0:
         raise _bad(f"parameters.fps: {value} is outside [0, 1].")
     return float(value)
@@ -130,7 +133,7 @@ def _instruct(value: Any) -> str | None:
 
 def _check_output_type(value: Any) -> None:
     if value is not None and value != "dense":
-        raise _bad(f"parameters.output_type: only 'dense' is supported, got {value!r}.")
+        raise _bad(f"parameters.output_type: only 'dense' is supported, got {echo(value)}.")
 
 
 def render_result(result: EmbedResult, request_id: str) -> bytes:

@@ -10,22 +10,24 @@
 3. The SDK then sends ``oss://<key>`` with ``X-DashScope-OssResourceResolve: enable``; the
    fetcher reads it back from the store (``media.store``), for the same owner only.
 
-The multipart body is parsed here, streaming: small fields are kept (bounded), the file part
-goes straight to disk with the size caps checked as bytes arrive. Like OSS, the file must be
-the last part (everything needed to check the upload comes before it).
+The multipart body is parsed here, streaming, with python-multipart's parser: small fields are
+kept (bounded), the file part goes straight to disk with the size caps checked as bytes arrive.
+Like OSS, the file must be the last part (everything needed to check the upload comes before
+it).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from mmembed.api.routes import check_api_key, upload_owner
 from mmembed.config import Settings
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.logs import request_id_var
 from mmembed.media.store import UploadStore
 
@@ -35,6 +37,7 @@ UPLOAD_PATH = "/api/v1/uploads/oss"
 MAX_FIELDS = 32
 MAX_FIELD_BYTES = 8192
 MAX_PART_HEADER_BYTES = 8192
+MAX_PART_HEADERS = 16
 FORM_OVERHEAD = 64 * 1024  # room for the small fields and part headers around the file
 
 
@@ -43,7 +46,7 @@ def _bad(message: str) -> ApiError:
 
 
 def _store(request: Request) -> UploadStore:
-    return request.app.state.engine.fetcher.uploads  # the fetcher reads what we write
+    return request.app.state.uploads  # the same store the fetcher reads oss:// from
 
 
 def _file_cap(request: Request, model: str | None) -> int:
@@ -51,7 +54,7 @@ def _file_cap(request: Request, model: str | None) -> int:
     settings: Settings = request.app.state.settings
     if settings.upload_max_file_bytes > 0:
         return settings.upload_max_file_bytes
-    specs = request.app.state.engine.catalog.models
+    specs = request.app.state.catalog.models
     chosen = [specs[model]] if model in specs else list(specs.values())
     return max(max(s.image_max_bytes, s.video_max_bytes) for s in chosen)
 
@@ -62,13 +65,15 @@ async def get_policy(request: Request) -> Response:
     allowed = check_api_key(request, settings)
     action = request.query_params.get("action")
     if action != "getPolicy":
-        raise _bad(f"action must be 'getPolicy', got {action!r}.")
+        raise _bad(f"action must be 'getPolicy', got {echo(action)}.")
     model = request.query_params.get("model") or None
     if model is not None:
-        if model not in request.app.state.engine.catalog.models:
-            raise _bad(f"Model not exist: {model!r}.")
+        if model not in request.app.state.catalog.models:
+            raise _bad(f"Model not exist: {echo(model)}.")
         if allowed is not None and model not in allowed:
-            raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {model!r}.")
+            raise ApiError(
+                ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(model)}."
+            )
     store = _store(request)
     owner = upload_owner(request, settings)
     max_bytes = _file_cap(request, model)
@@ -97,146 +102,150 @@ async def upload(request: Request) -> Response:
     limit = _file_cap(request, None) + FORM_OVERHEAD
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(ErrorCode.TOO_LARGE, f"The upload exceeds {limit} bytes.")
-    reader = MultipartReader(request.stream(), boundary)
-    fields: dict[str, str] = {}
+    form = FormReader(request.stream(), boundary, limit)
     try:
-        while (part := await reader.next_part()) is not None:
-            name, filename = part
-            if name == "file" or filename is not None:
-                if not {"policy", "Signature", "key"} <= fields.keys():
-                    raise _bad(
-                        "the form needs the fields 'policy', 'Signature' and 'key' before the "
-                        "file (the file comes last, as OSS requires)"
-                    )
-                terms = store.verify_policy(fields["policy"], fields["Signature"])
-                key = fields["key"]
-                size = await store.save(key, terms, reader.read_part())
-                body = {"request_id": request_id_var.get(), "key": key, "size": size}
-                return JSONResponse(body)  # anything after the file part is ignored, as OSS does
-            if len(fields) >= MAX_FIELDS:
-                raise _bad(f"the form has more than {MAX_FIELDS} fields")
-            fields[name] = (await reader.read_small(MAX_FIELD_BYTES)).decode("utf-8", "replace")
+        if not await form.until_file():
+            raise _bad("the form has no 'file' part")
+        fields = form.fields
+        if not {"policy", "Signature", "key"} <= fields.keys():
+            raise _bad(
+                "the form needs the fields 'policy', 'Signature' and 'key' before the "
+                "file (the file comes last, as OSS requires)"
+            )
+        terms = store.verify_policy(fields["policy"], fields["Signature"])
+        key = fields["key"]
+        size = await store.save(key, terms, form.file_data())
     except ClientDisconnect:
         raise _bad("the client disconnected during the upload") from None
-    raise _bad("the form has no 'file' part")
+    # anything after the file part is ignored, as OSS does
+    return JSONResponse({"request_id": request_id_var.get(), "key": key, "size": size})
 
 
 def _boundary(content_type: str) -> bytes:
-    kind, _, params = content_type.partition(";")
-    if kind.strip().lower() != "multipart/form-data":
+    kind, params = parse_options_header(content_type)
+    if kind.strip().lower() != b"multipart/form-data":
         raise _bad("uploads must be multipart/form-data")
-    found = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', params, re.IGNORECASE)
-    if not found:
+    boundary = params.get(b"boundary")
+    if not boundary:
         raise _bad("multipart/form-data without a boundary")
-    boundary = (found.group(1) or found.group(2)).encode("latin-1")
     if not 1 <= len(boundary) <= 70:  # RFC 2046
         raise _bad("multipart boundary must be 1 to 70 characters")
     return boundary
 
 
-_PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
+class FormReader:
+    """A streaming ``multipart/form-data`` reader on python-multipart's parser: the small fields
+    before the file are kept (bounded in number and size), the file part's data is handed on
+    chunk by chunk as it arrives. Memory is bounded by the largest chunk plus the field caps;
+    the whole body by ``limit`` bytes."""
 
-
-def _disposition(headers: bytes) -> tuple[str, str | None]:
-    """(name, filename) from a part's Content-Disposition header."""
-    for line in headers.decode("utf-8", "replace").split("\r\n"):
-        field, _, value = line.partition(":")
-        if field.strip().lower() == "content-disposition":
-            params = {
-                m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
-                for m in _PARAM.finditer(";" + value.partition(";")[2])
-            }
-            if "name" not in params:
-                break
-            return params["name"], params.get("filename", params.get("filename*"))
-    raise _bad("a multipart part has no Content-Disposition name")
-
-
-class MultipartReader:
-    """A streaming ``multipart/form-data`` reader: parts one after another, each part's data
-    as chunks. Memory is bounded by the largest chunk plus the part header limit."""
-
-    def __init__(self, stream: AsyncIterator[bytes], boundary: bytes) -> None:
+    def __init__(self, stream: AsyncIterator[bytes], boundary: bytes, limit: int) -> None:
         self._stream = stream.__aiter__()
-        self._delimiter = b"\r\n--" + boundary
-        # A virtual CRLF in front lets the first delimiter match like all the others.
-        self._buf = bytearray(b"\r\n")
-        self._eof = False
-        self._started = False  # past the preamble and the first delimiter
-        self._in_part = False  # between a part's headers and its closing delimiter
-        self._done = False
+        self._limit = limit
+        self._read = 0
+        self.fields: dict[str, str] = {}
+        self._headers: dict[bytes, bytes] = {}
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._name: str | None = None
+        self._value = bytearray()
+        self._in_file = False
+        self._file_done = False
+        self._pending: list[bytes] = []  # file data parsed but not yet handed on
+        self._ended = False  # the closing boundary was seen
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+            max_header_count=MAX_PART_HEADERS,
+            max_header_size=MAX_PART_HEADER_BYTES,
+        )
 
-    async def _fill(self) -> bool:
-        if self._eof:
-            return False
+    async def until_file(self) -> bool:
+        """Read the fields up to the file part's data; False when the form has no file."""
+        while not self._in_file:
+            if not await self._feed():
+                if not self._ended:
+                    raise _bad("the multipart body ended inside a part (no closing boundary)")
+                return False
+        return True
+
+    async def file_data(self) -> AsyncIterator[bytes]:
+        """The file part's data, up to its closing boundary."""
+        while True:
+            while self._pending:
+                yield self._pending.pop(0)
+            if self._file_done:
+                return
+            if not await self._feed():
+                raise _bad("the multipart body ended inside the file part")
+
+    async def _feed(self) -> bool:
         try:
             chunk = await anext(self._stream)
         except StopAsyncIteration:
-            self._eof = True
             return False
-        self._buf += chunk
+        self._read += len(chunk)
+        if self._read > self._limit:
+            raise ApiError(ErrorCode.TOO_LARGE, f"The upload exceeds {self._limit} bytes.")
+        if self._file_done:
+            return True  # past the file: the rest is ignored
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise _bad(f"malformed multipart body: {str(exc)[:200]}") from None
         return True
 
-    async def next_part(self) -> tuple[str, str | None] | None:
-        """The next part's (name, filename), or None at the end of the form."""
-        if self._in_part:
-            async for _ in self.read_part():  # skip what the caller did not read
-                pass
-        if self._done:
-            return None
-        if not self._started:
-            await self._skip_preamble()
-        # after a delimiter: "--" ends the form, else optional whitespace and CRLF
-        while len(self._buf) < 2 and await self._fill():
-            pass
-        if self._buf[:2] == b"--":
-            self._done = True
-            return None
-        while (end := self._buf.find(b"\r\n\r\n")) < 0:
-            if len(self._buf) > MAX_PART_HEADER_BYTES:
-                raise _bad("a multipart part header is too long")
-            if not await self._fill():
-                raise _bad("the multipart body ended inside a part header")
-        headers = bytes(self._buf[:end])
-        del self._buf[: end + 4]
-        first, _, rest = headers.partition(b"\r\n")
-        if first.strip(b" \t"):
-            raise _bad("malformed multipart delimiter line")
-        self._in_part = True
-        return _disposition(rest)
+    # -- parser callbacks (plain functions: the parser calls them synchronously) ----------------
+    def _part_begin(self) -> None:
+        self._headers, self._name, self._value = {}, None, bytearray()
 
-    async def _skip_preamble(self) -> None:
-        while (at := self._buf.find(self._delimiter)) < 0:
-            if len(self._buf) > MAX_PART_HEADER_BYTES:
-                raise _bad("the multipart body does not start with its boundary")
-            if not await self._fill():
-                raise _bad("the multipart body has no boundary")
-        del self._buf[: at + len(self._delimiter)]
-        self._started = True
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
 
-    async def read_part(self) -> AsyncIterator[bytes]:
-        """The current part's data, chunk by chunk, up to its closing delimiter."""
-        keep = len(self._delimiter) - 1  # a delimiter may straddle two chunks
-        while self._in_part:
-            at = self._buf.find(self._delimiter)
-            if at >= 0:
-                data = bytes(self._buf[:at])
-                del self._buf[: at + len(self._delimiter)]
-                self._in_part = False
-                if data:
-                    yield data
-                return
-            if len(self._buf) > keep:
-                data = bytes(self._buf[:-keep])
-                del self._buf[:-keep]
-                yield data
-            if not await self._fill():
-                raise _bad("the multipart body ended inside a part")
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
 
-    async def read_small(self, limit: int) -> bytes:
-        out = bytearray()
-        async for chunk in self.read_part():
-            out += chunk
-            if len(out) > limit:
-                raise _bad(f"a form field is longer than {limit} bytes")
-        return bytes(out)
+    def _header_end(self) -> None:
+        self._headers[bytes(self._header_field).strip().lower()] = bytes(self._header_value)
+        self._header_field, self._header_value = bytearray(), bytearray()
+
+    def _headers_finished(self) -> None:
+        if self._file_done:
+            return
+        kind, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = params.get(b"name")
+        if kind.lower() != b"form-data" or name is None:
+            raise _bad("a multipart part has no Content-Disposition name")
+        self._name = name.decode("utf-8", "replace")
+        if self._name == "file" or b"filename" in params or b"filename*" in params:
+            self._in_file = True
+        elif len(self.fields) >= MAX_FIELDS:
+            raise _bad(f"the form has more than {MAX_FIELDS} fields")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._file_done:
+            return
+        if self._in_file:
+            self._pending.append(bytes(data[start:end]))
+            return
+        self._value += data[start:end]
+        if len(self._value) > MAX_FIELD_BYTES:
+            raise _bad(f"a form field is longer than {MAX_FIELD_BYTES} bytes")
+
+    def _end(self) -> None:
+        self._ended = True
+
+    def _part_end(self) -> None:
+        if self._in_file:
+            self._file_done = True
+        elif self._name is not None and not self._file_done:
+            self.fields[self._name] = self._value.decode("utf-8", "replace")

@@ -34,7 +34,7 @@ import httpcore
 import httpx
 
 from mmembed.config import Settings
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.media.guard import AddressGuard, Target, parse_url, short_url, system_resolver
 from mmembed.media.store import OSS_SCHEME, UploadStore
 
@@ -84,8 +84,14 @@ def _decode_base64(payload: str, max_bytes: int) -> bytes:
         raise _too_large(max_bytes, len(payload) * 3 // 4)
     try:  # the common case, well-formed standard Base64, at C speed with no scans or copies
         return binascii.a2b_base64(payload, strict_mode=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: a str with non-ASCII characters
         pass  # whitespace, URL-safe alphabet, percent-encoding, no padding, or garbage: below
+    if not payload.isascii():  # name the first offending character, as typed by the client
+        at, char = next((i, c) for i, c in enumerate(payload) if not c.isascii())
+        raise ApiError(
+            ErrorCode.INVALID_PARAMETER,
+            f"malformed Base64 in data: URI: invalid non-ASCII character {char!r} at position {at}",
+        )
     if "%" in payload:  # some clients percent-encode '+', '/' and '='
         payload = unquote_to_bytes(payload).decode("latin-1")
     payload = _WHITESPACE.sub("", payload)
@@ -274,7 +280,7 @@ class Fetcher:
         except TimeoutError:
             raise ApiError(
                 ErrorCode.REQUEST_TIMEOUT,
-                f"resolving host {target.host!r} took longer than {timeout:g} s",
+                f"resolving host {echo(target.host)} took longer than {timeout:g} s",
             ) from None
 
     @asynccontextmanager

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -75,7 +75,9 @@ def parse_url(url: str) -> Target:
         raw_host = parsed.raw_host.decode("ascii")
         port = parsed.port
     except (httpx.InvalidURL, UnicodeError, ValueError, TypeError) as exc:
-        raise ApiError(ErrorCode.INVALID_URL, f"malformed URL {short_url(url)!r}: {exc}") from None
+        raise ApiError(
+            ErrorCode.INVALID_URL, f"malformed URL {short_url(url)!r}: {str(exc)[:200]}"
+        ) from None
     scheme = parsed.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         shown = f"URL scheme {scheme!r}" if scheme else "a URL without a scheme"
@@ -150,60 +152,73 @@ def _plain(ip: IPAddress) -> IPAddress:
 
 
 class AddressGuard:
-    """Decides whether a host and its resolved addresses may be fetched from."""
+    """Decides whether a host and its resolved addresses may be fetched from.
+
+    An allowlist entry is a hostname, an IP or a CIDR, optionally with a port (``media.lan:9000``,
+    ``10.0.0.0/8:443``, ``[::1]:8080``): with a port it allows that port only, which is what
+    an internal media host needs; without one it allows every port of that host.
+    """
 
     def __init__(self, allow: Iterable[str] = ()) -> None:
-        self._hosts: set[str] = set()
-        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for entry in allow:
-            entry = entry.strip().lower()
+        self._hosts: set[tuple[str, int | None]] = set()
+        self._networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]] = []
+        for raw in allow:
+            entry, port = split_port(raw.strip().lower())
             if not entry:
                 continue
             try:
-                self._networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                self._networks.append((ipaddress.ip_network(entry, strict=False), port))
             except ValueError:
-                self._hosts.add(entry.rstrip("."))
+                self._hosts.add((entry.rstrip("."), port))
 
-    def host_allowed(self, host: str) -> bool:
-        """True when the allowlist names this hostname (all its addresses are then allowed)."""
-        return host.lower().rstrip(".") in self._hosts
+    def host_allowed(self, host: str, port: int | None = None) -> bool:
+        """True when the allowlist names this hostname (all its addresses are then allowed),
+        for every port or for ``port``."""
+        host = host.lower().rstrip(".")
+        return (host, None) in self._hosts or (port is not None and (host, port) in self._hosts)
 
-    def ip_allowed(self, ip: IPAddress) -> bool:
+    def ip_allowed(self, ip: IPAddress, port: int | None = None) -> bool:
         ip = _plain(ip)
-        return any(ip.version == net.version and ip in net for net in self._networks)
+        return any(
+            ip.version == net.version and ip in net and (allowed is None or allowed == port)
+            for net, allowed in self._networks
+        )
 
-    def check(self, host: str, addresses: Iterable[str]) -> list[str]:
+    def check(self, host: str, addresses: Iterable[str], port: int | None = None) -> list[str]:
         """The addresses to connect to; InvalidURL if any of them is forbidden.
 
         One forbidden answer spoils the lot: a name that resolves to both a public and an
         internal address is treated as hostile rather than filtered.
         """
-        allowed_host = self.host_allowed(host)
+        allowed_host = self.host_allowed(host, port)
         result: list[str] = []
         for text in addresses:
             try:
                 ip = ipaddress.ip_address(text)
             except ValueError:
                 raise ApiError(
-                    ErrorCode.INVALID_URL, f"host {host!r} resolved to an invalid address"
+                    ErrorCode.INVALID_URL, f"host {echo(host)} resolved to an invalid address"
                 ) from None
-            reason = None if allowed_host or self.ip_allowed(ip) else forbidden_reason(ip)
+            allowed = allowed_host or self.ip_allowed(ip, port)
+            reason = None if allowed else forbidden_reason(ip)
             if reason:
-                shown = f"address {host}" if _is_ip(host) else f"host {host!r} resolves to {ip}"
+                shown = f"address {host}" if _is_ip(host) else f"host {echo(host)} resolves to {ip}"
                 raise ApiError(
                     ErrorCode.INVALID_URL,
                     f"{shown}, a {reason} address, which media URLs may not reach",
                 )
             result.append(str(_plain(ip)))
         if not result:
-            raise ApiError(ErrorCode.INVALID_URL, f"host {host!r} did not resolve to any address")
+            raise ApiError(
+                ErrorCode.INVALID_URL, f"host {echo(host)} did not resolve to any address"
+            )
         return list(dict.fromkeys(result))
 
     async def resolve(self, target: Target, resolver: Resolver) -> list[str]:
         """Resolve ``target.host`` (unless it is an IP literal) and check every answer."""
         literal = target.ip_literal
         if literal is not None:
-            return self.check(target.host, [str(literal)])
+            return self.check(target.host, [str(literal)], target.port)
         try:
             addresses = await resolver(target.host, target.port)
         except ApiError:
@@ -211,11 +226,29 @@ class AddressGuard:
         except Exception as exc:  # resolvers are pluggable; none of their failures is a 500
             raise ApiError(
                 ErrorCode.INVALID_URL,
-                f"could not resolve host {target.host!r}: {exc or type(exc).__name__}",
+                f"could not resolve host {echo(target.host)}: {exc or type(exc).__name__}",
             ) from None
         if isinstance(addresses, str):
             addresses = [addresses]
-        return self.check(target.host, addresses)
+        return self.check(target.host, addresses, target.port)
+
+
+def split_port(entry: str) -> tuple[str, int | None]:
+    """``host:port`` -> (host, port); a bare host, IP, CIDR or IPv6 address has no port."""
+    if entry.startswith("["):  # [v6] or [v6/len], maybe with :port
+        inner, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return inner, _port(port, entry) if port else None
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, _port(port, entry)
+    return entry, None
+
+
+def _port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"allowlist entry {entry!r} has an invalid port")
+    return int(text)
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -225,6 +258,6 @@ async def system_resolver(host: str, port: int) -> list[str]:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ApiError(
-            ErrorCode.INVALID_URL, f"could not resolve host {host!r}: {exc.strerror}"
+            ErrorCode.INVALID_URL, f"could not resolve host {echo(host)}: {exc.strerror}"
         ) from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))

@@ -25,11 +25,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +41,7 @@ from pathlib import Path
 import orjson
 
 from mmembed.config import Settings
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 
 log = logging.getLogger("mmembed.uploads")
 
@@ -47,10 +50,22 @@ KEY_PREFIX = "mmembed"  # first segment of every key we issue
 MAX_KEY_CHARS = 1023  # OSS's own limit on object keys
 _OWNER_LEN = 32  # hex characters (128 bits)
 _TMP_MAX_AGE_S = 3600.0  # abandoned partial uploads (a crash mid-write) are removed after this
+_MIN_FREE_BYTES = 1 << 20  # /health calls the store unusable below this much free disk
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def format_mb(n: int) -> str:
     return f"{n / (1 << 20):.3g} MB"
+
+
+def format_mb_pair(a: int, b: int) -> tuple[str, str]:
+    """Two sizes in MB with enough digits that different sizes never read the same (a quota
+    message saying "28.6 MB, over the limit of 28.6 MB" explains nothing)."""
+    for digits in (3, 4, 5, 6, 7):
+        shown = f"{a / (1 << 20):.{digits}g} MB", f"{b / (1 << 20):.{digits}g} MB"
+        if shown[0] != shown[1] or a == b:
+            return shown
+    return f"{a} bytes", f"{b} bytes"
 
 
 @dataclass(frozen=True)
@@ -121,7 +136,9 @@ class UploadStore:
         try:
             doc = orjson.loads(base64.b64decode(policy, validate=True))
             terms = Policy(str(doc["owner"]), str(doc["dir"]), int(doc["max"]), float(doc["exp"]))
-        except (ValueError, KeyError, TypeError, binascii.Error):
+            if not math.isfinite(terms.expires):  # NaN would never compare as expired
+                raise ValueError("exp")
+        except (ValueError, KeyError, TypeError, OverflowError, binascii.Error):
             raise ApiError(ErrorCode.ACCESS_DENIED, "upload policy is malformed") from None
         if terms.expires < self._clock():
             raise ApiError(ErrorCode.ACCESS_DENIED, "upload policy has expired; request a new one")
@@ -133,23 +150,50 @@ class UploadStore:
 
     def _load_secret(self) -> bytes:
         """A random signing key kept in the store (0600), shared by restarts and processes.
-        Written aside and linked into place, so a reader never sees a half-written one."""
+        Written aside and linked into place, so a reader never sees a half-written one.
+        Unreadable or damaged: uploads are unavailable (503), and the log says where."""
         if self._secret is None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            path = self.root / ".secret"
-            if not path.exists():
-                tmp = self.root / f".secret-{secrets.token_hex(8)}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    out.write(secrets.token_bytes(32))
-                with contextlib.suppress(FileExistsError):
-                    os.link(tmp, path)  # the first process to get here wins
-                tmp.unlink()
-            secret = path.read_bytes()
-            if len(secret) < 32:
-                raise RuntimeError(f"upload signing secret {path} is damaged; delete it")
-            self._secret = secret
+            try:
+                self._secret = self._read_secret()
+            except (OSError, ValueError) as exc:
+                log.error("upload signing secret in %s is unusable: %s", self.root, exc)
+                raise ApiError(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "uploads are unavailable: the upload signing secret cannot be read "
+                    "(the server log says why)",
+                ) from None
         return self._secret
+
+    def _read_secret(self) -> bytes:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.root / ".secret"
+        if not path.exists():
+            tmp = self.root / f".secret-{secrets.token_hex(8)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(32))
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # the first process to get here wins
+            tmp.unlink()
+        secret = path.read_bytes()
+        if len(secret) < 32:
+            raise ValueError(f"upload signing secret {path} is damaged; delete it")
+        return secret
+
+    def check(self) -> str | None:
+        """Why uploads cannot work right now (for /health), or None. No paths: clients see it."""
+        try:
+            self._load_secret()
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                return "the upload directory is not writable"
+            if shutil.disk_usage(self.root).free < _MIN_FREE_BYTES:
+                return "the upload disk is full"
+        except ApiError as exc:
+            return exc.message
+        except OSError as exc:
+            log.error("upload store %s: %s", self.root, exc)
+            return "the upload directory cannot be used"
+        return None
 
     # -- writing -------------------------------------------------------------------------------
     def check_key(self, key: str, terms: Policy) -> None:
@@ -179,11 +223,13 @@ class UploadStore:
             self._check_file_size(declared, terms.max_bytes)
             self._check_quota(owner, declared)
         tmp_dir = self.root / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = tmp_dir / f"{secrets.token_hex(16)}.part"
         size = 0
         try:
-            with open(tmp, "xb") as out:
+            tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Owner-only (0600): uploads are private to one API key, on disk as well.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
                 async for chunk in chunks:
                     self._check_file_size(size + len(chunk), terms.max_bytes)
                     self._check_quota(owner, len(chunk))
@@ -192,12 +238,14 @@ class UploadStore:
                     out.write(chunk)  # page-cache writes: cheap enough on the event loop
             if size == 0:
                 raise ApiError(ErrorCode.INVALID_PARAMETER, "the uploaded file is empty")
-            final.parent.mkdir(parents=True, exist_ok=True)
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
                 os.link(tmp, final)  # atomic, and never replaces an existing upload
             except FileExistsError:
                 raise _exists(key) from None
             self._add_disk(owner, size)
+        except OSError as exc:  # a full disk, a read-only or vanished directory
+            raise _storage_error("store an upload", exc) from None
         finally:
             self._inflight[owner] = self._inflight.get(owner, 0) - size
             if self._inflight[owner] <= 0:
@@ -221,11 +269,11 @@ class UploadStore:
     def _check_quota(self, owner: str, extra: int) -> None:
         used = self.usage(owner)
         if used + extra > self.owner_max_bytes:
+            total, limit = format_mb_pair(used + extra, self.owner_max_bytes)
             raise ApiError(
                 ErrorCode.TOO_LARGE,
-                f"uploads of this API key would take {format_mb(used + extra)}, over the "
-                f"limit of {format_mb(self.owner_max_bytes)}; uploads expire after "
-                f"{self.ttl_s / 3600:g} h",
+                f"uploads of this API key would take {total}, over the limit of {limit}; "
+                f"uploads expire after {self.ttl_s / 3600:g} h",
             )
 
     def _add_disk(self, owner: str, size: int) -> None:
@@ -258,6 +306,8 @@ class UploadStore:
                 f"{_short(ref)} does not exist (uploads expire after {self.ttl_s / 3600:g} h; "
                 "upload the file again)",
             ) from None
+        except OSError as exc:
+            raise _storage_error("read an upload", exc) from None
         if self._expired(stat.st_mtime):
             self._delete(path, owner, stat.st_size)
             raise ApiError(
@@ -275,7 +325,10 @@ class UploadStore:
             with open(path, "rb") as f:
                 return f.read(max_bytes + 1)
 
-        data = await asyncio.to_thread(load)
+        try:
+            data = await asyncio.to_thread(load)
+        except OSError as exc:
+            raise _storage_error("read an upload", exc) from None
         if len(data) > max_bytes:
             raise ApiError(ErrorCode.TOO_LARGE, f"uploaded file is over {max_bytes} bytes")
         return data
@@ -335,6 +388,21 @@ class UploadStore:
             log.info("upload sweep deleted %d expired files", len(deleted))
         return deleted
 
+    def sweep_partials(self) -> int:
+        """At start-up: delete every partial upload (no upload can be in progress yet; those
+        left by a crash or a kill would otherwise sit there for ``_TMP_MAX_AGE_S``)."""
+        tmp_dir = self.root / "tmp"
+        removed = 0
+        if tmp_dir.is_dir():
+            for entry in os.scandir(tmp_dir):
+                if entry.name.endswith(".part") and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            log.info("removed %d partial uploads left by an earlier run", removed)
+        return removed
+
     async def maybe_sweep(self) -> None:
         """Sweep on a worker thread if the last sweep is older than the interval."""
         now = time.monotonic()
@@ -350,10 +418,20 @@ class UploadStore:
             self._add_disk(owner, -size)
 
 
+def _storage_error(doing: str, exc: OSError) -> ApiError:
+    """A storage fault as the client sees it: 503, what failed, no paths (those go to the log)."""
+    log.error("could not %s: %s", doing, exc)
+    if exc.errno in _FULL:
+        message = f"could not {doing}: the upload store is full; try again later"
+    else:
+        message = f"could not {doing}: the upload store is unavailable (the server log says why)"
+    return ApiError(ErrorCode.SERVICE_UNAVAILABLE, message, headers={"Retry-After": "60"})
+
+
 def _exists(key: str) -> ApiError:
     return ApiError(
         ErrorCode.FILE_EXISTS,
-        f"an upload named {key!r} already exists; request a new upload policy",
+        f"an upload named {echo(key)} already exists; request a new upload policy",
     )
 
 

@@ -187,6 +187,7 @@ class _Sampler:
         self.decoded = self.packets = self.errors = 0
         self.deadline = time.monotonic() + DEADLINE_S
         self.position = -math.inf  # time of the last decoded frame
+        self.latest = -math.inf  # time of the latest frame decoded at all
         self.exhausted = False
 
     def set_timing(self, start: float, duration: float) -> None:
@@ -230,8 +231,20 @@ class _Sampler:
         if not images:
             raise _fail("video contains no decodable frames")
         return VideoClip(
-            frames=images, duration=self.duration, timestamps=[max(0.0, t) for t in times]
+            frames=images,
+            duration=self._present_duration(),
+            timestamps=[max(0.0, t) for t in times],
         )
+
+    def _present_duration(self) -> float:
+        """The duration usage is billed for: the container's claim, unless decoding reached the
+        end of the data first (a truncated file, or a header that lies): then up to the end of
+        the last frame actually present."""
+        if not self.exhausted or self.latest == -math.inf:
+            return self.duration
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        period = float(1 / rate) if rate else 0.0
+        return max(0.0, min(self.duration, self.latest - self.start + period))
 
     # -- decoding ---------------------------------------------------------------------------------
     def _decode(self, seeked_to: float | None) -> Iterator[_Timed]:
@@ -255,6 +268,7 @@ class _Sampler:
                     self.seek_gap *= 2  # landed behind us: keyframes are sparser than assumed
                 first = False
                 self.position = t
+                self.latest = max(self.latest, t)
                 yield t, frame
         self.exhausted = True
 
