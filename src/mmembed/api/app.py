@@ -21,6 +21,8 @@ from mmembed.config import Settings
 from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.logs import request_id_var
+from mmembed.media.fetch import Fetcher
+from mmembed.media.store import UploadStore
 from mmembed.models.catalog import load_catalog
 
 log = logging.getLogger("mmembed.api")
@@ -93,12 +95,21 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
+def build_engine(settings: Settings) -> Engine:
+    """The composition root: catalog, upload store, fetcher and engine, built once here."""
+    catalog = load_catalog(settings.catalog)
+    uploads = UploadStore.from_settings(settings)
+    return Engine(settings, catalog, Fetcher(settings, uploads=uploads))
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        eng = engine or Engine(settings, load_catalog(settings.catalog))
+        eng = engine or build_engine(settings)
         await asyncio.to_thread(eng.load)
         app.state.engine = eng
+        # The handlers' upload store: the one the engine's fetcher reads (stand-ins have none).
+        app.state.uploads = getattr(getattr(eng, "fetcher", None), "uploads", None)
         yield
         await eng.aclose()
 

@@ -43,7 +43,7 @@ def _bad(message: str) -> ApiError:
 
 
 def _store(request: Request) -> UploadStore:
-    return request.app.state.engine.fetcher.uploads  # the fetcher reads what we write
+    return request.app.state.uploads  # built at start-up; the fetcher reads what we write
 
 
 def _file_cap(request: Request, model: str | None) -> int:
