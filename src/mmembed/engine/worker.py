@@ -3,7 +3,8 @@
 A :class:`Worker` hosts one object in a child process and runs its methods for the parent.
 Calls are multiplexed over one pipe and run in the child on named *lanes* (thread pools): a
 backend has a one-thread ``forward`` lane (passes are serialised; the runtimes use every core)
-and an ``aux`` lane (token counting) so a long pass does not hold up counting for new requests.
+and token-counting lanes (short texts, long texts) so neither a long pass nor a long count
+holds up counting for new short requests.
 
 When the child dies (a segfault or abort in native code, or the OOM killer), every call in
 flight fails with :class:`WorkerCrashed`, and the parent starts a new child at once; calls made
