@@ -154,7 +154,7 @@ def long_texts() -> list[str]:
     out = []
     for k in range(20):
         text, i = "", k
-        while len(text) < 100_000:
+        while len(text) < 84_000:
             text += words[i % len(words)] + " "
             i += 7
         out.append(text)
@@ -222,14 +222,15 @@ def main() -> None:
                 attack(url + EMBED_PATH, body, clients, args.seconds, proc.pid)
             )
             rows.append([
-                label, str(dict(sorted(statuses.items(), key=str))), str(len(probe.latencies)),
+                label, str(dict(sorted(statuses.items(), key=str))),
+                str(dict(sorted(probe.statuses.items(), key=str))),
                 f"{probe.pct(50):.0f} / {probe.pct(99):.0f}", f"{idle:.0f}", f"{peak:.0f}",
                 f"{end:.0f}",
             ])  # fmt: skip
     finally:
         stop(proc)
     print(f"\nattacks, {args.seconds:g} s each; probe: one short text at a time (flash)")
-    header = ["attack", "attack answers", "probes", "probe p50/p99 ms", "RSS idle MB",
+    header = ["attack", "attack answers", "probe answers", "probe p50/p99 ms", "RSS idle MB",
               "RSS peak MB", "RSS after MB"]  # fmt: skip
     print(table(header, rows))
 
