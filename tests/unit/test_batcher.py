@@ -238,3 +238,20 @@ def test_a_crash_costs_only_the_request_that_causes_it():
     assert model.batches.count(-12) == 1 and model.batches.count(-1) == 1
     assert batcher.stats.crashes == 2
     assert np.array_equal(good[1], model.backend.embed(texts("a0", "b0")))
+
+
+def test_abandoned_long_pass_is_aborted_short_one_is_not():
+    model = RecordingModel(delay=0.3)
+    aborted: list[int] = []
+    batcher = make(model, max_tokens=10, max_wait_s=0, abort=lambda: aborted.append(1))
+
+    async def go(tokens: int):
+        task = asyncio.ensure_future(batcher.submit(texts("x"), tokens))
+        await asyncio.sleep(0.1)  # the pass is running
+        task.cancel()
+        await asyncio.sleep(0.4)
+
+    asyncio.run(go(5))  # within max_tokens: cheaper to finish than to restart
+    assert aborted == [] and batcher.stats.aborted == 0
+    asyncio.run(go(50))  # one huge input running alone, and nobody waits for it
+    assert aborted == [1] and batcher.stats.aborted == 1

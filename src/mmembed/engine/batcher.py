@@ -13,7 +13,9 @@ clients sending one text each cost a few forward passes rather than 32.
   attained service, in inputs), so a one-text request waits for at most the pass in progress,
   not for the rest of a 20-text request queued before it.
 - **Cancellation**: a request whose caller gave up (timeout, disconnect) leaves the queue with
-  whatever it had not started.
+  whatever it had not started. When every request of the pass in progress is gone and the pass
+  is a long one (more tokens than ``max_tokens``: one huge input running alone), ``abort`` is
+  called (a contained backend restarts its worker) instead of letting it run for no one.
 - **Crash isolation**: when the model process dies during a pass (``WorkerCrashed``), each input
   of that pass is run again alone; the one that crashes alone fails its request with
   ``InternalError.Algo`` naming the item, and every other request is answered.
@@ -71,6 +73,7 @@ class BatchStats:
     inputs: int = 0
     requests: int = 0
     rejected: int = 0
+    aborted: int = 0  # long passes stopped because their requests were gone
     largest_batch: int = 0  # inputs
     largest_images: int = 0  # images and frames in one pass
     crashes: int = 0
@@ -91,8 +94,12 @@ class Batcher:
         max_wait_s: float,
         max_queue: int,
         max_images: int = 0,
+        abort: Callable[[], None] | None = None,
     ) -> None:
         self._run = run
+        self._abort = abort
+        self._running: list[_Pending] = []
+        self._running_tokens = 0
         self._executor = executor
         self.max_items = max_items
         self.max_tokens = max_tokens
@@ -149,6 +156,7 @@ class Batcher:
         except asyncio.CancelledError:
             # The caller gave up (timeout, disconnect): drop what has not started.
             self._drop(pending)
+            self._abort_if_abandoned()
             raise
         finally:
             self._served.pop(id(pending), None)
@@ -158,6 +166,18 @@ class Batcher:
             self._queue.remove(pending)
             self._queued_items -= len(pending.inputs) - pending.taken
         pending.taken = len(pending.inputs)
+
+    def _abort_if_abandoned(self) -> None:
+        if (
+            self._abort is not None
+            and self._running
+            and self._running_tokens > self.max_tokens
+            and all(p.future.done() for p in self._running)
+        ):
+            log.info("aborting a pass of %d tokens: its requests are gone", self._running_tokens)
+            self.stats.aborted += 1
+            self._running = []
+            self._abort()
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -199,9 +219,13 @@ class Batcher:
 
     async def _run_batch(self, batch: list[tuple[_Pending, int, int]]) -> None:
         inputs = [inp for p, a, b in batch for inp in p.inputs[a:b]]
+        self._running = [p for p, _, _ in batch]
+        self._running_tokens = sum(sum(p.tokens[a:b]) for p, a, b in batch)
         try:
             vectors = await self._forward(inputs)
         except WorkerCrashed:
+            if all(p.future.done() for p, _, _ in batch):
+                return  # aborted on purpose, or nobody is waiting: nothing to retry
             self.stats.crashes += 1
             if len(inputs) == 1:
                 self._fail_crashed(batch[0][0], batch[0][1])
@@ -216,6 +240,8 @@ class Batcher:
                     p.future.set_exception(exc)
                 self._drop(p)
             return
+        finally:
+            self._running = []
         self.stats.batches += 1
         self.stats.inputs += len(inputs)
         self.stats.requests += len({id(p) for p, _, _ in batch})

@@ -121,6 +121,10 @@ class ContainedBackend:
         except WorkerUnavailable as exc:
             raise unavailable(exc) from None
 
+    def abort(self) -> None:
+        """Stop the pass in progress (its requests are gone): the worker is restarted."""
+        self.worker.abort()
+
     def close(self) -> None:
         self.worker.close()
 

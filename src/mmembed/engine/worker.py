@@ -129,6 +129,7 @@ class Worker:
         self.info: dict[str, Any] = {}
         self.restarts = 0
         self.crashes = 0
+        self._aborting = False
 
     # lifecycle
     def start(self) -> dict[str, Any]:
@@ -180,6 +181,16 @@ class Worker:
                 proc.kill()
                 proc.join(2)
 
+    def abort(self) -> None:
+        """Kill the child on purpose (to stop work nobody waits for); it is restarted, and the
+        calls in flight fail with ``WorkerCrashed``."""
+        with self._lock:
+            proc = self._proc if self._conn is not None else None
+            if proc is None:
+                return
+            self._aborting = True
+        proc.kill()
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
@@ -214,19 +225,22 @@ class Worker:
             with self._lock:
                 self._conn = None
                 lost, self._pending = self._pending, {}
-                closing = self._closing
+                closing, aborted, self._aborting = self._closing, self._aborting, False
             if closing:
                 for fut in lost.values():
                     fut.set_exception(WorkerUnavailable(f"worker {self.name} is closed"))
                 return
-            self.crashes += 1
-            log.error(
-                "worker %s (pid %s) died with exit code %s; %d call(s) lost; restarting",
-                self.name,
-                proc.pid,
-                proc.exitcode,
-                len(lost),
-            )
+            if aborted:
+                log.info("worker %s stopped to drop abandoned work; restarting", self.name)
+            else:
+                self.crashes += 1
+                log.error(
+                    "worker %s (pid %s) died with exit code %s; %d call(s) lost; restarting",
+                    self.name,
+                    proc.pid,
+                    proc.exitcode,
+                    len(lost),
+                )
             for fut in lost.values():
                 if not fut.done():
                     fut.set_exception(
