@@ -17,9 +17,9 @@ clients sending one text each cost a few forward passes rather than 32.
   is a long one (more tokens than ``max_tokens``: one huge input running alone), ``abort`` is
   called (a contained backend restarts its worker) instead of letting it run for no one.
 - **Express lane**: with ``express`` (a second way into the model that may run beside the
-  first), while one long pass runs (more tokens than ``max_tokens``: a huge input alone),
-  short passes go that way beside it, so a one-text request does not wait minutes behind a
-  32,000-token text.
+  first), while one heavy pass runs (more tokens than ``max_tokens``, i.e. a huge input alone,
+  or ``EXPRESS_MIN_IMAGES`` images or more), passes of short texts go that way beside it, so a
+  one-text request does not wait behind a 32,000-token text or a pass of 32 images.
 - **Crash isolation**: when the model process dies during a pass (``WorkerCrashed``), each input
   of that pass is run again alone; the one that crashes alone fails its request with
   ``InternalError.Algo`` naming the item, and every other request is answered.
@@ -44,6 +44,8 @@ from mmembed.errors import ApiError, ErrorCode
 from mmembed.models.base import EmbedInput
 
 log = logging.getLogger("mmembed.batcher")
+
+EXPRESS_MIN_IMAGES = 8  # a pass with this many images (or frames) lets texts pass beside it
 
 
 @dataclass(eq=False)
@@ -230,15 +232,17 @@ class Batcher:
                 continue
             if long_running:
                 await self._run_batch(batch, express=True)
-            elif self._express is not None and self._is_long(batch):
+            elif self._express is not None and self._is_heavy(batch):
                 # Run it beside the loop: short passes go on the express lane meanwhile.
                 self._long = asyncio.ensure_future(self._run_batch(batch))
                 self._long.add_done_callback(lambda _: self._wakeup and self._wakeup.set())
             else:
                 await self._run_batch(batch)
 
-    def _is_long(self, batch: list[tuple[_Pending, int, int]]) -> bool:
-        return sum(sum(p.tokens[a:b]) for p, a, b in batch) > self.max_tokens
+    def _is_heavy(self, batch: list[tuple[_Pending, int, int]]) -> bool:
+        tokens = sum(sum(p.tokens[a:b]) for p, a, b in batch)
+        images = sum(sum(p.images[a:b]) for p, a, b in batch)
+        return tokens > self.max_tokens or images >= EXPRESS_MIN_IMAGES
 
     async def _forward(self, inputs: list[EmbedInput], express: bool = False) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -331,8 +335,8 @@ class Batcher:
 
     def _take(self, short_only: bool = False) -> list[tuple[_Pending, int, int]]:
         """The next pass: (request, first input, end) slices within the limits, requests that
-        have received least so far first. ``short_only``: no input over ``max_tokens`` (a long
-        pass is running; these go on the express lane beside it)."""
+        have received least so far first. ``short_only``: texts only, within ``max_tokens`` (a
+        heavy pass is running; these go on the express lane beside it)."""
         live = [p for p in self._queue if not p.future.done()]
         for p in self._queue:
             if p.future.done():
@@ -350,7 +354,9 @@ class Batcher:
                     and tokens + p.tokens[i] <= self.max_tokens
                     and images + p.images[i] <= self.max_images
                 )
-                if (items and not fits) or (short_only and tokens + p.tokens[i] > self.max_tokens):
+                if (items and not fits) or (
+                    short_only and (p.images[i] or tokens + p.tokens[i] > self.max_tokens)
+                ):
                     break
                 items += 1
                 tokens += p.tokens[i]
