@@ -43,14 +43,23 @@ def test_estimate_counts_texts_images_and_video_frames():
 
 
 def test_idle_backend_admits_anything_busy_one_refuses():
-    adm = Admission(capacity=10)
-    with adm.admit(50):  # alone: admitted however large
+    adm = Admission(capacity=100)
+    with adm.admit(500):  # alone: admitted however large
         with pytest.raises(ApiError) as info, adm.admit(1):
             pass
         assert info.value.error is ErrorCode.THROTTLING
-    with adm.admit(6), adm.admit(4):
-        assert adm.admitted == 10
+    with adm.admit(60), adm.admit(15):  # large requests share up to 3/4 of the capacity
+        assert adm.admitted == 75
     assert adm.admitted == 0 and adm.rejected == 1
+
+
+def test_large_requests_leave_room_for_small_ones():
+    adm = Admission(capacity=1024)
+    with adm.admit(512):  # the largest multi_images request (64 × 8)
+        with pytest.raises(ApiError), adm.admit(512):  # a second: over 3/4 of the capacity
+            pass
+        with adm.admit(200), adm.admit(1), adm.admit(16):  # one-text requests still get in
+            assert adm.admitted == 729
 
 
 def test_throttled_before_media_is_fetched():

@@ -238,3 +238,53 @@ def test_a_crash_costs_only_the_request_that_causes_it():
     assert model.batches.count(-12) == 1 and model.batches.count(-1) == 1
     assert batcher.stats.crashes == 2
     assert np.array_equal(good[1], model.backend.embed(texts("a0", "b0")))
+
+
+def test_abandoned_long_pass_is_aborted_short_one_is_not():
+    model = RecordingModel(delay=0.3)
+    aborted: list[int] = []
+    batcher = make(model, max_tokens=10, max_wait_s=0, abort=lambda: aborted.append(1))
+
+    async def go(tokens: int):
+        task = asyncio.ensure_future(batcher.submit(texts("x"), tokens))
+        await asyncio.sleep(0.1)  # the pass is running
+        task.cancel()
+        await asyncio.sleep(0.4)
+
+    asyncio.run(go(5))  # within max_tokens: cheaper to finish than to restart
+    assert aborted == [] and batcher.stats.aborted == 0
+    asyncio.run(go(50))  # one huge input running alone, and nobody waits for it
+    assert aborted == [1] and batcher.stats.aborted == 1
+
+
+def test_short_requests_take_the_express_lane_beside_a_long_pass():
+    long_gate = threading.Event()
+    seen: list[str] = []
+
+    def run(inputs):  # the main lane: the long pass blocks until released
+        seen.append("main:" + ",".join(t for inp in inputs for t in inp.texts))
+        long_gate.wait(10)
+        return HashBackend(dim=16).embed(inputs)
+
+    def express(inputs):
+        seen.append("express:" + ",".join(t for inp in inputs for t in inp.texts))
+        return HashBackend(dim=16).embed(inputs)
+
+    batcher = Batcher(
+        run, ThreadPoolExecutor(1), max_items=8, max_tokens=10, max_wait_s=0, max_queue=100,
+        express=express,
+    )  # fmt: skip
+
+    async def go():
+        long = asyncio.ensure_future(batcher.submit(texts("huge"), 500))
+        await asyncio.sleep(0.05)
+        short = await asyncio.wait_for(batcher.submit(texts("a", "b"), 4), 10)
+        still_running = not long.done()
+        long_gate.set()
+        return short, still_running, await long
+
+    short, still_running, huge = asyncio.run(go())
+    assert still_running  # the short request was answered while the long pass ran
+    assert huge.shape == (1, 16)
+    assert seen == ["main:huge", "express:a,b"]
+    assert np.array_equal(short, HashBackend(dim=16).embed(texts("a", "b")))

@@ -104,3 +104,31 @@ def test_video_decodes_in_a_supervised_process():
         assert decoder.worker.pid != pid
     finally:
         decoder.close()
+
+
+def test_a_long_pass_nobody_waits_for_is_stopped():
+    catalog = {
+        "backends": {"h": {"family": "hash", "dim": 8, "delay_s": 30.0}},
+        "models": {"m": {"backend": "h", "dimensions": [8]}},
+    }
+    eng = Engine(Settings(model_isolation="process", batch_max_tokens=8), parse_catalog(catalog))
+    eng.load()
+    try:
+        pid = worker_pid(eng)
+        huge = EmbedRequest("m", [ContentItem(index=0, text="w " * 50)])  # 52 tokens > 8
+
+        async def go():
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(eng.embed(huge), 1.0)  # the caller gives up
+
+        asyncio.run(go())
+        stats = eng.batch_stats()["h"]
+        assert stats["aborted"] == 1 and stats["crashes"] == 0
+        # The 30 s pass was stopped: the worker is a new one (and is not counted as a crash).
+        deadline = time.monotonic() + 60
+        while worker_pid(eng) == pid and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker_pid(eng) != pid
+        assert eng._backends["h"].backend.worker.crashes == 0
+    finally:
+        asyncio.run(eng.aclose())

@@ -6,6 +6,10 @@ frames a video may give (``max_video_frames``). Each backend admits up to ``capa
 once; what is admitted is held until the request is answered, fails or is cancelled. A request
 arriving at an idle backend is always admitted, whatever its cost, so no legal request is
 refused forever.
+
+Large requests may hold at most ``LARGE_SHARE`` of the capacity between them: the rest is kept
+for small ones (at most ``capacity / 64`` units), so a few clients sending the largest legal
+requests cannot make every one-text request wait at the door.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from mmembed.models.catalog import ModelSpec
 from mmembed.types import ContentItem
 
 TEXT_UNIT_CHARS = 4096
+LARGE_SHARE = 0.75
 
 
 def estimate(spec: ModelSpec, items: list[ContentItem]) -> int:
@@ -42,7 +47,9 @@ class Admission:
 
     @contextlib.contextmanager
     def admit(self, cost: int) -> Iterator[None]:
-        if self.admitted and self.admitted + cost > self.capacity:
+        small = cost <= max(1, self.capacity // 64)
+        limit = self.capacity if small else int(self.capacity * LARGE_SHARE)
+        if self.admitted and self.admitted + cost > limit:
             self.rejected += 1
             raise ApiError(
                 ErrorCode.THROTTLING,

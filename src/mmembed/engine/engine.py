@@ -111,6 +111,8 @@ class Engine:
                     max_images=self.settings.batch_max_images,
                     max_wait_s=self.settings.batch_max_wait_ms / 1000,
                     max_queue=self.settings.queue_max_items,
+                    abort=getattr(backend, "abort", None),
+                    express=getattr(backend, "embed_express", None),
                 )
                 admission = Admission(self.settings.admit_max_units)
                 self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)

@@ -3,7 +3,8 @@
 A :class:`Worker` hosts one object in a child process and runs its methods for the parent.
 Calls are multiplexed over one pipe and run in the child on named *lanes* (thread pools): a
 backend has a one-thread ``forward`` lane (passes are serialised; the runtimes use every core)
-and an ``aux`` lane (token counting) so a long pass does not hold up counting for new requests.
+and token-counting lanes (short texts, long texts) so neither a long pass nor a long count
+holds up counting for new short requests.
 
 When the child dies (a segfault or abort in native code, or the OOM killer), every call in
 flight fails with :class:`WorkerCrashed`, and the parent starts a new child at once; calls made
@@ -128,6 +129,7 @@ class Worker:
         self.info: dict[str, Any] = {}
         self.restarts = 0
         self.crashes = 0
+        self._aborting = False
 
     # lifecycle
     def start(self) -> dict[str, Any]:
@@ -179,6 +181,16 @@ class Worker:
                 proc.kill()
                 proc.join(2)
 
+    def abort(self) -> None:
+        """Kill the child on purpose (to stop work nobody waits for); it is restarted, and the
+        calls in flight fail with ``WorkerCrashed``."""
+        with self._lock:
+            proc = self._proc if self._conn is not None else None
+            if proc is None:
+                return
+            self._aborting = True
+        proc.kill()
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
@@ -213,19 +225,22 @@ class Worker:
             with self._lock:
                 self._conn = None
                 lost, self._pending = self._pending, {}
-                closing = self._closing
+                closing, aborted, self._aborting = self._closing, self._aborting, False
             if closing:
                 for fut in lost.values():
                     fut.set_exception(WorkerUnavailable(f"worker {self.name} is closed"))
                 return
-            self.crashes += 1
-            log.error(
-                "worker %s (pid %s) died with exit code %s; %d call(s) lost; restarting",
-                self.name,
-                proc.pid,
-                proc.exitcode,
-                len(lost),
-            )
+            if aborted:
+                log.info("worker %s stopped to drop abandoned work; restarting", self.name)
+            else:
+                self.crashes += 1
+                log.error(
+                    "worker %s (pid %s) died with exit code %s; %d call(s) lost; restarting",
+                    self.name,
+                    proc.pid,
+                    proc.exitcode,
+                    len(lost),
+                )
             for fut in lost.values():
                 if not fut.done():
                     fut.set_exception(
