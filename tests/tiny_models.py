@@ -31,6 +31,7 @@ def make_tokenizer(
     unk: str = "<unk>",
     lowercase: bool = False,
     max_length: int = 512,
+    padding_side: str = "right",
 ):
     """A WordLevel tokenizer whose first ids are ``specials`` (in order), then ``WORDS``."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
@@ -54,7 +55,12 @@ def make_tokenizer(
             pair=pair,
             special_tokens=[(t, vocab[t]) for t in (bos, eos) if t],
         )
-    kwargs = {"pad_token": pad, "unk_token": unk, "model_max_length": max_length}
+    kwargs = {
+        "pad_token": pad,
+        "unk_token": unk,
+        "model_max_length": max_length,
+        "padding_side": padding_side,
+    }
     if bos:
         kwargs["bos_token"] = bos
     if eos:
@@ -161,19 +167,29 @@ def build_clip(folder: Path, seed: int = 1) -> Path:
     return folder
 
 
-def build_siglip(folder: Path, seed: int = 2) -> Path:
-    """A 2+2-layer SigLIP at 32 px (the layout of the fixed-resolution SigLIP2 checkpoints)."""
+def build_siglip(folder: Path, seed: int = 2, eos: bool = True) -> Path:
+    """A 2+2-layer SigLIP at 32 px (the layout of the fixed-resolution SigLIP2 checkpoints).
+
+    The tokenizer behaves as the SigLIP2 checkpoints' files do under transformers 5, not as the
+    model was trained: Gemma's special ids (pad 0, eos 1, bos 2, unk 3), a BOS and no EOS added,
+    left padding (Gemma's default), an attention mask, and no lower-casing (the files name
+    ``GemmaTokenizer``). Only a backend that builds SigLIP's text layout itself matches the
+    reference. ``eos=False`` leaves the EOS token out of the vocabulary altogether."""
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
     _seed(seed)
-    tok = make_tokenizer(["<pad>", "<unk>", "<eos>"], eos="<eos>", lowercase=True, max_length=64)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if eos else ["<pad>", "<bos>", "<unk>"]
+    tok = make_tokenizer(specials, bos="<bos>", max_length=64, padding_side="left")
+    if eos:
+        tok.eos_token = "<eos>"
+    ids = tok.convert_tokens_to_ids(["<pad>", "<bos>"])
     config = SiglipConfig(
         text_config=_tower(
             vocab_size=len(tok),
             max_position_embeddings=64,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
+            pad_token_id=ids[0],
+            bos_token_id=ids[1],
+            eos_token_id=tok.eos_token_id if eos else 1,
         ),
         vision_config=_tower(
             image_size=32,

@@ -39,6 +39,7 @@ from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, EmbedInput, l2_normal
 from mmembed.models.torchutil import (
     TokenCounter,
     begin_load,
+    load_pretrained,
 )
 from mmembed.types import VideoClip
 
@@ -112,8 +113,16 @@ class Qwen3VLBackend:
     # -- loading -------------------------------------------------------------------------------
     def load(self) -> None:
         transformers = begin_load(self)
-        model = transformers.Qwen3VLModel.from_pretrained(
-            self.path, dtype=self.dtype, attn_implementation=self.attn_implementation
+        if not hasattr(transformers, "Qwen3VLModel"):
+            raise RuntimeError(
+                f"transformers {transformers.__version__} does not know Qwen3-VL "
+                "(4.57 or newer needed): pip install -U 'mmembed[open-weights]'"
+            )
+        model = load_pretrained(
+            transformers.Qwen3VLModel,
+            self.path,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
         )
         self.model = model.to(self.device).eval()
         config = model.config

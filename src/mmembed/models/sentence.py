@@ -25,6 +25,7 @@ from mmembed.models.base import TEXT, EmbedInput, l2_normalize
 from mmembed.models.torchutil import (
     TokenCounter,
     begin_load,
+    load_pretrained,
 )
 
 _POOLING_KEYS = {
@@ -99,11 +100,11 @@ class SentenceBackend:
             self.pooling = pooling
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
         self._count = TokenCounter(self.tokenizer)
-        self.model = (
-            transformers.AutoModel.from_pretrained(self.path, dtype=self.dtype)
-            .to(self.device)
-            .eval()
+        # BERT's pooler is not used for sentence vectors; many folders leave it out.
+        model = load_pretrained(
+            transformers.AutoModel, self.path, ignore_missing=("pooler.",), dtype=self.dtype
         )
+        self.model = model.to(self.device).eval()
         config = self.model.config
         limit = getattr(config, "max_position_embeddings", 0) or 512
         self.max_length = min(self.max_length or folder_max or limit, limit)
