@@ -78,8 +78,11 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_sentence(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer BERT with a sentence-transformers folder layout (mean pooling, Normalize)."""
+def build_sentence(
+    folder: Path, seed: int = 0, lowercase: bool = True, padding_side: str = "right"
+) -> Path:
+    """A 2-layer BERT with a sentence-transformers folder layout, as releases before 6 wrote it
+    (legacy ``pooling_mode_mean_tokens`` flag, Normalize)."""
     from transformers import BertConfig, BertModel
 
     _seed(seed)
@@ -89,8 +92,9 @@ def build_sentence(folder: Path, seed: int = 0) -> Path:
         eos="[SEP]",
         pad="[PAD]",
         unk="[UNK]",
-        lowercase=True,
+        lowercase=lowercase,
         max_length=128,
+        padding_side=padding_side,
     )
     config = BertConfig(
         vocab_size=len(tok),
@@ -127,6 +131,47 @@ def build_sentence(folder: Path, seed: int = 0) -> Path:
     (folder / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": 64, "do_lower_case": False})
     )
+    return folder
+
+
+def build_st_folder(
+    folder: Path,
+    pooling_mode: str | list[str] = "mean",
+    *,
+    dense: bool = False,
+    normalize: bool = True,
+    do_lower_case: bool = False,
+    include_prompt: bool = True,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    padding_side: str = "right",
+    seed: int = 0,
+) -> Path:
+    """A sentence-transformers folder written by sentence-transformers itself (its current
+    format) around the tiny BERT: Transformer, Pooling, optionally Dense (32 -> 16, tanh) and
+    Normalize, with prompts. ``do_lower_case`` pairs with a tokenizer that does not
+    lower-case by itself, so only lower-casing by the folder's setting finds the words."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    base = build_sentence(
+        folder.parent / f"{folder.name}-base",
+        seed=seed,
+        lowercase=not do_lower_case,
+        padding_side=padding_side,
+    )
+    transformer = models.Transformer(str(base), do_lower_case=do_lower_case, max_seq_length=64)
+    pooling = models.Pooling(32, pooling_mode=pooling_mode, include_prompt=include_prompt)
+    modules = [transformer, pooling]
+    if dense:
+        torch.manual_seed(seed + 100)
+        modules.append(models.Dense(pooling.get_embedding_dimension(), 16))
+    if normalize:
+        modules.append(models.Normalize())
+    model = SentenceTransformer(
+        modules=modules, prompts=prompts, default_prompt_name=default_prompt_name, device="cpu"
+    )
+    model.save(str(folder))
     return folder
 
 
