@@ -366,6 +366,7 @@ class Engine:
             max_frames=spec.max_video_frames,
             formats=spec.video_formats,
             min_side=loaded.backend.image_size,
+            frame_times=getattr(loaded.backend, "frame_times", None),
         )
         out[0] = await self._decode(decode, at)
 
