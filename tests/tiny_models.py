@@ -31,6 +31,7 @@ def make_tokenizer(
     unk: str = "<unk>",
     lowercase: bool = False,
     max_length: int = 512,
+    padding_side: str = "right",
 ):
     """A WordLevel tokenizer whose first ids are ``specials`` (in order), then ``WORDS``."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
@@ -54,7 +55,12 @@ def make_tokenizer(
             pair=pair,
             special_tokens=[(t, vocab[t]) for t in (bos, eos) if t],
         )
-    kwargs = {"pad_token": pad, "unk_token": unk, "model_max_length": max_length}
+    kwargs = {
+        "pad_token": pad,
+        "unk_token": unk,
+        "model_max_length": max_length,
+        "padding_side": padding_side,
+    }
     if bos:
         kwargs["bos_token"] = bos
     if eos:
@@ -72,8 +78,11 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_sentence(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer BERT with a sentence-transformers folder layout (mean pooling, Normalize)."""
+def build_sentence(
+    folder: Path, seed: int = 0, lowercase: bool = True, padding_side: str = "right"
+) -> Path:
+    """A 2-layer BERT with a sentence-transformers folder layout, as releases before 6 wrote it
+    (legacy ``pooling_mode_mean_tokens`` flag, Normalize)."""
     from transformers import BertConfig, BertModel
 
     _seed(seed)
@@ -83,8 +92,9 @@ def build_sentence(folder: Path, seed: int = 0) -> Path:
         eos="[SEP]",
         pad="[PAD]",
         unk="[UNK]",
-        lowercase=True,
+        lowercase=lowercase,
         max_length=128,
+        padding_side=padding_side,
     )
     config = BertConfig(
         vocab_size=len(tok),
@@ -121,6 +131,47 @@ def build_sentence(folder: Path, seed: int = 0) -> Path:
     (folder / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": 64, "do_lower_case": False})
     )
+    return folder
+
+
+def build_st_folder(
+    folder: Path,
+    pooling_mode: str | list[str] = "mean",
+    *,
+    dense: bool = False,
+    normalize: bool = True,
+    do_lower_case: bool = False,
+    include_prompt: bool = True,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    padding_side: str = "right",
+    seed: int = 0,
+) -> Path:
+    """A sentence-transformers folder written by sentence-transformers itself (its current
+    format) around the tiny BERT: Transformer, Pooling, optionally Dense (32 -> 16, tanh) and
+    Normalize, with prompts. ``do_lower_case`` pairs with a tokenizer that does not
+    lower-case by itself, so only lower-casing by the folder's setting finds the words."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    base = build_sentence(
+        folder.parent / f"{folder.name}-base",
+        seed=seed,
+        lowercase=not do_lower_case,
+        padding_side=padding_side,
+    )
+    transformer = models.Transformer(str(base), do_lower_case=do_lower_case, max_seq_length=64)
+    pooling = models.Pooling(32, pooling_mode=pooling_mode, include_prompt=include_prompt)
+    modules = [transformer, pooling]
+    if dense:
+        torch.manual_seed(seed + 100)
+        modules.append(models.Dense(pooling.get_embedding_dimension(), 16))
+    if normalize:
+        modules.append(models.Normalize())
+    model = SentenceTransformer(
+        modules=modules, prompts=prompts, default_prompt_name=default_prompt_name, device="cpu"
+    )
+    model.save(str(folder))
     return folder
 
 
@@ -161,19 +212,29 @@ def build_clip(folder: Path, seed: int = 1) -> Path:
     return folder
 
 
-def build_siglip(folder: Path, seed: int = 2) -> Path:
-    """A 2+2-layer SigLIP at 32 px (the layout of the fixed-resolution SigLIP2 checkpoints)."""
+def build_siglip(folder: Path, seed: int = 2, eos: bool = True) -> Path:
+    """A 2+2-layer SigLIP at 32 px (the layout of the fixed-resolution SigLIP2 checkpoints).
+
+    The tokenizer behaves as the SigLIP2 checkpoints' files do under transformers 5, not as the
+    model was trained: Gemma's special ids (pad 0, eos 1, bos 2, unk 3), a BOS and no EOS added,
+    left padding (Gemma's default), an attention mask, and no lower-casing (the files name
+    ``GemmaTokenizer``). Only a backend that builds SigLIP's text layout itself matches the
+    reference. ``eos=False`` leaves the EOS token out of the vocabulary altogether."""
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
     _seed(seed)
-    tok = make_tokenizer(["<pad>", "<unk>", "<eos>"], eos="<eos>", lowercase=True, max_length=64)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if eos else ["<pad>", "<bos>", "<unk>"]
+    tok = make_tokenizer(specials, bos="<bos>", max_length=64, padding_side="left")
+    if eos:
+        tok.eos_token = "<eos>"
+    ids = tok.convert_tokens_to_ids(["<pad>", "<bos>"])
     config = SiglipConfig(
         text_config=_tower(
             vocab_size=len(tok),
             max_position_embeddings=64,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
+            pad_token_id=ids[0],
+            bos_token_id=ids[1],
+            eos_token_id=tok.eos_token_id if eos else 1,
         ),
         vision_config=_tower(
             image_size=32,

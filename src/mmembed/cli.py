@@ -104,6 +104,19 @@ def pull(settings: Settings, name: str) -> int:
     return 0
 
 
+def verify(settings: Settings, name: str) -> int:
+    """Served vectors of NAME's backend against its reference recipe (models/verify.py)."""
+    from mmembed.models.catalog import load_catalog
+    from mmembed.models.verify import run
+
+    try:
+        return run(load_catalog(settings.catalog), name, settings)
+    except Exception as exc:  # missing weights or extra, unknown name: one line, exit 2
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        print(f"mmembed: cannot verify {name}: {type(exc).__name__}: {reason}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmembed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     pull_parser = sub.add_parser("pull", help=pull_help, description=pull_help)
     pull_parser.add_argument("name", help="API name or backend name of the catalog, or a hub id")
     Settings.add_arguments(pull_parser)
+    verify_help = "Compare a model's served vectors with its reference recipe (needs its weights)."
+    verify_parser = sub.add_parser("verify", help=verify_help, description=verify_help)
+    verify_parser.add_argument("name", help="API name or backend name of the catalog")
+    Settings.add_arguments(verify_parser)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_args(args)
@@ -121,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "pull":
         return pull(settings, args.name)
+    if args.command == "verify":
+        return verify(settings, args.name)
     return {"serve": serve, "models": models}[args.command](settings)
 
 

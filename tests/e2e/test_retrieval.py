@@ -1,79 +1,54 @@
-"""Text -> image retrieval through the server on real photos that ship with scikit-image, with
-English and Chinese captions. Prints recall@1, recall@3 and MRR against chance."""
+"""Text -> image retrieval through the server on the bilingual dev set (tests/devset.py: 40 real
+photos and crops from packaged sample data, people and scenes included, English and Chinese
+captions). Prints recall@1, recall@5 and MRR per language and asserts floors: Chinese queries
+must work about as well as English ones (benchmarks/bench_bilingual.py has the before/after
+table)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from tests.devset import ITEMS, captions, metrics, photos, ranks
 from tests.media_util import image_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
-# scikit-image sample name -> (English caption, Chinese caption)
-CAPTIONS = {
-    "chelsea": ("a photo of a cat", "一只猫的照片"),
-    "coffee": ("a cup of coffee", "一杯咖啡"),
-    "rocket": ("a rocket on the launch pad", "发射台上的火箭"),
-    "stereo_motorcycle": ("a motorcycle", "一辆摩托车"),
-    "coins": ("old coins", "古老的硬币"),
-    "clock": ("a wall clock", "挂钟"),
-    "camera": ("a camera on a tripod", "三脚架上的相机"),
-    "astronaut": ("an astronaut in a space suit", "穿着宇航服的宇航员"),
-    "moon": ("the surface of the moon", "月球表面"),
-    "brick": ("a brick wall", "砖墙"),
-    "grass": ("a patch of grass", "一片草地"),
-    "gravel": ("gravel and small stones", "碎石和小石子"),
-    "hubble_deep_field": ("galaxies in deep space", "深空中的星系"),
-    "page": ("a page of printed text", "印刷的文字页面"),
-}
 MODEL = "tongyi-embedding-vision-plus"
-
-
-def _photo(name: str) -> np.ndarray:
-    from skimage import data
-
-    img = getattr(data, name)()
-    return img[0] if isinstance(img, tuple) else img  # stereo_motorcycle: (left, right, disp)
-
-
-def _ranks(text_vecs: np.ndarray, image_vecs: np.ndarray) -> np.ndarray:
-    scores = text_vecs @ image_vecs.T
-    order = np.argsort(-scores, axis=1)
-    return np.array([int(np.where(order[i] == i)[0][0]) + 1 for i in range(len(order))])
+# Measured with the packaged offline default: EN MRR 0.38, ZH 0.34 (before bilingual class
+# prompts: EN 0.38, ZH 0.29). Floors leave room for decoder differences, not for regressions.
+FLOORS = {"en": {"MRR": 0.36, "R@5": 0.55}, "zh": {"MRR": 0.32, "R@5": 0.45}}
+MAX_GAP = 0.06  # EN MRR - ZH MRR
 
 
 def test_text_to_image_retrieval(server, origin):
-    names = list(CAPTIONS)
-    urls = [origin.serve(f"/photo/{n}.png", image_bytes(_photo(n)), "image/png") for n in names]
+    names = [item[0] for item in ITEMS]
+    urls = [
+        origin.serve(f"/photo/{n}.png", image_bytes(np.asarray(im)), "image/png")
+        for n, im in zip(names, photos(), strict=True)
+    ]
     resp = server.post(
-        {"model": MODEL, "input": {"contents": [{"image": u} for u in urls]}}, timeout=120
+        {"model": MODEL, "input": {"contents": [{"image": u} for u in urls]}}, timeout=300
     )
     assert resp.status_code == 200, resp.text
     images = np.array([e["embedding"] for e in resp.json()["output"]["embeddings"]])
 
-    n = len(names)
-    chance = f"chance: R@1 {1 / n:.2f}, MRR {_chance_mrr(n):.2f}"
-    lines = [f"text->image retrieval over {n} photos ({chance})"]
+    lines = [f"text->image retrieval over {len(names)} photos (chance R@1 {1 / len(names):.3f})"]
     results = {}
-    for lang, col in (("en", 0), ("zh", 1)):
-        texts = [CAPTIONS[name][col] for name in names]
-        r = server.post({"model": MODEL, "input": {"contents": texts}})
+    for lang in ("en", "zh"):
+        r = server.post({"model": MODEL, "input": {"contents": captions(lang)}})
         assert r.status_code == 200, r.text
         text_vecs = np.array([e["embedding"] for e in r.json()["output"]["embeddings"]])
-        ranks = _ranks(text_vecs, images)
-        results[lang] = ranks
+        got = ranks(text_vecs, images)
+        results[lang] = metrics(got)
+        m = results[lang]
         lines.append(
-            f"  {lang}: R@1 {np.mean(ranks == 1):.2f}  R@3 {np.mean(ranks <= 3):.2f}  "
-            f"MRR {np.mean(1 / ranks):.2f}  misses: "
-            + ", ".join(f"{names[i]}(rank {ranks[i]})" for i in np.where(ranks > 1)[0])
+            f"  {lang}: R@1 {m['R@1']:.3f}  R@5 {m['R@5']:.3f}  MRR {m['MRR']:.3f}  misses: "
+            + ", ".join(f"{names[i]}({got[i]})" for i in np.where(got > 1)[0])
         )
     print("\n".join(lines))
 
-    for lang, ranks in results.items():
-        assert np.mean(ranks == 1) >= 0.4, f"{lang}: recall@1 too close to chance"
-        assert np.mean(1 / ranks) >= 0.5, f"{lang}: MRR too close to chance"
-
-
-def _chance_mrr(n: int) -> float:
-    return float(np.mean(1 / np.arange(1, n + 1)))
+    for lang, floor in FLOORS.items():
+        for key, value in floor.items():
+            assert results[lang][key] >= value, f"{lang} {key} {results[lang][key]:.3f} < {value}"
+    assert results["en"]["MRR"] - results["zh"]["MRR"] <= MAX_GAP

@@ -45,8 +45,11 @@ def served(request, tmp_path_factory):
 
 
 class Reference:
-    """The model card recipe: tokenizer (SigLIP: pad to max_length 64), image processor,
-    get_text_features / get_image_features, L2 normalisation."""
+    """The reference recipes. CLIP: the tokenizer (longest padding, mask) and
+    get_text_features. SigLIP, as big_vision trained it (transformers' SigLIP2 conversion
+    script: no BOS, EOS added, right padding, no attention mask; the SigLIP2 paper: text
+    lower-cased, 64 tokens): ids built from the vocabulary by hand, input_ids only. Images: the
+    image processor and get_image_features. L2 normalisation."""
 
     def __init__(self, folder):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
@@ -59,10 +62,20 @@ class Reference:
     def texts(self, texts):
         import torch
 
+        if self.siglip:
+            eos = self.tokenizer.convert_tokens_to_ids("<eos>")
+            rows = []
+            for text in texts:
+                body = self.tokenizer(text.lower(), add_special_tokens=False)["input_ids"]
+                row = [*body[:63], eos]
+                rows.append(row + [0] * (64 - len(row)))  # <pad> is id 0
+            with torch.no_grad():
+                out = self.model.get_text_features(input_ids=torch.tensor(rows)).pooler_output
+            return torch.nn.functional.normalize(out, dim=-1).numpy()
         enc = self.tokenizer(
             texts,
-            padding="max_length" if self.siglip else True,
-            max_length=64 if self.siglip else 77,
+            padding=True,
+            max_length=77,
             truncation=True,
             return_tensors="pt",
         )
@@ -123,3 +136,36 @@ def test_basis_samples_cover_texts_and_images(served):
     samples = backend.basis_samples()  # second call: read back from the disk cache
     assert samples.shape == (1000 + 48, backend.native_dim)
     assert backend.matryoshka is False and backend.image_size == 32
+
+
+def test_siglip_text_layout_is_enforced(tmp_path):
+    """Whatever the tokenizer files say (left padding, BOS, no EOS, no lower-casing), SigLIP
+    texts are lower-cased, EOS-terminated (also when cut), right-padded to 64, and counted as
+    their tokens plus the EOS."""
+    from mmembed.models.registry import create_backend
+
+    backend = create_backend("dual", {"weights": str(build_siglip(tmp_path / "s"))})
+    backend.load()
+    tok = backend.tokenizer
+    assert tok.padding_side == "left"  # the files' setting, left alone for other users
+    eos, pad = tok.convert_tokens_to_ids(["<eos>", "<pad>"])
+    short, long = backend.siglip_ids(["A RED CAR", "dog " * 100])
+    words = tok.convert_tokens_to_ids(["a", "red", "car"])
+    assert short == [*words, eos] + [pad] * 60
+    assert len(long) == 64 and long[-1] == eos and long[:63] == [long[0]] * 63
+    assert backend.count_tokens("A RED CAR") == 4
+
+
+def test_siglip_without_an_eos_token_is_refused(tmp_path):
+    folder = build_siglip(tmp_path / "no-eos", eos=False)
+    catalog = {
+        "backends": {"tower": {"family": "dual", "weights": str(folder)}},
+        "models": {"plus": {"backend": "tower", "dimensions": [32]}},
+    }
+    engine = start_engine(catalog, tmp_path / "cache")
+    try:
+        status = engine.status()["tower"]
+        assert status.startswith("failed: ValueError") and "no EOS token" in status
+        assert "\n" not in status
+    finally:
+        close_engine(engine)

@@ -1,9 +1,12 @@
 """Family ``qwen3vl``: served vectors equal a reference built from the model card's recipe with
 transformers' own pieces (chat template, Qwen2-VL image processor, Qwen3-VL video patch layout
 and timestamps, ``Qwen3VLModel``, last-token pooling) for text, image, video, fused and
-instructed inputs; Matryoshka dimensions are prefixes."""
+instructed inputs; video frames are chosen by qwen-vl-utils' formulas (written out here, decoded
+here from every frame of the file); Matryoshka dimensions are prefixes."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +14,8 @@ from PIL import Image
 
 from mmembed.media.video import sample_video
 from mmembed.models.qwen3vl import format_instruction
-from tests.media_util import quadrant_image, video_bytes
+from mmembed.types import VideoClip
+from tests.media_util import frame_index, quadrant_image, video_bytes
 from tests.tiny_models import (
     build_qwen3vl,
     close_engine,
@@ -25,7 +29,8 @@ from tests.tiny_models import (
 IMAGE = quadrant_image((96, 64))
 VIDEO = video_bytes(seconds=3.0, container="mp4")
 IMG_MIN, IMG_MAX = 4 * 32 * 32, 1800 * 32 * 32
-VID_MIN, VID_MAX, VID_TOTAL = 128 * 32 * 32, 768 * 32 * 32, 10 * 768 * 32 * 32
+# qwen-vl-utils for a video file: per-frame bounds, and total_pixels = MODEL_SEQ_LEN * 32^2 * 0.9
+VID_MIN, VID_MAX, VID_TOTAL = 128 * 32 * 32, 768 * 32 * 32, 128000 * 32 * 32 * 0.9
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +135,80 @@ def reference(folder):
     return Reference(folder)
 
 
+def smart_nframes(total_frames: int, video_fps: float, fps: float, max_frames: int) -> int:
+    """qwen-vl-utils' frame count for a video file (FPS_MIN_FRAMES 4, FRAME_FACTOR 2)."""
+    lo, hi = math.ceil(4 / 2) * 2, math.floor(max_frames / 2) * 2
+    n = min(min(max(total_frames / video_fps * fps, lo), hi), total_frames)
+    return math.floor(n / 2) * 2
+
+
+def reference_indices(total_frames, video_fps, fps, max_frames) -> list[int]:
+    import torch
+
+    n = smart_nframes(total_frames, video_fps, fps, max_frames)
+    return torch.linspace(0, total_frames - 1, n).round().long().tolist()
+
+
+def reference_clip(data: bytes, fps: float, max_frames: int) -> VideoClip:
+    """Every frame decoded, the reference's indices picked; timestamps index / frame rate."""
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate)
+        frames = [f.to_image() for f in container.decode(stream)]
+    idx = reference_indices(len(frames), rate, fps, max_frames)
+    return VideoClip([frames[i] for i in idx], len(frames) / rate, [i / rate for i in idx])
+
+
 @pytest.fixture(scope="module")
-def clip(engine):
+def clip():
+    return reference_clip(VIDEO, fps=1.0, max_frames=32)
+
+
+@pytest.mark.parametrize(
+    "total, rate, fps, max_frames",
+    [
+        (75, 25, 1.0, 32),
+        (75, 25, 0.0, 32),
+        (3000, 30, 1.0, 32),
+        (3000, 30, 0.5, 64),
+        (601, 29.97, 1.0, 64),
+        (7, 25, 1.0, 32),
+        (5, 25, 1.0, 3),
+        (250, 25, 0.3, 16),
+    ],
+)
+def test_frame_indices_follow_qwen_vl_utils(total, rate, fps, max_frames):
+    from mmembed.models.qwen3vl import reference_frame_indices
+
+    expected = reference_indices(total, rate, fps, max_frames)
+    assert reference_frame_indices(total, rate, fps, max_frames) == expected
+    assert expected[0] == 0 and expected[-1] == total - 1 and len(expected) % 2 == 0
+
+
+def test_served_frames_are_the_reference_frames(engine):
+    """Through the engine's sampler: the frames shown are the reference's indices, timestamps
+    index / frame rate, and the prompt carries the pair means."""
     backend = engine._backends["qwen"].backend
-    return sample_video(VIDEO, fps=1.0, max_frames=32, formats=["MP4"], min_side=backend.image_size)
+    data = video_bytes(seconds=12.0, container="mp4", rate=10)
+    for fps, max_frames in ((1.0, 32), (0.2, 32), (1.0, 6)):
+        served = sample_video(
+            data,
+            fps=fps,
+            max_frames=max_frames,
+            formats=["MP4"],
+            min_side=backend.image_size,
+            frame_times=backend.frame_times,
+        )
+        idx = reference_indices(120, 10.0, fps, max_frames)
+        assert [frame_index(f) for f in served.frames] == idx
+        assert np.allclose(served.timestamps, [i / 10.0 for i in idx], atol=1e-6)
+        _, grid, mids = backend.video_patches(served)
+        assert grid[0] == len(idx) // 2
+        assert np.allclose(mids, [(idx[i] + idx[i + 1]) / 20.0 for i in range(0, len(idx), 2)])
 
 
 DEFAULT = "Represent the user's input."
@@ -198,3 +273,17 @@ def test_batches_match_single_items(engine):
     together = backend.embed(items)
     alone = np.concatenate([backend.embed([item]) for item in items])
     assert cosines(together, alone).min() >= 0.9999
+
+
+def test_long_texts_are_cut_to_the_reference_length_keeping_the_template(folder):
+    from mmembed.models.base import EmbedInput
+    from mmembed.models.registry import create_backend
+
+    backend = create_backend("qwen3vl", {"weights": str(folder), "max_length": 40})
+    backend.load()
+    item = EmbedInput(texts=["cat " * 200])
+    prompt = backend._fit(item, [], [])
+    ids = backend.tokenizer(prompt)["input_ids"]
+    assert 36 <= len(ids) <= 40 and prompt.rstrip().endswith("<|im_start|>assistant")
+    short = EmbedInput(texts=["a cat"])
+    assert backend._fit(short, [], []) == backend._render(short, [], [])

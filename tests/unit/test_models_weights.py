@@ -136,3 +136,65 @@ def test_cuda_uses_half_precision():
 
     device, dtype = resolve_device("auto", "auto")
     assert device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
+def _edit_checkpoint(folder, edit) -> None:
+    """Rewrite the folder's safetensors file through ``edit(tensors) -> tensors``."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    save_file(edit(load_file(path)), path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage", ["missing", "unexpected"])
+def test_checkpoints_that_do_not_fill_the_model_are_refused(tmp_path, damage):
+    """transformers would fill the gap with random values and only log it; the backend must
+    refuse, with one line naming the problem, and the other models stay served."""
+    from tests.tiny_models import build_clip, build_qwen3vl, build_sentence
+
+    folders = {
+        "clip": build_clip(tmp_path / "clip"),
+        "qwen": build_qwen3vl(tmp_path / "qwen"),
+        "mini": build_sentence(tmp_path / "mini"),
+    }
+    for folder in folders.values():
+        if damage == "missing":
+            # drop the second block of every tower (BERT: layer.1, others: layers.1)
+            _edit_checkpoint(folder, lambda t: {k: v for k, v in t.items() if ".1." not in k})
+        else:
+            _edit_checkpoint(folder, lambda t: t | {"extra.head.weight": t[next(iter(t))].clone()})
+    catalog = {
+        "backends": {
+            "clip": {"family": "dual", "weights": str(folders["clip"])},
+            "qwen": {"family": "qwen3vl", "weights": str(folders["qwen"])},
+            "mini": {"family": "sentence", "weights": str(folders["mini"])},
+            "h": {"family": "hash", "dim": 32},
+        },
+        "models": {name: {"backend": name, "dimensions": [32]} for name in folders}
+        | {"hashed": {"backend": "h", "dimensions": [32]}},
+    }
+    engine = start_engine(catalog, tmp_path / "cache")
+    try:
+        status = engine.status()
+        assert status["h"] == "ready"
+        for name in folders:
+            line = status[name]
+            assert line.startswith("failed: WeightsMismatch:"), line
+            assert f"{damage}" in line and "refusing to serve" in line and "\n" not in line
+            with pytest.raises(ApiError) as info:
+                embed(engine, name, [{"text": "x"}])
+            assert info.value.error is ErrorCode.MODEL_UNAVAILABLE
+    finally:
+        close_engine(engine)
+
+
+def test_a_folder_without_the_bert_pooler_still_loads(tmp_path):
+    """Sentence encoders never use BERT's pooler; folders that leave it out are fine."""
+    from mmembed.models.registry import create_backend
+    from tests.tiny_models import build_sentence
+
+    folder = build_sentence(tmp_path / "mini")
+    _edit_checkpoint(folder, lambda t: {k: v for k, v in t.items() if "pooler" not in k})
+    backend = create_backend("sentence", {"weights": str(folder), "runtime": "torch"})
+    backend.load()
+    assert backend.embed_texts(["hello world"]).shape == (1, 32)

@@ -46,11 +46,7 @@ def _bad(message: str) -> ApiError:
 
 
 def _store(request: Request) -> UploadStore:
-<<<<<<< HEAD
     return request.app.state.uploads  # the same store the fetcher reads oss:// from
-=======
-    return request.app.state.uploads  # built at start-up; the fetcher reads what we write
->>>>>>> i8core
 
 
 def _file_cap(request: Request, model: str | None) -> int:

@@ -70,6 +70,8 @@ class ContainedBackend:
         cls = backend_class(family)
         if hasattr(cls, "prepare_image"):
             self.prepare_image = cls(**options).prepare_image
+        # A family's own video frame choice is a plain function: it crosses to the decoder.
+        self.frame_times = getattr(cls, "frame_times", None)
         self.native_dim = 0
         self.modalities: frozenset[str] = frozenset()
         self.matryoshka = False

@@ -179,7 +179,13 @@ class Engine:
 
             fps = DEFAULT_FPS if req.fps is None else req.fps
             await self.media.run(
-                spec, backend.image_size, req, records, fps, prepare_image_fn(backend)
+                spec,
+                backend.image_size,
+                req,
+                records,
+                fps,
+                prepare_image_fn(backend),
+                getattr(backend, "frame_times", None),
             )
 
             usage = self._usage(spec, sum(r.tokens for r in records), [r.stats for r in records])

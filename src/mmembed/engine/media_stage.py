@@ -22,7 +22,7 @@ from mmembed.engine.cache import CacheEntry, EmbeddingCache, MediaStats, digest,
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.media.fetch import Fetcher
 from mmembed.media.image import decode_image
-from mmembed.media.video import sample_video
+from mmembed.media.video import FrameTimes, sample_video
 from mmembed.models.base import EmbedInput
 from mmembed.models.catalog import ModelSpec
 from mmembed.types import ContentItem, EmbedRequest, VideoClip
@@ -89,6 +89,7 @@ class _ItemMedia:
     fps: float
     budget: _PixelBudget
     prepare: Callable[[Any], Any] | None
+    frame_times: FrameTimes | None = None
 
 
 class MediaStage:
@@ -114,6 +115,7 @@ class MediaStage:
         records: list[Prepared],
         fps: float,
         prepare_image: Callable[[Any], Any] | None = None,
+        frame_times: FrameTimes | None = None,
     ) -> None:
         """Fill each record's input with its decoded (and, with ``prepare_image``, prepared)
         media, or its cache hit."""
@@ -122,7 +124,7 @@ class MediaStage:
             return  # plain texts only: nothing to fetch, decode or look up
         oss_owner = req.owner if req.resolve_oss else None
         budget = _PixelBudget(self.settings.max_request_pixels)
-        media = _ItemMedia(spec, image_size, fps, budget, prepare_image)
+        media = _ItemMedia(spec, image_size, fps, budget, prepare_image, frame_times)
         try:
             async with asyncio.TaskGroup() as tg:
                 for r in work:
@@ -216,6 +218,7 @@ class MediaStage:
             max_frames=m.spec.max_video_frames,
             formats=m.spec.video_formats,
             min_side=m.image_size,
+            frame_times=m.frame_times,
         )
         clip = await self._decode(decode, at)
 

@@ -14,9 +14,12 @@ lists...). Names:
 
 Frames are picked evenly in time: n = max(1, min(max_frames, ceil(duration * fps))) targets at
 (i + 0.5) * duration / n, and for each target the frame displayed at that instant (the last one
-starting at or before it). Decoding goes forward, seeking to a later keyframe when the
-container's index shows one between the current position and the next target (or, without an
-index, when the gap is large), so long videos cost about one GOP per sampled frame.
+starting at or before it). A backend whose reference recipe picks frames otherwise (Qwen3-VL:
+evenly spaced frame indices, first and last included) passes ``frame_times``, which maps
+(duration, the stream's frame rate, fps, max_frames) to the target times. Decoding goes
+forward, seeking to a later keyframe when the container's index shows one between the current
+position and the next target (or, without an index, when the gap is large), so long
+videos cost about one GOP per sampled frame.
 
 Work is bounded (decoded frames, demuxed packets, decode errors, wall time, frame size); every
 failure is ``InvalidParameter.DataInspection`` except frames over the pixel limit, which are
@@ -31,7 +34,7 @@ import io
 import itertools
 import math
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import av
 import av.container
@@ -133,8 +136,9 @@ def sample_video(
     max_frames: int,
     formats: Collection[str],
     min_side: int | None = None,
+    frame_times: FrameTimes | None = None,
 ) -> VideoClip:
-    """Sample RGB frames evenly in time from an in-memory video."""
+    """Sample RGB frames evenly in time (or at ``frame_times``) from an in-memory video."""
     accepted = normalise_formats(formats, _ALIASES)  # MPG -> MPEG
     if not (isinstance(fps, int | float) and fps >= 0 and math.isfinite(fps)):
         raise ApiError(ErrorCode.INVALID_PARAMETER, f"fps must be a number >= 0, not {fps!r}")
@@ -150,7 +154,7 @@ def sample_video(
         )
     try:
         with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
-            sampler = _Sampler(container, fps, max(1, max_frames), min_side)
+            sampler = _Sampler(container, fps, max(1, max_frames), min_side, frame_times)
             if demuxer in _NO_HEADER_DURATION or not sampler.stream.duration:
                 sampler.set_timing(*_scan_timing(data, demuxer))
             sampler.seekable = demuxer in _SEEKABLE
@@ -164,6 +168,8 @@ def sample_video(
 
 
 _Timed = tuple[float, av.video.frame.VideoFrame]  # (seconds, frame)
+# (duration, stream frame rate, fps, max_frames) -> target times in seconds from the start
+FrameTimes = Callable[[float, float, float, int], list[float]]
 
 
 class _Sampler:
@@ -175,9 +181,11 @@ class _Sampler:
         fps: float,
         max_frames: int,
         min_side: int | None,
+        frame_times: FrameTimes | None = None,
     ) -> None:
         self.container = container
         self.stream = _video_stream(container)
+        self.frame_times = frame_times
         self.min_side = min_side
         self.fps, self.max_frames = fps, max_frames
         self.set_timing(*_timing(container, self.stream))
@@ -193,6 +201,11 @@ class _Sampler:
     def set_timing(self, start: float, duration: float) -> None:
         """Fix the time span and the n evenly spaced target times within it."""
         self.start, self.duration = start, duration
+        if self.frame_times is not None:
+            rate = self.stream.average_rate or self.stream.guessed_rate
+            times = self.frame_times(duration, float(rate or 25.0), self.fps, self.max_frames)
+            self.targets = [start + t for t in times]
+            return
         n = max(1, min(self.max_frames, math.ceil(duration * self.fps)))
         step = duration / n
         self.targets = [start + (i + 0.5) * step for i in range(n)]

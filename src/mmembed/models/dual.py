@@ -1,17 +1,23 @@
 """Family ``dual``: two-tower image-text models (CLIP, SigLIP, SigLIP2) through transformers.
 
 Each tower runs with the checkpoint's own preprocessing (``AutoTokenizer`` and
-``AutoImageProcessor`` from the weights folder): CLIP pads texts to the longest in the batch
-(77 positions at most), SigLIP/SigLIP2 pad to ``max_length`` 64 as they were trained. Images are
+``AutoImageProcessor`` from the weights folder). CLIP pads texts to the longest in the batch
+(77 positions at most) with an attention mask. SigLIP/SigLIP2 texts are built here as big_vision
+trained them, whatever the tokenizer files or transformers defaults say (SigLIP2 checkpoints name
+``GemmaTokenizer``, which neither lower-cases nor pads on the right in transformers 5): the text
+lower-cased, no BOS, the tokens truncated to 63, an EOS appended ("sticky": present even when the
+text was cut), right-padded with the pad id to the model's 64 positions, and NO attention mask —
+the pooled text vector is the hidden state of the last position, a pad, which was trained
+attending to every position. ``load()`` checks that layout once and refuses otherwise. Images are
 resized and cropped by the image processor. ``PooledBackend`` does the rest: a video is the mean
 of its frame vectors, ``multi_images`` the mean of its images, a fused item the mean of its parts.
 Not Matryoshka-trained: shorter dimensions use the ordered basis fitted on caption and synthetic
 image embeddings (``basis.py``).
 
-Options: ``weights``, ``device``, ``dtype`` (see ``torchutil``), ``text_padding`` (``auto``,
-``max_length`` or ``longest``), ``text_max_length`` (0: 64 for SigLIP, else the model's limit),
-``lowercase`` (SigLIP2 was trained on lower-cased text), ``batch_size``, ``basis_images``
-(synthetic pictures in the basis samples), ``threads``.
+Options: ``weights``, ``device``, ``dtype`` (see ``torchutil``), ``text_padding`` (CLIP only:
+``auto``/``longest`` or ``max_length``), ``text_max_length`` (0: the model's positions; SigLIP
+accepts only its own 64), ``lowercase`` (``auto``: on for SigLIP, trained on lower-cased text),
+``batch_size``, ``basis_images`` (synthetic pictures in the basis samples), ``threads``.
 """
 
 from __future__ import annotations
@@ -26,10 +32,9 @@ from mmembed.models.base import PooledBackend, l2_normalize
 from mmembed.models.torchutil import (
     TokenCounter,
     begin_load,
+    load_pretrained,
     pooled,
 )
-
-SIGLIP_TEXT_LENGTH = 64  # the SigLIP model cards: padding="max_length", max_length=64
 
 
 class DualBackend(PooledBackend):
@@ -40,7 +45,7 @@ class DualBackend(PooledBackend):
         dtype: str = "auto",
         text_padding: str = "auto",
         text_max_length: int = 0,
-        lowercase: bool = False,
+        lowercase: bool | str = "auto",
         batch_size: int = 32,
         basis_images: int = 48,
         threads: int = 0,
@@ -55,15 +60,18 @@ class DualBackend(PooledBackend):
         self.device_option, self.dtype_option = device, dtype
         self.text_padding = text_padding
         self.text_max_length = int(text_max_length)
-        self.lowercase = bool(lowercase)
+        if lowercase not in (True, False, "auto"):
+            raise ValueError(f'lowercase must be true, false or "auto", not {lowercase!r}')
+        self.lowercase = lowercase
         self.batch_size = max(1, int(batch_size))
         self.basis_images = int(basis_images)
         self.threads = int(threads)
         self.cache_dir = cache_dir
+        self.siglip = False
 
     def load(self) -> None:
         transformers = begin_load(self)
-        model = transformers.AutoModel.from_pretrained(self.path, dtype=self.dtype)
+        model = load_pretrained(transformers.AutoModel, self.path, dtype=self.dtype)
         if not hasattr(model, "get_text_features") or not hasattr(model, "get_image_features"):
             raise ValueError(
                 f"{self.path}: {type(model).__name__} is not a two-tower image-text model "
@@ -75,22 +83,51 @@ class DualBackend(PooledBackend):
         self.image_processor = transformers.AutoImageProcessor.from_pretrained(self.path)
 
         model_type = str(getattr(model.config, "model_type", ""))
-        is_siglip = model_type.startswith("siglip")
-        if self.text_padding == "auto":
-            self.text_padding = "max_length" if is_siglip else "longest"
+        self.siglip = model_type.startswith("siglip")
         text_config = getattr(model.config, "text_config", model.config)
         limit = int(getattr(text_config, "max_position_embeddings", 0) or 77)
-        if not self.text_max_length:
-            self.text_max_length = SIGLIP_TEXT_LENGTH if is_siglip else limit
-        self.text_max_length = min(self.text_max_length, limit)
+        if self.lowercase == "auto":
+            self.lowercase = self.siglip
+        if self.siglip:
+            if not self.lowercase:
+                raise ValueError("SigLIP was trained on lower-cased text: lowercase must be on")
+            # Pooling reads the last position, so texts fill exactly the trained positions.
+            if self.text_padding == "longest":
+                raise ValueError("SigLIP texts are always padded to the model's length")
+            if self.text_max_length not in (0, limit):
+                raise ValueError(
+                    f"text_max_length {self.text_max_length}: SigLIP texts are always "
+                    f"{limit} tokens, as the checkpoint was trained"
+                )
+            self.text_padding = "max_length"
+            self.text_max_length = limit
+            check_siglip_text(self)
+        else:
+            if self.text_padding == "auto":
+                self.text_padding = "longest"
+            self.text_max_length = min(self.text_max_length or limit, limit)
         self.image_size = _image_size(self.image_processor)
         self.native_dim = int(self.embed_texts(["warm-up"], None).shape[1])
 
     def count_tokens(self, text: str) -> int:
+        if self.siglip:  # the text's tokens and the EOS, before truncation
+            return self._count(self._text(text), special=False) + 1
         return self._count(self._text(text))
 
     def _text(self, text: str) -> str:
         return text.lower() if self.lowercase else text
+
+    def siglip_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids as SigLIP was trained on them: no BOS, at most ``length - 1`` tokens, a
+        sticky EOS, right padding with the pad id to exactly ``length``."""
+        length = self.text_max_length
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        tokens = self.tokenizer([self._text(t) for t in texts], add_special_tokens=False)
+        rows = []
+        for ids in tokens["input_ids"]:
+            ids = [*ids[: length - 1], eos]
+            rows.append(ids + [pad] * (length - len(ids)))
+        return rows
 
     def embed_texts(self, texts: list[str], instruct: str | None) -> np.ndarray:
         # CLIP and SigLIP are not instruction-tuned: ``instruct`` is not used.
@@ -98,14 +135,20 @@ class DualBackend(PooledBackend):
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(
-                    [self._text(t) for t in texts[start : start + self.batch_size]],
-                    padding="max_length" if self.text_padding == "max_length" else True,
-                    truncation=True,
-                    max_length=self.text_max_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                chunks.append(pooled(self.model.get_text_features(**enc)).float().cpu().numpy())
+                batch = texts[start : start + self.batch_size]
+                if self.siglip:  # input ids only: the checkpoints were trained without a mask
+                    ids = torch.tensor(self.siglip_ids(batch), device=self.device)
+                    out = self.model.get_text_features(input_ids=ids)
+                else:
+                    enc = self.tokenizer(
+                        [self._text(t) for t in batch],
+                        padding="max_length" if self.text_padding == "max_length" else True,
+                        truncation=True,
+                        max_length=self.text_max_length,
+                        return_tensors="pt",
+                    ).to(self.device)
+                    out = self.model.get_text_features(**enc)
+                chunks.append(pooled(out).float().cpu().numpy())
         return l2_normalize(np.concatenate(chunks))
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
@@ -145,6 +188,30 @@ class DualBackend(PooledBackend):
             return np.concatenate(parts)
 
         return basis.cached(self.cache_dir, key, compute)
+
+
+def check_siglip_text(backend: DualBackend) -> None:
+    """Refuse a SigLIP tokenizer that cannot give the trained text layout (no EOS or pad
+    token), and check the layout once on a probe text."""
+    tok = backend.tokenizer
+    if tok.eos_token_id is None or tok.pad_token_id is None:
+        raise ValueError(
+            f"{backend.path}: the SigLIP tokenizer has no "
+            f"{'EOS' if tok.eos_token_id is None else 'pad'} token; texts cannot be encoded "
+            "as the model was trained (EOS, right padding)"
+        )
+    probe = "A Photo Of A Cat"
+    body = tok(backend._text(probe), add_special_tokens=False)["input_ids"]
+    row = backend.siglip_ids([probe])[0]
+    length = backend.text_max_length
+    layout_ok = (
+        len(row) == length
+        and row[: len(body)] == body[: length - 1]
+        and row[min(len(body), length - 1)] == tok.eos_token_id
+        and all(i == tok.pad_token_id for i in row[len(body) + 1 :])
+    )
+    if not layout_ok:
+        raise ValueError(f"{backend.path}: SigLIP text layout check failed for {probe!r}: {row}")
 
 
 def _image_size(processor: Any) -> int | None:

@@ -10,15 +10,27 @@ shorter dimensions are prefixes (truncation, then renormalisation by the engine)
 
 Vision budgets follow the reference code: images are resized by the checkpoint's image processor
 to a multiple of 32 px (16 px patches, 2x2 merge) between ``image_min_pixels`` (4 * 32^2) and
-``image_max_pixels`` (1800 * 32^2). Videos arrive as frames the engine sampled at the request's
-``fps`` (at most the API name's ``max_video_frames``); each frame is resized like the reference
-video path: between ``video_min_pixels`` (128 * 32^2) and the smaller of ``video_max_pixels``
-(768 * 32^2) and the clip's share of ``video_total_pixels`` (10 * 768 * 32^2). Frames pair up into
-temporal patches of 2 (an odd count repeats the last frame), each pair preceded by its mean
-timestamp ("<1.5 seconds>"). transformers' own video processor needs torchvision, so the
+``image_max_pixels`` (1800 * 32^2). Videos are sampled as the reference embedder does it for a
+video file or URL (qwen-vl-utils' ``smart_nframes`` and its frame indices): n = duration * fps
+frames, at least 4, at most the API name's ``max_video_frames``, never more than the video has,
+rounded down to an even count; the frames at ``linspace(0, total_frames - 1, n)`` (rounded), so
+the first and the last frame are always in; a frame's timestamp is its index / the stream's frame
+rate (``frame_times``, used by the engine's video sampler). Each frame is resized like the
+reference video path: between ``video_min_pixels`` (128 * 32^2) and the smaller of
+``video_max_pixels`` (768 * 32^2) and the clip's share of ``video_total_pixels`` (qwen-vl-utils'
+default for a video file, 0.9 * 128000 * 32^2, which leaves 768 * 32^2 per frame; the reference's
+10 * 768 * 32^2 applies to frame lists only). Frames pair up into temporal patches of 2 (an odd
+count, only for a one-frame video, repeats the last frame), each pair preceded by its mean
+timestamp ("<1.5 seconds>").
+
+Text: the reference embedder truncates the whole sequence at 8192 tokens (``max_length``). Cutting
+the rendered sequence would drop the assistant prefix whose last token is pooled, so here only an
+item's text is shortened, keeping the template around it, until the sequence fits ``max_length``
+(default 8192, as the reference; 0: no limit below the API name's 32,000 text tokens).
+transformers' own video processor needs torchvision, so the
 resize/normalise/patchify steps for video are done here with Pillow and numpy, in its layout.
 
-Options: ``weights``, ``device``, ``dtype`` (see ``torchutil``), ``instruction``,
+Options: ``weights``, ``device``, ``dtype`` (see ``torchutil``), ``instruction``, ``max_length``,
 ``image_min_pixels``, ``image_max_pixels``, ``video_min_pixels``, ``video_max_pixels``,
 ``video_total_pixels``, ``attn_implementation`` (``sdpa``; ``flash_attention_2`` on a GPU with
 flash-attn), ``batch_size`` (items per forward pass), ``threads``.
@@ -39,11 +51,47 @@ from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, EmbedInput, l2_normal
 from mmembed.models.torchutil import (
     TokenCounter,
     begin_load,
+    load_pretrained,
 )
 from mmembed.types import VideoClip
 
 DEFAULT_INSTRUCTION = "Represent the user's input."
 _FACTOR = 32  # patch 16 x merge 2: resized sides are multiples of this
+REFERENCE_MAX_LENGTH = 8192  # the reference embedder's MAX_LENGTH
+VIDEO_MIN_FRAMES = 4  # qwen-vl-utils' FPS_MIN_FRAMES
+FRAME_FACTOR = 2  # qwen-vl-utils' FRAME_FACTOR: frame counts are even
+# qwen-vl-utils' total_pixels for a video file: MODEL_SEQ_LEN (128000) * 32^2 * 0.9
+VIDEO_TOTAL_PIXELS = int(128000 * _FACTOR**2 * 0.9)
+
+
+def reference_frame_count(total_frames: int, video_fps: float, fps: float, max_frames: int) -> int:
+    """How many frames the reference samples from a video (qwen-vl-utils' ``smart_nframes``):
+    duration * fps, at least 4, at most ``max_frames`` and the video's own frame count, rounded
+    down to an even number. Never below 1 here (the reference refuses one-frame videos)."""
+    lo = math.ceil(VIDEO_MIN_FRAMES / FRAME_FACTOR) * FRAME_FACTOR
+    hi = math.floor(max_frames / FRAME_FACTOR) * FRAME_FACTOR
+    n = min(min(max(total_frames / video_fps * fps, lo), hi), total_frames)
+    return max(1, math.floor(n / FRAME_FACTOR) * FRAME_FACTOR)
+
+
+def reference_frame_indices(
+    total_frames: int, video_fps: float, fps: float, max_frames: int
+) -> list[int]:
+    """The frame indices the reference decodes: ``linspace(0, total - 1, n)`` rounded (half to
+    even, as torch rounds), first and last frame included."""
+    n = reference_frame_count(total_frames, video_fps, fps, max_frames)
+    return [int(i) for i in np.round(np.linspace(0, total_frames - 1, n))]
+
+
+def reference_frame_times(
+    duration: float, video_fps: float, fps: float, max_frames: int
+) -> list[float]:
+    """The reference's frames as times for the engine's sampler: index / frame rate, a quarter
+    frame later so the sampler's "frame shown at that instant" is that very frame."""
+    total = max(1, round(duration * video_fps))
+    return [
+        (i + 0.25) / video_fps for i in reference_frame_indices(total, video_fps, fps, max_frames)
+    ]
 
 
 def smart_resize(
@@ -89,7 +137,8 @@ class Qwen3VLBackend:
         image_max_pixels: int = 1800 * _FACTOR**2,
         video_min_pixels: int = 128 * _FACTOR**2,
         video_max_pixels: int = 768 * _FACTOR**2,
-        video_total_pixels: int = 10 * 768 * _FACTOR**2,
+        video_total_pixels: int = VIDEO_TOTAL_PIXELS,
+        max_length: int = REFERENCE_MAX_LENGTH,
         attn_implementation: str = "sdpa",
         batch_size: int = 8,
         threads: int = 0,
@@ -103,6 +152,7 @@ class Qwen3VLBackend:
         self.image_pixels = (int(image_min_pixels), int(image_max_pixels))
         self.video_pixels = (int(video_min_pixels), int(video_max_pixels), int(video_total_pixels))
         self.attn_implementation = attn_implementation
+        self.max_length = int(max_length)
         self.batch_size = max(1, int(batch_size))
         self.threads = int(threads)
         self.native_dim = 0
@@ -112,8 +162,16 @@ class Qwen3VLBackend:
     # -- loading -------------------------------------------------------------------------------
     def load(self) -> None:
         transformers = begin_load(self)
-        model = transformers.Qwen3VLModel.from_pretrained(
-            self.path, dtype=self.dtype, attn_implementation=self.attn_implementation
+        if not hasattr(transformers, "Qwen3VLModel"):
+            raise RuntimeError(
+                f"transformers {transformers.__version__} does not know Qwen3-VL "
+                "(4.57 or newer needed): pip install -U 'mmembed[open-weights]'"
+            )
+        model = load_pretrained(
+            transformers.Qwen3VLModel,
+            self.path,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
         )
         self.model = model.to(self.device).eval()
         config = model.config
@@ -138,6 +196,10 @@ class Qwen3VLBackend:
 
     def count_tokens(self, text: str) -> int:
         return self._count(text)
+
+    # Where the engine's video sampler takes frames: the reference's frame indices. A plain
+    # function (not a method), so it pickles by name into the video decoding process.
+    frame_times = staticmethod(reference_frame_times)
 
     def basis_samples(self) -> np.ndarray | None:
         return None  # Matryoshka: shorter dimensions are prefixes
@@ -179,9 +241,6 @@ class Qwen3VLBackend:
 
         video_patches, video_grids, prompts = [], [], []
         for item in items:
-            prompt = self.tokenizer.apply_chat_template(
-                self.conversation(item), tokenize=False, add_generation_prompt=True
-            )
             video_marks = []
             for clip in item.videos:
                 patches, grid, stamps = self.video_patches(clip)
@@ -189,8 +248,7 @@ class Qwen3VLBackend:
                 video_grids.append(grid)
                 video_marks.append(self._video_tokens(grid, stamps))
             image_marks = [self._image_tokens(next(image_grids)) for _ in item.images]
-            prompt = _fill(prompt, self._mark(self.video_pad), video_marks)
-            prompts.append(_fill(prompt, self._mark(self.image_pad), image_marks))
+            prompts.append(self._fit(item, video_marks, image_marks))
 
         enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
         ids = enc["input_ids"]
@@ -214,6 +272,26 @@ class Qwen3VLBackend:
             last = kwargs["attention_mask"].sum(dim=1) - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return pooled.float().cpu().numpy()
+
+    def _render(self, item: EmbedInput, video_marks: list[str], image_marks: list[str]) -> str:
+        prompt = self.tokenizer.apply_chat_template(
+            self.conversation(item), tokenize=False, add_generation_prompt=True
+        )
+        prompt = _fill(prompt, self._mark(self.video_pad), video_marks)
+        return _fill(prompt, self._mark(self.image_pad), image_marks)
+
+    def _fit(self, item: EmbedInput, video_marks: list[str], image_marks: list[str]) -> str:
+        """The item's sequence, its last text shortened until the whole fits ``max_length``."""
+        prompt = self._render(item, video_marks, image_marks)
+        for _ in range(4):  # token boundaries can shift by one on re-tokenising
+            excess = len(self.tokenizer(prompt)["input_ids"]) - self.max_length
+            if not self.max_length or excess <= 0 or not item.texts:
+                break
+            ids = self.tokenizer(item.texts[-1], add_special_tokens=False)["input_ids"]
+            cut = self.tokenizer.decode(ids[: max(0, len(ids) - excess)])
+            item = EmbedInput([*item.texts[:-1], cut], item.images, item.videos, item.instruct)
+            prompt = self._render(item, video_marks, image_marks)
+        return prompt
 
     def _mark(self, pad: str) -> str:
         return f"{self.vision_start}{pad}{self.vision_end}"

@@ -82,9 +82,9 @@ class TokenCounter:
         self._tokenizer = copy.deepcopy(tokenizer)
         self._lock = threading.Lock()
 
-    def __call__(self, text: str) -> int:
+    def __call__(self, text: str, special: bool = True) -> int:
         with self._lock:
-            return len(self._tokenizer(text)["input_ids"])
+            return len(self._tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def begin_load(backend: Any) -> Any:
@@ -103,3 +103,44 @@ def begin_load(backend: Any) -> Any:
     backend.path = resolve_weights(backend.weights, backend.revision)
     backend.device, backend.dtype = resolve_device(backend.device_option, backend.dtype_option)
     return transformers
+
+
+class WeightsMismatch(RuntimeError):
+    """The checkpoint's tensors do not fill the model: serving it would mean random weights."""
+
+
+def load_pretrained(
+    loader: Any, path: str, *, ignore_missing: tuple[str, ...] = (), **kwargs: Any
+) -> Any:
+    """``loader.from_pretrained(path, **kwargs)``, refused unless every weight came from the
+    checkpoint and every tensor of the checkpoint found its place.
+
+    transformers fills what a checkpoint lacks with random values and only logs a warning,
+    e.g. when an older release does not know the checkpoint's layout, or a folder was written
+    for another architecture. ``ignore_missing`` names prefixes of parameters the backend never
+    uses (BERT's pooler for a sentence encoder), whose absence is harmless.
+    """
+    model, info = loader.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(ignore_missing))
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(
+        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())
+    )
+    problems = [
+        f"{len(keys)} {what} (e.g. {keys[0]})"
+        for what, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("of the wrong shape", mismatched),
+        )
+        if keys
+    ]
+    if problems:
+        import transformers
+
+        raise WeightsMismatch(
+            f"{path}: the checkpoint does not fit {type(model).__name__} under transformers "
+            f"{transformers.__version__}: weights {', '.join(problems)}; refusing to serve "
+            "randomly initialised weights (a newer transformers, or the right 'family'?)"
+        )
+    return model

@@ -1,0 +1,99 @@
+"""Family ``sentence`` against sentence-transformers itself, on tiny folders that
+sentence-transformers wrote: every pooling mode (and a concatenation), with and without Dense
+and Normalize, either padding side, ``include_prompt``, ``do_lower_case`` and the folder's
+prompts. The reference is ``SentenceTransformer(folder).encode``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmembed.models.registry import create_backend
+from tests.tiny_models import build_sentence, build_st_folder, cosines
+
+# Different lengths (padding matters), upper case (lower-casing matters), one over the limit.
+TEXTS = ["hello world", "A small RED car on the beach", "cat", "dog " * 200, "一只猫"]
+MODES = ["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens", ["cls", "mean"]]
+
+
+def reference(folder, texts, **kwargs):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device="cpu")
+    return model.encode(texts, convert_to_numpy=True, **kwargs)
+
+
+def served(folder, runtime="torch", **options):
+    backend = create_backend("sentence", {"weights": str(folder), "runtime": runtime, **options})
+    backend.load()
+    return backend
+
+
+def assert_parity(folder, runtime="torch", ref_kwargs=None, **options):
+    backend = served(folder, runtime, **options)
+    expected = reference(folder, TEXTS, **(ref_kwargs or {}))
+    got = backend.embed_texts(TEXTS)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    assert cosines(got, expected).min() >= 0.9999
+    return backend
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["plain", "dense"])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m if isinstance(m, str) else "+".join(m))
+def test_pooling_modes_match_sentence_transformers(tmp_path, mode, dense):
+    folder = build_st_folder(tmp_path / "st", mode, dense=dense, normalize=not dense)
+    config = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    assert config["pooling_mode"] == mode  # the current format: a string or a list
+    backend = assert_parity(folder)
+    modes = 1 if isinstance(mode, str) else len(mode)
+    assert backend.native_dim == (16 if dense else 32 * modes)
+
+
+@pytest.mark.parametrize("mode", ["lasttoken", "cls", "weightedmean", "mean"])
+def test_left_padding(tmp_path, mode):
+    assert_parity(build_st_folder(tmp_path / "st", mode, padding_side="left"))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("mode", ["mean", "cls", "lasttoken", "weightedmean"])
+def test_include_prompt_false_leaves_the_prompt_out(tmp_path, mode, padding_side):
+    folder = build_st_folder(
+        tmp_path / "st",
+        mode,
+        include_prompt=False,
+        prompts={"query": "query : ", "document": ""},
+        default_prompt_name="query",
+        padding_side=padding_side,
+    )
+    backend = assert_parity(folder)
+    assert backend.prompt == "query : " and backend._prompt_length == 3  # [CLS] query :
+
+
+def test_folder_prompts_default_and_by_name(tmp_path):
+    prompts = {"query": "query : ", "passage": "picture of "}
+    folder = build_st_folder(tmp_path / "st", prompts=prompts, default_prompt_name="passage")
+    assert served(folder).prompt == "picture of "
+    assert_parity(folder)
+    assert_parity(folder, prompt_name="query", ref_kwargs={"prompt_name": "query"})
+    with pytest.raises(ValueError, match="prompt_name 'nope'"):
+        served(folder, prompt_name="nope")
+
+
+def test_do_lower_case(tmp_path):
+    folder = build_st_folder(tmp_path / "st", do_lower_case=True)
+    backend = assert_parity(folder)
+    assert backend.count_tokens("A RED CAR") == backend.count_tokens("a red car")
+
+
+def test_onnx_runtime_pools_like_torch(tmp_path):
+    folder = build_st_folder(tmp_path / "st", ["cls", "mean"], dense=True)
+    assert_parity(folder, runtime="onnxruntime", cache_dir=str(tmp_path / "cache"))
+
+
+def test_legacy_folder_format(tmp_path):
+    """Folders written before sentence-transformers 6: ``pooling_mode_*`` flags,
+    ``word_embedding_dimension``, ``max_seq_length`` in ``sentence_bert_config.json``."""
+    folder = build_sentence(tmp_path / "legacy")
+    backend = assert_parity(folder)
+    assert backend.pooling == "mean" and backend.max_length == 64
