@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mmembed.api import routes, uploads
+from mmembed.api import openai_compat, routes, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -109,6 +109,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             Route("/models", routes.models, methods=["GET"]),
             Route(uploads.POLICY_PATH, uploads.get_policy, methods=["GET"]),
             Route(uploads.UPLOAD_PATH, uploads.upload, methods=["POST"]),
+            *[Route(p, openai_compat.embeddings, methods=["POST"]) for p in openai_compat.PATHS],
         ],
         exception_handlers={
             ApiError: _api_error,
