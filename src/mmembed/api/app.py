@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mmembed.api import openai_compat, routes, uploads
+from mmembed.api import metrics, openai_compat, routes, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -110,6 +110,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             Route(uploads.POLICY_PATH, uploads.get_policy, methods=["GET"]),
             Route(uploads.UPLOAD_PATH, uploads.upload, methods=["POST"]),
             *[Route(p, openai_compat.embeddings, methods=["POST"]) for p in openai_compat.PATHS],
+            Route(metrics.PATH, metrics.metrics_endpoint, methods=["GET"]),
         ],
         exception_handlers={
             ApiError: _api_error,
@@ -119,4 +120,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.add_middleware(RequestIdMiddleware)
+    app.state.metrics = metrics.Metrics()  # per app, so tests can build several
+    app.state.metrics.app_state = app.state
+    paths = frozenset(getattr(r, "path", "") for r in app.routes)
+    app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics, paths=paths)
     return app

@@ -68,6 +68,7 @@ async def embed(request: Request) -> Response:
     started = time.perf_counter()
     allowed = check_api_key(request, settings)
     req = parse_request(await read_body(request, settings.max_body_bytes))
+    request.state.model = req.model  # for metrics and logs
     if allowed is not None and req.model not in allowed:
         raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {req.model!r}.")
     req.owner = upload_owner(request, settings)
@@ -79,6 +80,7 @@ async def embed(request: Request) -> Response:
             ErrorCode.REQUEST_TIMEOUT,
             f"The request took longer than {settings.request_timeout_s:g} s.",
         ) from None
+    request.state.result = result
     log.info(
         "embedded model=%s items=%d kinds=%s in %.1f ms",
         req.model,

@@ -39,6 +39,7 @@ class BatchStats:
     inputs: int = 0
     requests: int = 0
     rejected: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # inputs per pass -> passes (metrics)
 
     @property
     def mean_batch(self) -> float:
@@ -68,6 +69,11 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = BatchStats()
+
+    @property
+    def queued(self) -> int:
+        """Inputs waiting for a forward pass."""
+        return self._queued_items
 
     async def submit(self, inputs: list[EmbedInput], tokens: int) -> np.ndarray:
         """Native vectors for ``inputs``, in order; 429 at once when the queue is full."""
@@ -131,6 +137,7 @@ class Batcher:
             self.stats.batches += 1
             self.stats.inputs += len(inputs)
             self.stats.requests += len(batch)
+            self.stats.sizes[len(inputs)] = self.stats.sizes.get(len(inputs), 0) + 1
             row = 0
             for p in batch:
                 n = len(p.inputs)

@@ -109,9 +109,17 @@ class Engine:
     def batch_stats(self) -> dict[str, dict[str, float]]:
         """Per backend: forward passes, inputs and requests batched, 429s, mean batch size."""
         return {
-            name: {**vars(b.batcher.stats), "mean_batch": round(b.batcher.stats.mean_batch, 2)}
+            name: {
+                **{k: v for k, v in vars(b.batcher.stats).items() if k != "sizes"},
+                "mean_batch": round(b.batcher.stats.mean_batch, 2),
+                "queued": b.batcher.queued,
+            }
             for name, b in self._backends.items()
         }
+
+    def batch_sizes(self) -> dict[str, dict[int, int]]:
+        """Per backend: forward passes by number of inputs (for the metrics histogram)."""
+        return {name: dict(b.batcher.stats.sizes) for name, b in self._backends.items()}
 
     def status(self) -> dict[str, str]:
         ok = {name: "ready" for name in self._backends}

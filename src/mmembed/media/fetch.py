@@ -194,6 +194,9 @@ class Fetcher:
         self._pool = self._new_pool()
         self._hosts: dict[str, _HostSlot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # For metrics: bytes loaded by source (url, data, oss) and failures by error code.
+        self.bytes_loaded: collections.Counter[str] = collections.Counter()
+        self.failures: collections.Counter[str] = collections.Counter()
 
     def _new_pool(self) -> httpcore.AsyncConnectionPool:
         return httpcore.AsyncConnectionPool(
@@ -223,6 +226,17 @@ class Fetcher:
         asked for it (``X-DashScope-OssResourceResolve: enable``, giving ``oss_owner``) and
         only for the owner that uploaded them.
         """
+        try:
+            data = await self._load(ref, max_bytes=max_bytes, oss_owner=oss_owner)
+        except ApiError as exc:
+            self.failures[exc.error.code] += 1
+            raise
+        head = ref.lstrip()[:6].lower()
+        source = "data" if head.startswith("data:") else "oss" if head == OSS_SCHEME[:6] else "url"
+        self.bytes_loaded[source] += len(data)
+        return data
+
+    async def _load(self, ref: str, *, max_bytes: int, oss_owner: str | None) -> bytes:
         if not isinstance(ref, str) or not ref.strip():
             raise ApiError(ErrorCode.INVALID_URL, "media reference is empty")
         if ref.lstrip()[: len(OSS_SCHEME)].lower() == OSS_SCHEME:
