@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mmembed.api import metrics, openai_compat, routes, uploads
+from mmembed.api import metrics, openai_compat, openapi, routes, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -111,6 +111,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             Route(uploads.UPLOAD_PATH, uploads.upload, methods=["POST"]),
             *[Route(p, openai_compat.embeddings, methods=["POST"]) for p in openai_compat.PATHS],
             Route(metrics.PATH, metrics.metrics_endpoint, methods=["GET"]),
+            Route(openapi.JSON_PATH, openapi.openapi_json, methods=["GET"]),
+            Route(openapi.DOCS_PATH, openapi.docs, methods=["GET"]),
         ],
         exception_handlers={
             ApiError: _api_error,
