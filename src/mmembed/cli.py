@@ -50,6 +50,8 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         access_log=False,  # the app logs each request with its request_id
         timeout_graceful_shutdown=10,
+        ssl_certfile=settings.ssl_certfile or None,
+        ssl_keyfile=settings.ssl_keyfile or None,
     )
     return 0
 

@@ -101,6 +101,10 @@ class Settings:
     embed_cache_text: bool = _setting(
         False, "Cache text-only items too (media items and fused items are always cached)."
     )
+    ssl_certfile: str = _setting(
+        "", "TLS certificate (PEM) to serve HTTPS; needs ssl_keyfile. Empty: plain HTTP."
+    )
+    ssl_keyfile: str = _setting("", "TLS private key (PEM) for ssl_certfile.")
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

@@ -77,8 +77,8 @@ class Metrics:
             return NONE
         engine = getattr(self.app_state, "engine", None)
         catalog = getattr(engine, "catalog", None)
-        models = getattr(catalog, "models", None) or {}
-        return name if isinstance(name, str) and name in models else OTHER
+        spec = catalog.get(name) if catalog is not None and isinstance(name, str) else None
+        return spec.name if spec is not None else OTHER  # aliases count under the served name
 
     def observe(self, route: str, state: dict[str, Any], status: int, seconds: float) -> None:
         model = self.model_label(state.get("model"))

@@ -20,6 +20,7 @@ from mmembed.config import Settings
 from mmembed.engine.batcher import Batcher
 from mmembed.engine.cache import CacheEntry, EmbeddingCache, MediaStats, digest, item_key
 from mmembed.engine.dims import DimensionMapper, fit_basis
+from mmembed.engine.fusion import apply_request_options
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.media.fetch import Fetcher
 from mmembed.media.image import decode_image
@@ -127,9 +128,14 @@ class Engine:
 
     # -- one request ---------------------------------------------------------------------------
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        spec = self.catalog.models.get(req.model)
+        spec = self.catalog.get(req.model)
         if spec is None:
-            raise ApiError(ErrorCode.INVALID_PARAMETER, f"Model not exist: {req.model!r}.")
+            served = ", ".join(self.catalog.models)
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"Model not exist: {req.model!r}. This server serves: {served}.",
+            )
+        spec, req.items = apply_request_options(spec, req)
         loaded = self._loaded(spec)
         backend = loaded.backend
         dimension = self._dimension(spec, req.dimension)
