@@ -23,6 +23,7 @@ class ErrorCode(Enum):
     INTERNAL = (500, "InternalError")
     INTERNAL_ALGO = (500, "InternalError.Algo")
     MODEL_UNAVAILABLE = (503, "ModelUnavailable")
+    MODEL_LOADING = (503, "ModelLoading")  # the server has started; models are still loading
 
     @property
     def status(self) -> int:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mmembed.api import metrics, openai_compat, openapi, routes, uploads
+from mmembed.api import metrics, openai_compat, openapi, routes, startup, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -93,13 +93,30 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    load_in_background: bool = False,
+    announce: str = "",
+) -> Starlette:
+    """The app. ``load_in_background``: serve at once and load models behind 503s (the CLI);
+    otherwise start-up waits for them. ``announce``: the base URL for the ready log line."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         eng = engine or Engine(settings, load_catalog(settings.catalog))
-        await asyncio.to_thread(eng.load)
-        app.state.engine = eng
+        loader = None
+        if load_in_background:
+            app.state.engine = eng
+            app.state.loader = loader = startup.Loader(eng, announce)
+            loader.start()
+        else:
+            await asyncio.to_thread(eng.load)
+            app.state.engine = eng
         yield
+        if loader is not None:
+            await loader.aclose()
         await eng.aclose()
 
     app = Starlette(

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import logging
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mmembed.api import schemas
-from mmembed.api.routes import check_api_key, read_body, upload_owner
+from mmembed.api.routes import check_api_key, log_embedded, read_body, upload_owner
+from mmembed.api.startup import check_ready
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode
@@ -187,7 +189,9 @@ async def embeddings(request: Request) -> Response:
 async def _embeddings(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     engine: Engine = request.app.state.engine
+    started = time.perf_counter()
     allowed = check_api_key(request, settings)
+    check_ready(request)
     req, encoding = parse_openai_request(await read_body(request, settings.max_body_bytes))
     request.state.model = req.model
     if allowed is not None and req.model not in allowed:
@@ -201,4 +205,5 @@ async def _embeddings(request: Request) -> Response:
             f"The request took longer than {settings.request_timeout_s:g} s.",
         ) from None
     request.state.result = result
+    log_embedded(request, req, result, started)
     return Response(render_embeddings(result, req.model, encoding), media_type="application/json")

@@ -28,6 +28,7 @@ from mmembed.media.video import sample_video
 from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, Backend, EmbedInput
 from mmembed.models.catalog import Catalog, ModelSpec
 from mmembed.models.registry import create_backend
+from mmembed.models.weights import explain_load_error
 from mmembed.types import ContentItem, EmbedRequest, EmbedResult, VideoClip
 
 log = logging.getLogger("mmembed.engine")
@@ -97,8 +98,12 @@ class Engine:
                 self._backends[name] = LoadedBackend(backend, mapper, batcher, executor)
                 log.info("backend %s (%s) ready, %d-d", name, spec.family, backend.native_dim)
             except Exception as exc:  # keep serving the other models
-                log.exception("backend %s failed to load", name)
-                self._load_errors[name] = f"{type(exc).__name__}: {exc}"
+                hint = explain_load_error(exc)  # setup problems: one line, no traceback
+                if hint:
+                    log.error("backend %s not loaded: %s", name, hint)
+                else:
+                    log.exception("backend %s failed to load", name)
+                self._load_errors[name] = hint or f"{type(exc).__name__}: {exc}"
 
     async def aclose(self) -> None:
         await self.fetcher.aclose()

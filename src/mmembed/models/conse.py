@@ -10,10 +10,12 @@ images. Good at ImageNet-like objects (animals, vehicles, tools, food); blind to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -149,6 +151,11 @@ class ConSEBackend(PooledBackend):
             cached = np.load(path)
             if cached.shape == (len(prompts), self.native_dim):
                 return cached
+        logging.getLogger("mmembed.models").info(
+            "embedding the %d class prompts (first start only; cached in %s)",
+            len(prompts),
+            self.cache_dir or "memory",
+        )
         vecs = self.embed_texts(prompts, None)
         if path:
             buf = io.BytesIO()
@@ -181,7 +188,8 @@ def _weights_file(name: str) -> str:
 def _load_classifier(name: str) -> Any:
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_pretrained(name, weights_path=_weights_file(name))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
+        net = EfficientNet.from_pretrained(name, weights_path=_weights_file(name))
     return net.eval()
 
 
