@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import sys
+import typing
 
 import mmembed
 from mmembed.config import Settings, SettingsError
@@ -163,8 +164,15 @@ def pull(settings: Settings, name: str) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line and a pointer to --help, instead of a screenful of usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmembed", description=__doc__)
+    parser = _Parser(prog="mmembed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mmembed {mmembed.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_help = "Run the HTTP API (DashScope and OpenAI-compatible routes, playground at /)."
