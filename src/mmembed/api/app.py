@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mmembed.api import metrics, openai_compat, openapi, routes, startup, uploads
+from mmembed.api import metrics, openai_compat, openapi, playground, routes, startup, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -130,6 +130,8 @@ def create_app(
             Route(metrics.PATH, metrics.metrics_endpoint, methods=["GET"]),
             Route(openapi.JSON_PATH, openapi.openapi_json, methods=["GET"]),
             Route(openapi.DOCS_PATH, openapi.docs, methods=["GET"]),
+            Route(playground.INDEX_PATH, playground.index, methods=["GET"]),
+            Route(playground.ASSET_PATH, playground.asset, methods=["GET"]),
         ],
         exception_handlers={
             ApiError: _api_error,

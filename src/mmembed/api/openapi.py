@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 import mmembed
-from mmembed.api import metrics, openai_compat, uploads
+from mmembed.api import metrics, openai_compat, playground, uploads
 from mmembed.api.routes import EMBED_PATH
 from mmembed.errors import ErrorCode
 
@@ -328,6 +328,35 @@ PATHS: dict[str, Any] = {
                     "description": "OpenAPI 3.1",
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 }
+            },
+        }
+    },
+    playground.INDEX_PATH: {
+        "get": {
+            "summary": "The playground: rank images, videos and texts by similarity in a browser",
+            "operationId": "playground",
+            "tags": ["Playground"],
+            "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {"schema": _STR}}}
+            },
+        }
+    },
+    playground.ASSET_PATH: {
+        "get": {
+            "summary": "The playground's script and style sheet",
+            "operationId": "playground_asset",
+            "tags": ["Playground"],
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["app.js", "style.css", "index.html"]},
+                }
+            ],
+            "responses": {
+                "200": {"description": "the file", "content": {"text/plain": {"schema": _STR}}},
+                "404": {"description": "no such file"},
             },
         }
     },
