@@ -115,6 +115,9 @@ class Settings:
         "", "TLS certificate (PEM) to serve HTTPS; needs ssl_keyfile. Empty: plain HTTP."
     )
     ssl_keyfile: str = _setting("", "TLS private key (PEM) for ssl_certfile.")
+    metrics: bool = _setting(
+        True, "Serve Prometheus metrics at GET /metrics (no key needed) and count requests."
+    )
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

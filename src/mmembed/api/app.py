@@ -141,8 +141,11 @@ def create_app(
     )
     app.state.settings = settings
     app.add_middleware(RequestIdMiddleware)
-    app.state.metrics = metrics.Metrics()  # per app, so tests can build several
-    app.state.metrics.app_state = app.state
-    paths = frozenset(getattr(r, "path", "") for r in app.routes)
-    app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics, paths=paths)
+    if settings.metrics:
+        app.state.metrics = metrics.Metrics()  # per app, so tests can build several
+        app.state.metrics.app_state = app.state
+        paths = frozenset(getattr(r, "path", "") for r in app.routes)
+        app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics, paths=paths)
+    else:
+        app.router.routes = [r for r in app.routes if getattr(r, "path", "") != metrics.PATH]
     return app
