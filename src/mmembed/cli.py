@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
+import typing
 
+import mmembed
 from mmembed.config import Settings
+
+# The settings each subcommand reads (serve: all of them); its --help lists only these.
+COMMAND_SETTINGS = {
+    "models": ("catalog", "log_level", "log_format"),
+    "pull": ("catalog", "cache_dir", "log_level", "log_format"),
+    "verify": ("catalog", "cache_dir", "log_level", "log_format"),
+}
 
 
 def is_loopback_bind(host: str) -> bool:
@@ -30,7 +40,8 @@ def serve(settings: Settings) -> int:
     from mmembed.api.app import create_app
     from mmembed.logs import setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("mmembed")
     if not settings.api_keys and not is_loopback_bind(settings.host):
         print(
             f"mmembed: refusing to bind {settings.host!r} without API keys: anyone who can reach "
@@ -38,28 +49,59 @@ def serve(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
+        print("mmembed: TLS needs both --ssl-certfile and --ssl-keyfile", file=sys.stderr)
+        return 2
+    for path in (settings.ssl_certfile, settings.ssl_keyfile):
+        if path and not os.path.isfile(path):
+            print(f"mmembed: TLS file {path!r} does not exist", file=sys.stderr)
+            return 2
     if not settings.api_keys:
-        print(
-            "mmembed: no API keys configured; accepting any key on loopback only.", file=sys.stderr
-        )
+        log.warning("no API keys configured; accepting any key on loopback only")
+    scheme = "https" if settings.ssl_certfile else "http"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
-        app = create_app(settings)
+        app = create_app(
+            settings, load_in_background=True, announce=f"{scheme}://{host}:{settings.port}"
+        )
     except ValueError as exc:  # a malformed catalog or allowlist entry: one line, no traceback
         print(f"mmembed: {exc}", file=sys.stderr)
         return 2
     return server.run(app, settings)  # uvicorn behind a guard against slow clients
 
 
-def models(settings: Settings) -> int:
+def models(settings: Settings, as_json: bool = False) -> int:
+    """The served API names: a table, or one JSON object per line with ``--json``."""
     from mmembed.models.catalog import load_catalog
 
     catalog = load_catalog(settings.catalog)
+    rows = []
     for spec in catalog.models.values():
         backend = catalog.backends[spec.backend]
         extra = {"family": backend.family}
         if "weights" in backend.options:
             extra["weights"] = backend.options["weights"]
-        print(json.dumps(spec.describe() | extra, ensure_ascii=False))
+        if as_json:
+            print(json.dumps(spec.describe() | extra, ensure_ascii=False))
+            continue
+        forms = ["fused only" if spec.fuse_contents else "fused" if spec.fused else ""]
+        forms.append(f"multi_images<={spec.multi_images}" if spec.multi_images else "")
+        rows.append(
+            (
+                spec.name,
+                ", ".join(map(str, spec.dimensions)) + ("" if spec.dimension_param else " (fixed)"),
+                f"{spec.text_max_tokens:,}",
+                " ".join(f for f in forms if f) or "-",
+                f"{spec.backend} ({backend.family})",
+                str(backend.options.get("weights", "packaged")),
+            )
+        )
+    if rows:
+        head = ("MODEL", "DIMENSIONS (default first)", "TEXT TOKENS", "FORMS", "BACKEND", "WEIGHTS")
+        widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+        for row in (head, *rows):
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        print(f"\ncatalog: {catalog.source}")
     return 0
 
 
@@ -75,8 +117,14 @@ def pull(settings: Settings, name: str) -> int:
             spec = catalog.backends[backend_name]
             weights = spec.options.get("weights")
             if not weights:
-                print(f"mmembed: {name}: family {spec.family!r} has no weights to download")
-                return 0
+                print(
+                    f"mmembed: {name} is served by backend {backend_name!r} (family "
+                    f"{spec.family!r}) of {catalog.source}, whose weights ship with the package: "
+                    "nothing to download. To pull open weights, name that catalog: "
+                    f"mmembed pull {name} --catalog open-weights",
+                    file=sys.stderr,
+                )
+                return 1
             revision = spec.options.get("revision")
         elif "/" in name:
             weights, revision = name, None
@@ -88,9 +136,14 @@ def pull(settings: Settings, name: str) -> int:
                 file=sys.stderr,
             )
             return 1
+        from mmembed.models.weights import OPEN_WEIGHTS_HINT
         from mmembed.models.weights import pull as pull_weights
 
-        path = pull_weights(str(weights), revision)
+        try:
+            path = pull_weights(str(weights), revision)
+        except ImportError as exc:  # huggingface_hub is in the open-weights extra
+            print(f"mmembed: cannot download {name}: {exc}; {OPEN_WEIGHTS_HINT}", file=sys.stderr)
+            return 1
     except Exception as exc:  # offline, unknown id, no permission, missing extra: say it plainly
         reason = (str(exc).strip().splitlines() or [""])[0]
         print(
@@ -117,30 +170,47 @@ def verify(settings: Settings, name: str) -> int:
         return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line and a pointer to --help, instead of a screenful of usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmembed", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("serve", "Run the HTTP API."), ("models", "List served models.")):
-        Settings.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    parser = _Parser(prog="mmembed", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mmembed {mmembed.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_help = "Run the HTTP API (DashScope and OpenAI-compatible routes, playground at /)."
+    Settings.add_arguments(sub.add_parser("serve", help=serve_help, description=serve_help))
+    models_help = "List the served API names, their dimensions and backends."
+    models_parser = sub.add_parser("models", help=models_help, description=models_help)
+    models_parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    Settings.add_arguments(models_parser, COMMAND_SETTINGS["models"])
     pull_help = "Download a model's weights into the local cache (needs the model hub)."
     pull_parser = sub.add_parser("pull", help=pull_help, description=pull_help)
     pull_parser.add_argument("name", help="API name or backend name of the catalog, or a hub id")
-    Settings.add_arguments(pull_parser)
+    Settings.add_arguments(pull_parser, COMMAND_SETTINGS["pull"])
     verify_help = "Compare a model's served vectors with its reference recipe (needs its weights)."
     verify_parser = sub.add_parser("verify", help=verify_help, description=verify_help)
     verify_parser.add_argument("name", help="API name or backend name of the catalog")
-    Settings.add_arguments(verify_parser)
+    Settings.add_arguments(verify_parser, COMMAND_SETTINGS["verify"])
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_args(args)
-    except ValueError as exc:  # a malformed number, an empty API key...
-        print(f"mmembed: invalid settings: {exc}", file=sys.stderr)
-        return 2
-    if args.command == "pull":
-        return pull(settings, args.name)
-    if args.command == "verify":
-        return verify(settings, args.name)
-    return {"serve": serve, "models": models}[args.command](settings)
+    except ValueError as exc:  # a malformed number, an empty API key... (SettingsError)
+        parser.exit(2, f"mmembed: error: {exc}\n")
+    try:
+        if args.command == "pull":
+            return pull(settings, args.name)
+        if args.command == "verify":
+            return verify(settings, args.name)
+        if args.command == "models":
+            return models(settings, as_json=args.json)
+        return serve(settings)
+    except (OSError, ValueError) as exc:  # a catalog file that is missing or malformed
+        print(f"mmembed: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ def _setting(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+class SettingsError(ValueError):
+    """A setting's value is malformed; the message names the env var or flag."""
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = _setting("127.0.0.1", "Address to bind.")
@@ -31,7 +35,13 @@ class Settings:
         "limits a key to those model names (403 otherwise). With no keys, any key is "
         "accepted and only loopback addresses may be bound.",
     )
-    log_level: str = _setting("info", "Log level: debug, info, warning, error.")
+    log_level: str = _setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    log_format: str = _setting(
+        "text",
+        "Log format: text, or json (one object per line: time, level, logger, request_id, "
+        "message, and model, items, latency_ms, status for requests).",
+        choices=("text", "json"),
+    )
     max_body_bytes: int = _setting(
         64 * 1024 * 1024, "Largest accepted request body in bytes (Base64 media included)."
     )
@@ -150,6 +160,13 @@ class Settings:
     embed_cache_text: bool = _setting(
         False, "Cache text-only items too (media items and fused items are always cached)."
     )
+    ssl_certfile: str = _setting(
+        "", "TLS certificate (PEM) to serve HTTPS; needs ssl_keyfile. Empty: plain HTTP."
+    )
+    ssl_keyfile: str = _setting("", "TLS private key (PEM) for ssl_certfile.")
+    metrics: bool = _setting(
+        True, "Serve Prometheus metrics at GET /metrics (no key needed) and count requests."
+    )
 
     def __post_init__(self) -> None:
         for entry in self.api_keys:
@@ -171,29 +188,53 @@ class Settings:
         for f in fields(cls):
             raw = environ.get(cls.env_name(f.name))
             if raw is not None:
-                values[f.name] = _parse(f.type, raw)
+                try:
+                    values[f.name] = _checked(f, _parse(f.type, raw))
+                except ValueError as exc:
+                    raise SettingsError(f"{cls.env_name(f.name)}={raw!r}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add one ``--flag`` per setting; parsed values are raw strings or None."""
+    def add_arguments(cls, parser: argparse.ArgumentParser, only: Any = None) -> None:
+        """Add one ``--flag`` per setting (or per name in ``only``), typed: a malformed value
+        is an argparse error naming the flag; booleans are switches (``--x`` / ``--no-x``)."""
         for f in fields(cls):
+            if only is not None and f.name not in only:
+                continue
             default = f.default if f.default is not MISSING else None
             shown = ",".join(default) if isinstance(default, tuple) else default
+            help = f"{f.metadata['help']} [env {cls.env_name(f.name)}; default {shown!r}]"
+            flag = "--" + f.name.replace("_", "-")
+            if str(f.type) == "bool":
+                parser.add_argument(
+                    flag,
+                    dest=f.name,
+                    default=None,
+                    action=argparse.BooleanOptionalAction,
+                    help=help,
+                )
+                continue
             parser.add_argument(
-                "--" + f.name.replace("_", "-"),
+                flag,
                 dest=f.name,
                 default=None,
+                type=_arg_type(f),
+                choices=f.metadata.get("choices"),
                 metavar=f.name.split("_")[-1].upper(),
-                help=f"{f.metadata['help']} [env {cls.env_name(f.name)}; default {shown!r}]",
+                help=help,
             )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
         raw = {f.name: getattr(args, f.name, None) for f in fields(cls)}
         return cls.from_env(
-            environ, **{k: _parse(_type_of(k), v) for k, v in raw.items() if v is not None}
+            environ,
+            **{
+                k: _parse(_type_of(k), v) if isinstance(v, str) else v
+                for k, v in raw.items()
+                if v is not None
+            },
         )
 
     @property
@@ -210,9 +251,40 @@ def _parse(type_name: Any, raw: str) -> Any:
     if t.startswith("tuple"):
         return tuple(p.strip() for p in raw.split(",") if p.strip())
     if t == "int":
-        return int(raw)
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not an integer") from None
     if t == "float":
-        return float(raw)
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
     if t == "bool":
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
+        word = raw.strip().lower()
+        if word in {"1", "true", "yes", "on"}:
+            return True
+        if word in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError(f"{raw!r} is not a boolean (use true or false)")
     return raw
+
+
+def _checked(f: Any, value: Any) -> Any:
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _arg_type(f: Any) -> Any:
+    """An argparse ``type`` that parses like the env var, with argparse's error on failure."""
+
+    def parse(raw: str) -> Any:
+        try:
+            return _parse(f.type, raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = str(f.type)
+    return parse

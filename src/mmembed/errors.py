@@ -30,6 +30,7 @@ class ErrorCode(Enum):
     INTERNAL_ALGO = (500, "InternalError.Algo")
     MODEL_UNAVAILABLE = (503, "ModelUnavailable")
     SERVICE_UNAVAILABLE = (503, "ServiceUnavailable")  # shutting down, or storage unusable
+    MODEL_LOADING = (503, "ModelLoading")  # the server has started; models are still loading
 
     @property
     def status(self) -> int:

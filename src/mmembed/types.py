@@ -43,6 +43,8 @@ class EmbedRequest:
     dimension: int | None = None
     fps: float | None = None
     instruct: str | None = None
+    fuse: bool = False  # parameters.enable_fusion: the whole contents list gives one vector
+    max_video_frames: int | None = None  # parameters.max_video_frames (within the model's cap)
     owner: str | None = None  # who sent it (a hash of the API key): uploads are per owner
     resolve_oss: bool = False  # X-DashScope-OssResourceResolve: enable (oss:// refs allowed)
 

@@ -56,7 +56,9 @@ def test_packaged_catalog_has_the_four_api_names_and_their_limits():
         "tongyi-embedding-vision-flash",
         "qwen3-vl-embedding",
         "multimodal-embedding-v1",
+        "qwen2.5-vl-embedding",
     }
+    assert cat.models["qwen2.5-vl-embedding"].fuse_contents
     plus = cat.models["tongyi-embedding-vision-plus"]
     assert plus.dimensions == (1152, 1024, 512, 256, 128, 64) and plus.multi_images == 8
     qwen = cat.models["qwen3-vl-embedding"]

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mmembed.api import routes, uploads
+from mmembed.api import metrics, openai_compat, openapi, playground, routes, startup, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -115,11 +115,18 @@ class RequestIdMiddleware:
 
 
 def create_app(
-    settings: Settings, engine: Engine | None = None, *, upload_store: UploadStore | None = None
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    upload_store: UploadStore | None = None,
+    load_in_background: bool = False,
+    announce: str = "",
 ) -> Starlette:
     """The composition root: builds the parts (catalog, upload store, fetcher, engine) once and
     hands them to the handlers through ``app.state``. Tests may pass their own engine (and the
-    upload store its fetcher reads)."""
+    upload store its fetcher reads). ``load_in_background``: serve at once and load models
+    behind 503s (the CLI); otherwise start-up waits for them. ``announce``: the base URL for
+    the ready log line."""
     store = upload_store or UploadStore.from_settings(settings)
     if engine is None:
         fetcher = Fetcher(settings, uploads=store)
@@ -133,11 +140,18 @@ def create_app(
             await asyncio.to_thread(store.sweep_partials)
         except OSError as exc:
             log.warning("could not sweep partial uploads: %s", exc)
-        await asyncio.to_thread(eng.load)
         problem = await asyncio.to_thread(store.check)
         if problem:
             log.error("uploads unavailable: %s", problem)
+        loader = None
+        if load_in_background:
+            app.state.loader = loader = startup.Loader(eng, announce)
+            loader.start()
+        else:
+            await asyncio.to_thread(eng.load)
         yield
+        if loader is not None:
+            await loader.aclose()
         # Requests the server cancelled after the grace period are answering 503 right now;
         # the process exits when this returns, so give them a moment to be written.
         pending = {t for t in inflight if not t.done()}
@@ -152,6 +166,12 @@ def create_app(
             Route("/models", routes.models, methods=["GET"]),
             Route(uploads.POLICY_PATH, uploads.get_policy, methods=["GET"]),
             Route(uploads.UPLOAD_PATH, uploads.upload, methods=["POST"]),
+            *[Route(p, openai_compat.embeddings, methods=["POST"]) for p in openai_compat.PATHS],
+            Route(metrics.PATH, metrics.metrics_endpoint, methods=["GET"]),
+            Route(openapi.JSON_PATH, openapi.openapi_json, methods=["GET"]),
+            Route(openapi.DOCS_PATH, openapi.docs, methods=["GET"]),
+            Route(playground.INDEX_PATH, playground.index, methods=["GET"]),
+            Route(playground.ASSET_PATH, playground.asset, methods=["GET"]),
         ],
         exception_handlers={
             ApiError: _api_error,
@@ -164,4 +184,11 @@ def create_app(
     app.state.catalog = eng.catalog
     app.state.uploads = store
     app.add_middleware(RequestIdMiddleware, inflight=inflight)
+    if settings.metrics:
+        app.state.metrics = metrics.Metrics()  # per app, so tests can build several
+        app.state.metrics.app_state = app.state
+        paths = frozenset(getattr(r, "path", "") for r in app.routes)
+        app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics, paths=paths)
+    else:
+        app.router.routes = [r for r in app.routes if getattr(r, "path", "") != metrics.PATH]
     return app

@@ -12,11 +12,13 @@ from starlette.responses import JSONResponse, Response
 
 from mmembed.api.disconnect import unless_disconnected
 from mmembed.api.schemas import parse_request, render_result
+from mmembed.api.startup import check_ready
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode, echo, redact_paths
 from mmembed.logs import request_id_var
 from mmembed.media.store import UploadStore
+from mmembed.types import EmbedRequest, EmbedResult
 
 EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
 log = logging.getLogger("mmembed.api")
@@ -71,7 +73,9 @@ async def embed(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     started = time.perf_counter()
     allowed = check_api_key(request, settings)
+    check_ready(request)
     req = parse_request(await read_body(request, settings.max_body_bytes))
+    request.state.model = req.model  # for metrics and logs
     if allowed is not None and req.model not in allowed:
         raise ApiError(
             ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(req.model)}."
@@ -87,17 +91,33 @@ async def embed(request: Request) -> Response:
             ErrorCode.REQUEST_TIMEOUT,
             f"The request took longer than {settings.request_timeout_s:g} s.",
         ) from None
+    request.state.result = result
+    log_embedded(request, req, result, started)
+    return Response(render_result(result, request_id_var.get()), media_type="application/json")
+
+
+def log_embedded(request: Request, req: EmbedRequest, result: EmbedResult, started: float) -> None:
+    ms = (time.perf_counter() - started) * 1000
     log.info(
         "embedded model=%s items=%d kinds=%s in %.1f ms",
         req.model,
         len(req.items),
         ",".join(sorted(set(result.kinds))),
-        (time.perf_counter() - started) * 1000,
+        ms,
+        extra={
+            "route": request.url.path,
+            "model": req.model,
+            "items": len(req.items),
+            "latency_ms": round(ms, 1),
+            "status": 200,
+        },
     )
-    return Response(render_result(result, request_id_var.get()), media_type="application/json")
 
 
 async def health(request: Request) -> Response:
+    loader = getattr(request.app.state, "loader", None)
+    if loader is not None and not loader.ready.is_set():
+        return JSONResponse({"status": "loading", "progress": loader.progress()}, status_code=503)
     engine = request.app.state.engine
     status = {name: redact_paths(s) for name, s in engine.status().items()}  # unauthenticated
     problem = request.app.state.uploads.check()  # a few syscalls; the secret is read once

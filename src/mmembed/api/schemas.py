@@ -54,10 +54,48 @@ def parse_request(body: bytes) -> EmbedRequest:
     return EmbedRequest(
         model=model,
         items=items,
-        dimension=_dimension(params.get("dimension")),
+        dimension=_dimension(_dimension_alias(data, params)),
         fps=_fps(params.get("fps")),
         instruct=_instruct(params.get("instruct")),
+        fuse=_flag(params.get("enable_fusion"), "parameters.enable_fusion"),
+        max_video_frames=_max_frames(params.get("max_video_frames")),
     )
+
+
+def _dimension_alias(data: dict[str, Any], params: dict[str, Any]) -> Any:
+    """``parameters.dimension``, also under OpenAI's spelling ``dimensions`` or at the top
+    level, where clients put it by mistake: taken when unambiguous, never silently dropped."""
+    given = {
+        where: value
+        for where, value in (
+            ("parameters.dimension", params.get("dimension")),
+            ("parameters.dimensions", params.get("dimensions")),
+            ("dimension", data.get("dimension")),
+            ("dimensions", data.get("dimensions")),
+        )
+        if value is not None
+    }
+    if len(set(map(repr, given.values()))) > 1:
+        raise _bad(f"conflicting dimensions: {', '.join(f'{k}={v!r}' for k, v in given.items())}.")
+    return next(iter(given.values()), None)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _bad(f"{where}: must be true or false, got {value!r}.")
+
+
+def _max_frames(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(f"parameters.max_video_frames: must be a positive integer, got {value!r}.")
+    return value
 
 
 def _contents(inp: Any) -> list[Any]:

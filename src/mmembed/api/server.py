@@ -267,7 +267,10 @@ def run(app: Any, settings: Settings) -> int:
         port=settings.port,
         http=guard.protocol_class(),
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers use ours (setup_logging), in the chosen format
         access_log=False,  # the app logs each request with its request_id
+        ssl_certfile=settings.ssl_certfile or None,
+        ssl_keyfile=settings.ssl_keyfile or None,
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
         backlog=2048,

@@ -54,8 +54,9 @@ def _file_cap(request: Request, model: str | None) -> int:
     settings: Settings = request.app.state.settings
     if settings.upload_max_file_bytes > 0:
         return settings.upload_max_file_bytes
-    specs = request.app.state.catalog.models
-    chosen = [specs[model]] if model in specs else list(specs.values())
+    catalog = request.app.state.catalog
+    spec = catalog.get(model) if model else None
+    chosen = [spec] if spec else list(catalog.models.values())
     return max(max(s.image_max_bytes, s.video_max_bytes) for s in chosen)
 
 
@@ -68,7 +69,7 @@ async def get_policy(request: Request) -> Response:
         raise _bad(f"action must be 'getPolicy', got {echo(action)}.")
     model = request.query_params.get("model") or None
     if model is not None:
-        if model not in request.app.state.catalog.models:
+        if request.app.state.catalog.get(model) is None:
             raise _bad(f"Model not exist: {echo(model)}.")
         if allowed is not None and model not in allowed:
             raise ApiError(

@@ -83,6 +83,12 @@ class BatchStats:
     largest_batch: int = 0  # inputs
     largest_images: int = 0  # images and frames in one pass
     crashes: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # inputs per pass -> passes (metrics)
+
+    def count_pass(self, inputs: int) -> None:
+        self.batches += 1
+        self.inputs += inputs
+        self.sizes[inputs] = self.sizes.get(inputs, 0) + 1
 
     @property
     def mean_batch(self) -> float:
@@ -279,8 +285,7 @@ class Batcher:
         finally:
             if not express:
                 self._running = []
-        self.stats.batches += 1
-        self.stats.inputs += len(inputs)
+        self.stats.count_pass(len(inputs))
         self.stats.requests += len({id(p) for p, _, _ in batch})
         self.stats.largest_batch = max(self.stats.largest_batch, len(inputs))
         images = sum(sum(p.images[a:b]) for p, a, b in batch)
@@ -303,8 +308,7 @@ class Batcher:
             if not pending.future.done():
                 pending.future.set_exception(exc)
             return
-        self.stats.batches += 1
-        self.stats.inputs += 1
+        self.stats.count_pass(1)
         pending.deliver(i, vectors)
 
     def _fail_crashed(self, pending: _Pending, i: int) -> None:

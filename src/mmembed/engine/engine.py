@@ -27,13 +27,15 @@ from mmembed.engine.batcher import Batcher
 from mmembed.engine.cache import EmbeddingCache, MediaStats
 from mmembed.engine.contained import ContainedBackend, VideoDecoder
 from mmembed.engine.dims import DimensionMapper, fit_basis
+from mmembed.engine.fusion import apply_request_options
 from mmembed.engine.media_stage import MediaStage, Prepared
 from mmembed.engine.memory import TRIM_AFTER_IMAGES, images_in, trim_heap
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.media.fetch import Fetcher
 from mmembed.models.base import Backend, EmbedInput, prepare_image_fn
 from mmembed.models.catalog import Catalog, ModelSpec
 from mmembed.models.registry import create_backend
+from mmembed.models.weights import explain_load_error
 from mmembed.types import EmbedRequest, EmbedResult
 
 log = logging.getLogger("mmembed.engine")
@@ -118,8 +120,12 @@ class Engine:
                 self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)
                 log.info("backend %s (%s) ready, %d-d", name, spec.family, backend.native_dim)
             except Exception as exc:  # keep serving the other models
-                log.exception("backend %s failed to load", name)
-                self._load_errors[name] = f"{type(exc).__name__}: {exc}"
+                hint = explain_load_error(exc)  # setup problems: one line, no traceback
+                if hint:
+                    log.error("backend %s not loaded: %s", name, hint)
+                else:
+                    log.exception("backend %s failed to load", name)
+                self._load_errors[name] = hint or f"{type(exc).__name__}: {exc}"
 
     async def aclose(self) -> None:
         await self.fetcher.aclose()
@@ -138,7 +144,9 @@ class Engine:
         worker restarts."""
         out: dict[str, dict[str, float]] = {}
         for name, b in self._backends.items():
-            stats = {**vars(b.batcher.stats), "mean_batch": round(b.batcher.stats.mean_batch, 2)}
+            stats = {k: v for k, v in vars(b.batcher.stats).items() if k != "sizes"}
+            stats["mean_batch"] = round(b.batcher.stats.mean_batch, 2)
+            stats["queued"] = b.batcher.queued_items
             stats["admission_rejected"] = b.admission.rejected
             worker = getattr(b.backend, "worker", None)
             if worker is not None:
@@ -146,15 +154,24 @@ class Engine:
             out[name] = stats
         return out
 
+    def batch_sizes(self) -> dict[str, dict[int, int]]:
+        """Per backend: forward passes by number of inputs (for the metrics histogram)."""
+        return {name: dict(b.batcher.stats.sizes) for name, b in self._backends.items()}
+
     def status(self) -> dict[str, str]:
         ok = {name: "ready" for name in self._backends}
         return ok | {name: f"failed: {err}" for name, err in self._load_errors.items()}
 
     # -- one request ---------------------------------------------------------------------------
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        spec = self.catalog.models.get(req.model)
+        spec = self.catalog.get(req.model)
         if spec is None:
-            raise ApiError(ErrorCode.INVALID_PARAMETER, f"Model not exist: {req.model!r}.")
+            served = ", ".join(self.catalog.models)
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"Model not exist: {echo(req.model)}. This server serves: {served}.",
+            )
+        spec, req.items = apply_request_options(spec, req)
         loaded = self._loaded(spec)
         backend = loaded.backend
         dimension = limits.resolve_dimension(spec, req.dimension)

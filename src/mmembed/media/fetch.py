@@ -120,6 +120,36 @@ def _decode_base64(payload: str, max_bytes: int) -> bytes:
         ) from None
 
 
+_RAW_B64 = re.compile(r"[A-Za-z0-9+/=\s]{64,}")
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def _refuse_local_or_raw(ref: str) -> None:
+    """Clear errors for two common mistakes: raw Base64 without its ``data:`` header, and a
+    path on the client's machine (which the server cannot read)."""
+    text = ref.strip()
+    head = text[:64].lower()
+    if "://" not in head and not head.startswith("data:") and _RAW_B64.fullmatch(text[:4096]):
+        raise ApiError(
+            ErrorCode.INVALID_PARAMETER,
+            "this looks like raw Base64: send it as a data: URI, e.g. "
+            "'data:image/png;base64,' followed by the Base64 (or data:video/mp4;base64,...)",
+        )
+    local = head.startswith(("/", "./", "../", "~/")) and not head.startswith("//")
+    if head.startswith("file:") or local or _WINDOWS_PATH.match(text):
+        what = (
+            "URL scheme 'file' is not supported"
+            if head.startswith("file:")
+            else f"{short_url(text)!r} is a local path"
+        )
+        raise ApiError(
+            ErrorCode.INVALID_URL,
+            f"{what}: this server cannot read files on the client's machine; send the file "
+            "as a data: URI (data:image/png;base64,...), or call through the dashscope SDK, "
+            "which uploads local files first",
+        )
+
+
 # -- connection pinning --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Pin:
@@ -200,6 +230,9 @@ class Fetcher:
         self._pool = self._new_pool()
         self._hosts: dict[str, _HostSlot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # For metrics: bytes loaded by source (url, data, oss) and failures by error code.
+        self.bytes_loaded: collections.Counter[str] = collections.Counter()
+        self.failures: collections.Counter[str] = collections.Counter()
 
     def _new_pool(self) -> httpcore.AsyncConnectionPool:
         return httpcore.AsyncConnectionPool(
@@ -229,6 +262,17 @@ class Fetcher:
         asked for it (``X-DashScope-OssResourceResolve: enable``, giving ``oss_owner``) and
         only for the owner that uploaded them.
         """
+        try:
+            data = await self._load(ref, max_bytes=max_bytes, oss_owner=oss_owner)
+        except ApiError as exc:
+            self.failures[exc.error.code] += 1
+            raise
+        head = ref.lstrip()[:6].lower()
+        source = "data" if head.startswith("data:") else "oss" if head == OSS_SCHEME[:6] else "url"
+        self.bytes_loaded[source] += len(data)
+        return data
+
+    async def _load(self, ref: str, *, max_bytes: int, oss_owner: str | None) -> bytes:
         if not isinstance(ref, str) or not ref.strip():
             raise ApiError(ErrorCode.INVALID_URL, "media reference is empty")
         if ref.lstrip()[: len(OSS_SCHEME)].lower() == OSS_SCHEME:
@@ -240,6 +284,7 @@ class Fetcher:
                     "dashscope SDK sends it when it uploads local files)",
                 )
             return await self.uploads.read(ref, oss_owner, max_bytes)
+        _refuse_local_or_raw(ref)
         if ref.lstrip()[:5].lower() == "data:":
             if len(ref) > 256 * 1024:  # megabytes of Base64: decode off the event loop
                 return await asyncio.to_thread(decode_data_uri, ref.lstrip(), max_bytes)

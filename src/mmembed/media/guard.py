@@ -205,7 +205,9 @@ class AddressGuard:
                 shown = f"address {host}" if _is_ip(host) else f"host {echo(host)} resolves to {ip}"
                 raise ApiError(
                     ErrorCode.INVALID_URL,
-                    f"{shown}, a {reason} address, which media URLs may not reach",
+                    f"{shown}, a {reason} address, which media URLs may not reach (an "
+                    "operator can allow it with the setting fetch_allow_hosts: "
+                    "--fetch-allow-hosts or MMEMBED_FETCH_ALLOW_HOSTS)",
                 )
             result.append(str(_plain(ip)))
         if not result:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -34,6 +35,8 @@ class ModelSpec:
     max_videos: int = 0
     max_video_frames: int = 16
     image_tokens: int = 64
+    aliases: tuple[str, ...] = ()  # other names clients use for it (e.g. dated snapshots)
+    fuse_contents: bool = False  # the whole contents list gives one vector (qwen2.5-vl-embedding)
 
     @property
     def default_dimension(self) -> int:
@@ -62,11 +65,23 @@ class BackendSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+_SNAPSHOT = re.compile(r"^(?P<base>.+)-\d{4}-\d{2}-\d{2}$")
+
+
 @dataclass(frozen=True)
 class Catalog:
     backends: dict[str, BackendSpec]
     models: dict[str, ModelSpec]
     source: str = ""
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> served name
+
+    def get(self, name: str) -> ModelSpec | None:
+        """The spec for a served name, one of its aliases, or a dated snapshot of either
+        (``<name>-YYYY-MM-DD``, as the hosted service names its snapshots)."""
+        spec = self.models.get(name) or self.models.get(self.aliases.get(name, ""))
+        if spec is None and (m := _SNAPSHOT.match(name)) and m["base"] != name:
+            return self.get(m["base"])
+        return spec
 
 
 def load_catalog(path_or_profile: str = "") -> Catalog:
@@ -107,7 +122,12 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
         for key in ("image_formats", "video_formats"):
             if key in values:
                 values[key] = frozenset(str(v).upper() for v in values[key])
+        values["aliases"] = tuple(str(a) for a in body.get("aliases", ()))
         models[name] = ModelSpec(name=name, **values)
     if not models:
         raise ValueError(f"{source}: the catalog serves no models")
-    return Catalog(backends=backends, models=models, source=source)
+    aliases = {a: spec.name for spec in models.values() for a in spec.aliases}
+    clash = sorted(set(aliases) & set(models))
+    if clash:
+        raise ValueError(f"{source}: aliases {clash} are also model names")
+    return Catalog(backends=backends, models=models, source=source, aliases=aliases)

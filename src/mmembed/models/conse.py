@@ -13,10 +13,12 @@ one. Good at ImageNet-like objects (animals, vehicles, tools, food); blind to an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -185,6 +187,11 @@ class ConSEBackend(PooledBackend):
             cached = np.load(path)
             if cached.shape == (len(names["en"]), self.native_dim):
                 return cached
+        logging.getLogger("mmembed.models").info(
+            "embedding the %d class prompts (first start only; cached in %s)",
+            sum(len(group) for _, group in prompts),
+            self.cache_dir or "memory",
+        )
         by_lang: dict[str, list[np.ndarray]] = {}
         for lang, group in prompts:
             by_lang.setdefault(lang, []).append(self.embed_texts(group, None))
@@ -222,7 +229,8 @@ def _weights_file(name: str) -> str:
 def _load_classifier(name: str) -> Any:
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_pretrained(name, weights_path=_weights_file(name))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
+        net = EfficientNet.from_pretrained(name, weights_path=_weights_file(name))
     return net.eval()
 
 

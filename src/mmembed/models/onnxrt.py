@@ -40,6 +40,9 @@ def export_cached(
 
     import torch
 
+    logging.getLogger("mmembed.models").info(
+        "exporting %s to ONNX (first start only; cached in %s)", key[0], cache_dir or "memory"
+    )
     module, args, dynamic_shapes = build()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

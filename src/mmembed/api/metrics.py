@@ -1,0 +1,226 @@
+"""Prometheus metrics at ``GET /metrics`` (prometheus_client, one registry per app).
+
+Request counts and latencies are observed by a middleware; everything the engine already
+counts (batching, queue depth, cache, media fetching) is read from its stats when scraped, so
+the request path pays for a few counter increments only. Label values are bounded: routes are
+the app's own paths, models the catalog's names ("other" for anything else), kinds a fixed set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PATH = "/metrics"
+OTHER = "other"
+NONE = "none"  # requests that name no model (health, listings, bad bodies)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The per-app registry and its request-side instruments."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mmembed_requests",
+            "HTTP requests by route, model and status code.",
+            ["route", "model", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "mmembed_request_duration_seconds",
+            "Embedding request latency (read, embed, render) by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.items = Counter(
+            "mmembed_items",
+            "Content items embedded, by model and kind (text, image, video, multi_images, vl).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "mmembed_tokens",
+            "Usage tokens by model and kind (text, image, video_frame).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.throttled = Counter(
+            "mmembed_throttled_requests",
+            "Requests answered 429 (overload or quota), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.app_state: Any = None  # the Starlette app's state, for the engine at scrape time
+        r.register(_EngineCollector(self))
+
+    def model_label(self, name: object) -> str:
+        if not name:
+            return NONE
+        engine = getattr(self.app_state, "engine", None)
+        catalog = getattr(engine, "catalog", None)
+        spec = catalog.get(name) if catalog is not None and isinstance(name, str) else None
+        return spec.name if spec is not None else OTHER  # aliases count under the served name
+
+    def observe(self, route: str, state: dict[str, Any], status: int, seconds: float) -> None:
+        model = self.model_label(state.get("model"))
+        self.requests.labels(route, model, str(status)).inc()
+        if status == 429:
+            self.throttled.labels(model).inc()
+        if model == NONE:
+            return
+        self.latency.labels(model).observe(seconds)
+        result = state.get("result")
+        if result is None or status != 200:
+            return
+        for kind, n in Tally(result.kinds).items():
+            self.items.labels(model, kind).inc(n)
+        usage = result.usage
+        self.tokens.labels(model, "text").inc(usage.get("input_tokens", 0))
+        per_image = self._image_tokens(model)
+        image = usage.get("image_count", 0) * per_image
+        self.tokens.labels(model, "image").inc(image)
+        self.tokens.labels(model, "video_frame").inc(max(0, usage.get("image_tokens", 0) - image))
+
+    def _image_tokens(self, model: str) -> int:
+        spec = self.app_state.engine.catalog.models.get(model)
+        return getattr(spec, "image_tokens", 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route, model (set by the handlers on ``request.state``)
+    and final status, and times the ones that name a model."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if the app raises before answering, the outer layer sends a 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope.get("path", "")
+            route = path if path in self.paths else OTHER
+            self.metrics.observe(
+                route, scope.get("state") or {}, status, time.perf_counter() - started
+            )
+
+
+class _EngineCollector:
+    """Reads the engine's own counters at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        engine = getattr(self.metrics.app_state, "engine", None)
+        if engine is None or not hasattr(engine, "batch_stats"):
+            return
+        status = engine.status()
+        ready = GaugeMetricFamily(
+            "mmembed_backend_ready", "1 when the backend is loaded and serving.", labels=["backend"]
+        )
+        for name, state in status.items():
+            ready.add_metric([name], 1.0 if state == "ready" else 0.0)
+        yield ready
+
+        stats = engine.batch_stats()
+        queue = GaugeMetricFamily(
+            "mmembed_queue_depth", "Inputs waiting for a forward pass.", labels=["backend"]
+        )
+        passes = CounterMetricFamily(
+            "mmembed_forward_passes", "Forward passes (batches) run.", labels=["backend"]
+        )
+        rejected = CounterMetricFamily(
+            "mmembed_queue_rejections",
+            "Requests refused with 429 because the backend's queue was full.",
+            labels=["backend"],
+        )
+        for name, s in stats.items():
+            queue.add_metric([name], s.get("queued", 0))
+            passes.add_metric([name], s.get("batches", 0))
+            rejected.add_metric([name], s.get("rejected", 0))
+        yield from (queue, passes, rejected)
+
+        sizes = HistogramMetricFamily(
+            "mmembed_batch_size", "Inputs per forward pass.", labels=["backend"]
+        )
+        for name, by_size in engine.batch_sizes().items():
+            buckets, total = [], 0.0
+            for bound in (*BATCH_BUCKETS, float("inf")):
+                count = sum(n for size, n in by_size.items() if size <= bound)
+                buckets.append((_le(bound), count))
+            total = sum(size * n for size, n in by_size.items())
+            sizes.add_metric([name], buckets, total)
+        yield sizes
+
+        cache = engine.cache.stats()
+        for key, doc in (("hits", "Embedding-cache hits."), ("misses", "Embedding-cache misses.")):
+            yield CounterMetricFamily(f"mmembed_cache_{key}", doc, value=cache[key])
+        yield CounterMetricFamily(
+            "mmembed_cache_evictions", "Embedding-cache evictions.", value=cache["evictions"]
+        )
+        yield GaugeMetricFamily(
+            "mmembed_cache_bytes", "Bytes held by the embedding cache.", value=cache["bytes"]
+        )
+
+        fetcher = engine.fetcher
+        loaded = CounterMetricFamily(
+            "mmembed_media_bytes",
+            "Media bytes loaded, by source (url, data, oss).",
+            labels=["source"],
+        )
+        for source in ("url", "data", "oss"):
+            loaded.add_metric([source], fetcher.bytes_loaded.get(source, 0))
+        yield loaded
+        failures = CounterMetricFamily(
+            "mmembed_media_fetch_failures",
+            "Media loads that failed, by reason (the error code).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(fetcher.failures.items()):
+            failures.add_metric([reason], n)
+        yield failures
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else str(float(bound))
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,400 @@
+"""``GET /openapi.json`` (an OpenAPI 3.1 document, built here by hand from small schema
+declarations, since the routes parse JSON themselves) and ``GET /docs`` (a self-contained page
+that renders it, no CDN)."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+import mmembed
+from mmembed.api import metrics, openai_compat, playground, uploads
+from mmembed.api.routes import EMBED_PATH
+from mmembed.errors import ErrorCode
+
+JSON_PATH = "/openapi.json"
+DOCS_PATH = "/docs"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(props: dict[str, Any], required: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": props, **extra}
+    if required:
+        out["required"] = list(required)
+    return out
+
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_MEDIA = {"type": "string", "description": "http(s) URL, data: URI, or oss:// (uploads)"}
+
+SCHEMAS: dict[str, Any] = {
+    "ContentItem": {
+        "description": "A string (text) or an object with text, image, video (several of them: "
+        "one fused vector, where the model allows) or multi_images.",
+        "oneOf": [
+            _STR,
+            _obj(
+                {
+                    "text": _STR,
+                    "image": _MEDIA,
+                    "video": _MEDIA,
+                    "multi_images": {"type": "array", "items": _MEDIA, "maxItems": 8},
+                    "factor": {"type": "number", "description": "sent by SDKs; ignored"},
+                }
+            ),
+        ],
+    },
+    "EmbedRequest": _obj(
+        {
+            "model": _STR,
+            "input": _obj(
+                {"contents": {"type": "array", "items": _ref("ContentItem"), "minItems": 1}},
+                ("contents",),
+            ),
+            "parameters": _obj(
+                {
+                    "dimension": _INT,
+                    "output_type": {"type": "string", "enum": ["dense"]},
+                    "fps": {"type": "number", "minimum": 0, "maximum": 1},
+                    "instruct": _STR,
+                    "enable_fusion": {"type": "boolean"},
+                    "max_video_frames": _INT,
+                },
+                additionalProperties=True,
+            ),
+        },
+        ("model", "input"),
+    ),
+    "EmbedResponse": _obj(
+        {
+            "output": _obj(
+                {
+                    "embeddings": {
+                        "type": "array",
+                        "items": _obj(
+                            {
+                                "index": _INT,
+                                "embedding": {"type": "array", "items": {"type": "number"}},
+                                "type": {
+                                    "type": "string",
+                                    "enum": ["text", "image", "video", "multi_images", "vl"],
+                                },
+                            },
+                            ("index", "embedding", "type"),
+                        ),
+                    }
+                },
+                ("embeddings",),
+            ),
+            "usage": _obj(
+                {
+                    "input_tokens": _INT,
+                    "image_tokens": _INT,
+                    "image_count": _INT,
+                    "duration": _INT,
+                }
+            ),
+            "request_id": _STR,
+        },
+        ("output", "usage", "request_id"),
+    ),
+    "Error": _obj(
+        {
+            "code": {"type": "string", "enum": sorted({e.code for e in ErrorCode})},
+            "message": _STR,
+            "request_id": _STR,
+        },
+        ("code", "message", "request_id"),
+    ),
+    "OpenAIEmbeddingRequest": _obj(
+        {
+            "model": _STR,
+            "input": {
+                "oneOf": [
+                    _STR,
+                    {"type": "array", "items": _ref("ContentItem"), "minItems": 1},
+                ]
+            },
+            "dimensions": _INT,
+            "encoding_format": {"type": "string", "enum": list(openai_compat.ENCODINGS)},
+            "modality": {
+                "type": "string",
+                "enum": list(openai_compat.MODALITIES),
+                "description": "what the strings in input are (infinity's convention)",
+            },
+            "user": _STR,
+        },
+        ("model", "input"),
+    ),
+    "OpenAIEmbeddingResponse": _obj(
+        {
+            "object": {"const": "list"},
+            "data": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "object": {"const": "embedding"},
+                        "index": _INT,
+                        "embedding": {
+                            "oneOf": [
+                                {"type": "array", "items": {"type": "number"}},
+                                {"type": "string", "description": "base64, little-endian f32"},
+                            ]
+                        },
+                    },
+                    ("object", "index", "embedding"),
+                ),
+            },
+            "model": _STR,
+            "usage": _obj({"prompt_tokens": _INT, "total_tokens": _INT}),
+        },
+        ("object", "data", "model", "usage"),
+    ),
+    "OpenAIError": _obj(
+        {
+            "error": _obj(
+                {
+                    "message": _STR,
+                    "type": _STR,
+                    "param": {"type": ["string", "null"]},
+                    "code": _STR,
+                },
+                ("message", "type", "param", "code"),
+            )
+        },
+        ("error",),
+    ),
+    "Health": _obj(
+        {
+            "status": {"type": "string", "enum": ["ok", "degraded", "loading"]},
+            "backends": {"type": "object", "additionalProperties": _STR},
+            "cache": {"type": "object"},
+            "batching": {"type": "object"},
+        },
+        ("status",),
+    ),
+    "Models": _obj({"models": {"type": "array", "items": {"type": "object"}}}, ("models",)),
+    "UploadPolicy": _obj({"request_id": _STR, "data": {"type": "object"}}, ("data",)),
+    "UploadResult": _obj({"request_id": _STR, "key": _STR, "size": _INT}),
+}
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _errors(schema: str, *statuses: int) -> dict[str, Any]:
+    return {str(s): _json(schema, "error") for s in statuses}
+
+
+_DS_ERRORS = (400, 401, 403, 408, 413, 429, 500, 503)
+_SECURE = [{"bearer": []}]
+
+
+def _openai_op(path: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "Embeddings, OpenAI-compatible",
+            "operationId": "openai_embeddings"
+            + path.split("/v1")[0].replace("/", "_").replace("-", "_"),
+            "tags": ["OpenAI-compatible"],
+            "security": _SECURE,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("OpenAIEmbeddingRequest")}},
+            },
+            "responses": {
+                "200": _json("OpenAIEmbeddingResponse", "vectors"),
+                **_errors("OpenAIError", *_DS_ERRORS),
+            },
+        }
+    }
+
+
+PATHS: dict[str, Any] = {
+    EMBED_PATH: {
+        "post": {
+            "summary": "Multimodal embeddings (DashScope API)",
+            "operationId": "multimodal_embedding",
+            "tags": ["DashScope"],
+            "security": _SECURE,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("EmbedRequest")}},
+            },
+            "responses": {
+                "200": _json("EmbedResponse", "vectors"),
+                **_errors("Error", *_DS_ERRORS),
+            },
+        }
+    },
+    **{path: _openai_op(path) for path in openai_compat.PATHS},
+    "/health": {
+        "get": {
+            "summary": "Readiness, backend status, cache and batching counters",
+            "operationId": "health",
+            "tags": ["Operations"],
+            "responses": {
+                "200": _json("Health", "serving"),
+                "503": _json("Health", "loading models"),
+            },
+        }
+    },
+    "/models": {
+        "get": {
+            "summary": "Served model names and their limits",
+            "operationId": "models",
+            "tags": ["Operations"],
+            "security": _SECURE,
+            "responses": {"200": _json("Models", "the catalog"), **_errors("Error", 401)},
+        }
+    },
+    metrics.PATH: {
+        "get": {
+            "summary": "Prometheus metrics",
+            "operationId": "metrics",
+            "tags": ["Operations"],
+            "responses": {
+                "200": {
+                    "description": "text exposition format",
+                    "content": {"text/plain": {"schema": _STR}},
+                }
+            },
+        }
+    },
+    uploads.POLICY_PATH: {
+        "get": {
+            "summary": "Upload policy for the SDK's local-file flow",
+            "operationId": "upload_policy",
+            "tags": ["Uploads"],
+            "security": _SECURE,
+            "parameters": [
+                {
+                    "name": "action",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"const": "getPolicy"},
+                },
+                {"name": "model", "in": "query", "required": False, "schema": _STR},
+            ],
+            "responses": {
+                "200": _json("UploadPolicy", "policy"),
+                **_errors("Error", 400, 401, 403),
+            },
+        }
+    },
+    uploads.UPLOAD_PATH: {
+        "post": {
+            "summary": "Upload a file (OSS-style form post, as the SDK sends it)",
+            "operationId": "upload",
+            "tags": ["Uploads"],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": _obj(
+                            {
+                                "key": _STR,
+                                "policy": _STR,
+                                "Signature": _STR,
+                                "file": {"type": "string", "format": "binary"},
+                            },
+                            ("key", "policy", "Signature", "file"),
+                        )
+                    }
+                },
+            },
+            "responses": {
+                "200": _json("UploadResult", "stored"),
+                **_errors("Error", 400, 403, 409, 413),
+            },
+        }
+    },
+    JSON_PATH: {
+        "get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "tags": ["Operations"],
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    },
+    playground.INDEX_PATH: {
+        "get": {
+            "summary": "The playground: rank images, videos and texts by similarity in a browser",
+            "operationId": "playground",
+            "tags": ["Playground"],
+            "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {"schema": _STR}}}
+            },
+        }
+    },
+    playground.ASSET_PATH: {
+        "get": {
+            "summary": "The playground's script and style sheet",
+            "operationId": "playground_asset",
+            "tags": ["Playground"],
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["app.js", "style.css", "index.html"]},
+                }
+            ],
+            "responses": {
+                "200": {"description": "the file", "content": {"text/plain": {"schema": _STR}}},
+                "404": {"description": "no such file"},
+            },
+        }
+    },
+    DOCS_PATH: {
+        "get": {
+            "summary": "This document as a web page",
+            "operationId": "docs",
+            "tags": ["Operations"],
+            "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {"schema": _STR}}}
+            },
+        }
+    },
+}
+
+
+@cache
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mmembed",
+            "version": mmembed.__version__,
+            "description": "Multimodal embeddings speaking the DashScope multimodal-embedding "
+            "API, with OpenAI-compatible embeddings routes.",
+        },
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(document())
+
+
+async def docs(request: Request) -> Response:
+    page = resources.files("mmembed.api").joinpath("docs.html").read_text(encoding="utf-8")
+    return HTMLResponse(page)
