@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_args(args)
     except ValueError as exc:  # a malformed number, an empty API key... (SettingsError)
-        parser.exit(2, f"mmembed: error: {exc}\n")
+        print(f"mmembed: error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.command == "pull":
             return pull(settings, args.name)
