@@ -354,13 +354,15 @@ def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
-def start_engine(catalog: dict, cache_dir: Path):
-    """An in-process engine over ``catalog`` (a TOML-shaped dict), loaded."""
+def start_engine(catalog: dict, cache_dir: Path, isolation: str = "process"):
+    """An in-process engine over ``catalog`` (a TOML-shaped dict), loaded. ``isolation``
+    "thread" keeps the backends in this process, for tests that look inside them."""
     from mmembed.config import Settings
     from mmembed.engine.engine import Engine
     from mmembed.models.catalog import parse_catalog
 
-    engine = Engine(Settings(cache_dir=str(cache_dir)), parse_catalog(catalog))
+    settings = Settings(cache_dir=str(cache_dir), model_isolation=isolation)
+    engine = Engine(settings, parse_catalog(catalog))
     engine.load()
     return engine
 

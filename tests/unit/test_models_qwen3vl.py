@@ -52,7 +52,8 @@ def engine(folder, tmp_path_factory):
             }
         },
     }
-    eng = start_engine(catalog, tmp_path_factory.mktemp("cache"))
+    # In this process: the frame test reads the backend's own video patches.
+    eng = start_engine(catalog, tmp_path_factory.mktemp("cache"), isolation="thread")
     assert eng.status() == {"qwen": "ready"}
     yield eng
     close_engine(eng)

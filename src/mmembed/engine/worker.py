@@ -21,6 +21,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 from collections.abc import Callable
@@ -54,12 +55,21 @@ def _lower_priority() -> None:
 def _transportable(exc: BaseException) -> tuple:
     if isinstance(exc, ApiError):
         return ("api", exc.error.name, exc.message, exc.headers)
-    return ("exc", type(exc).__name__, str(exc))
+    try:  # the exception itself where it pickles, so the server sees its own type
+        return ("pickled", pickle.dumps(exc))
+    except Exception:
+        return ("exc", type(exc).__name__, str(exc))
 
 
 def _rebuild(err: tuple) -> Exception:
     if err[0] == "api":
         return ApiError(ErrorCode[err[1]], err[2], headers=err[3])
+    if err[0] == "pickled":
+        with contextlib.suppress(Exception):
+            exc = pickle.loads(err[1])
+            if isinstance(exc, Exception):
+                return exc
+        return RuntimeError("an exception that could not be rebuilt")
     return RuntimeError(f"{err[1]}: {err[2]}")
 
 
