@@ -117,8 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     pull_parser = sub.add_parser("pull", help=pull_help, description=pull_help)
     pull_parser.add_argument("name", help="API name or backend name of the catalog, or a hub id")
     Settings.add_arguments(pull_parser)
+    from mmembed import batch
+
+    batch.add_arguments(sub.add_parser("embed", help=batch.HELP, description=batch.HELP))
     args = parser.parse_args(argv)
     settings = Settings.from_args(args)
+    if args.command == "embed":
+        return batch.run(args, settings)
     if args.command == "pull":
         return pull(settings, args.name)
     return {"serve": serve, "models": models}[args.command](settings)

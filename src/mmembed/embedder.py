@@ -141,23 +141,8 @@ class Embedder:
         return self.engine.status()
 
     def dimension(self, model: str, dimension: int | None = None) -> int:
-        """The vector length ``embed`` returns for ``model`` and ``dimension`` (checked up front,
-        so a batch job refuses a bad ``--dimension`` before reading its input)."""
-        spec = self.catalog.models.get(model)
-        if spec is None:
-            raise ApiError(ErrorCode.INVALID_PARAMETER, f"Model not exist: {model!r}.")
-        if dimension is None:
-            return spec.default_dimension
-        if dimension not in spec.dimensions or (
-            not spec.dimension_param and dimension != spec.default_dimension
-        ):
-            allowed = ", ".join(map(str, spec.dimensions))
-            raise ApiError(
-                ErrorCode.INVALID_PARAMETER,
-                f"parameters.dimension: {dimension} is not supported by {spec.name} "
-                f"(allowed: {allowed}).",
-            )
-        return dimension
+        """The vector length ``embed`` returns for ``model`` and ``dimension``."""
+        return resolve_dimension(self.catalog, model, dimension)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -180,3 +165,24 @@ class Embedder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def resolve_dimension(catalog: Catalog, model: str, dimension: int | None) -> int:
+    """The vector length of ``model`` at ``dimension`` (None: its default), checked as the
+    engine checks it, so a batch job refuses a bad ``--dimension`` before loading anything."""
+    spec = catalog.models.get(model)
+    if spec is None:
+        known = ", ".join(catalog.models)
+        raise ApiError(ErrorCode.INVALID_PARAMETER, f"Model not exist: {model!r} (known: {known}).")
+    if dimension is None:
+        return spec.default_dimension
+    if dimension not in spec.dimensions or (
+        not spec.dimension_param and dimension != spec.default_dimension
+    ):
+        allowed = ", ".join(map(str, spec.dimensions))
+        raise ApiError(
+            ErrorCode.INVALID_PARAMETER,
+            f"parameters.dimension: {dimension} is not supported by {spec.name} "
+            f"(allowed: {allowed}).",
+        )
+    return dimension
