@@ -221,3 +221,28 @@ def test_refuses_another_models_output_and_bad_dimension(corpus, clean):
     cmd[cmd.index("--dimension") + 1] = "100"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "100 is not supported" in proc.stderr
+
+
+def test_ray_job_equals_the_local_run_and_resumes(corpus, clean):
+    """``--ray`` on a local single-node cluster pinned to loopback: the same rows as the
+    in-process run; started over an output that already holds two parts, it adds only the
+    rest."""
+    out = corpus / "ray"
+    out.mkdir()
+    for part in part_files(clean)[:2]:  # a job that got two parts written before it died
+        (out / part.name).write_bytes(part.read_bytes())
+    proc = run_embed(corpus, out, "--ray", "--part-size", "100")
+    assert "211 embedded (" in proc.stderr and "200 already in" in proc.stderr, proc.stderr
+    ids = pq.read_table(out, columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 411
+
+    want, got = by_id(clean), by_id(out)
+    for i, row in want.items():
+        assert (got[i]["kind"], got[i]["error"]) == (row["kind"], row["error"]), i
+        assert (got[i]["input_tokens"], got[i]["image_tokens"]) == (
+            row["input_tokens"],
+            row["image_tokens"],
+        ), i
+        if row["embedding"] is not None:
+            cos = np.dot(got[i]["embedding"], row["embedding"])
+            assert cos >= 0.9999, (i, cos)
