@@ -75,6 +75,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from mmembed.logs import setup_logging
 
     setup_logging(settings.log_level)
+    if args.ray not in (None, "local") and os.path.exists(args.ray):
+        # `--ray photos/ ...`: argparse took the first INPUT as the address
+        args.inputs.insert(0, args.ray)
+        args.ray = "local"
     explicit = args.decode_workers is not None or "MMEMBED_DECODE_WORKERS" in os.environ
     cfg = JobConfig(
         inputs=args.inputs,
