@@ -246,3 +246,30 @@ def test_ray_job_equals_the_local_run_and_resumes(corpus, clean):
         if row["embedding"] is not None:
             cos = np.dot(got[i]["embedding"], row["embedding"])
             assert cos >= 0.9999, (i, cos)
+
+
+def test_urls_go_through_the_servers_address_guard(tmp_path, origin, corpus):
+    """Without --fetch-allow-hosts a loopback URL is refused as on the server (an error row);
+    the data: URI beside it is embedded."""
+    url = origin.serve("/batch/pic.png", make_image("PNG"))
+    data = base64.b64encode(make_image("PNG")).decode()
+    (tmp_path / "urls.jsonl").write_text(
+        f'{{"id": "u", "image": "{url}"}}\n{{"id": "d", "image": "data:image/png;base64,{data}"}}\n'
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mmembed.cli", "embed", str(tmp_path / "urls.jsonl")]
+    cmd += ["--model", MODEL, "--out", str(out), "--cache-dir", str(corpus / "cache")]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MMEMBED_")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = by_id(out)
+    assert rows["u"]["error"].startswith("InvalidURL: image: ") and rows["u"]["embedding"] is None
+    assert "loopback" in rows["u"]["error"] or "internal" in rows["u"]["error"], rows["u"]
+    assert rows["u"]["source"] == url
+    assert rows["d"]["error"] is None and len(rows["d"]["embedding"]) == 1152
+    assert origin.paths().count("/batch/pic.png") == 0  # refused before any connection

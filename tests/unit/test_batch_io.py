@@ -157,3 +157,23 @@ def test_read_embeddings_keeps_the_first_copy_of_an_id(tmp_path):
     table = read_embeddings(tmp_path)
     assert table.column("id").to_pylist() == ["a", "b", "c"]
     assert table.column("embedding").to_pylist()[1] == [1.0] * 4
+
+
+def test_progress_bar_on_a_terminal_and_log_lines_otherwise(caplog, capsys, monkeypatch):
+    import logging
+
+    from mmembed.batch.progress import Progress
+
+    monkeypatch.setattr(logging.getLogger("mmembed"), "propagate", True)  # to caplog
+
+    bar = Progress(4, tty=True)
+    bar.update(2)
+    bar.update(1, errors=1)
+    bar.close()
+    assert "3/4" in capsys.readouterr().err and bar.errors == 1
+
+    caplog.set_level("INFO", logger="mmembed.batch")
+    lines = Progress(10, interval_s=0.0, tty=False)
+    lines.update(5, errors=2)
+    assert "embedded 5/10 (50.0%)" in caplog.text and "items/s, ETA" in caplog.text
+    assert "2 errors" in caplog.text
