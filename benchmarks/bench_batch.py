@@ -9,7 +9,9 @@ the real command, each time in a fresh process with a warm basis cache:
 items/s counts embedding only (models loaded), as the command prints it; wall s is the whole
 process, start-up and model loading included.
 
-Usage: python benchmarks/bench_batch.py [--texts 5000] [--images 1000] [--model NAME]
+In-process and --ray alternate for --rounds rounds; the best round of each is shown.
+
+Usage: python benchmarks/bench_batch.py [--texts 5000] [--images 1000] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--model", default="tongyi-embedding-vision-plus")
     parser.add_argument("--part-size", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
@@ -111,9 +114,15 @@ def main() -> None:
         run([*warm, *base[base.index("--model") :], "--out", str(root / "w")])
 
         rows = []
-        local_rate, local_wall, _ = run([*base, "--out", str(root / "A")])
+        # alternating rounds, best of each: the machine's load moves between runs
+        local, ray = [], []
+        for n in range(args.rounds):
+            local.append(run([*base, "--out", str(root / f"A{n}")])[:2])
+            ray.append(run([*base, "--out", str(root / f"B{n}"), "--ray"])[:2])
+        (local_rate, local_wall), (ray_rate, ray_wall) = max(local), max(ray)
+        keep = max(range(args.rounds), key=lambda n: local[n])
+        (root / f"A{keep}").rename(root / "A")
         rows.append(("in-process", total, local_rate, local_wall))
-        ray_rate, ray_wall, _ = run([*base, "--out", str(root / "B"), "--ray"])
         rows.append(("--ray (local cluster)", total, ray_rate, ray_wall))
         _, resume_wall, _ = run([*base, "--out", str(root / "A")])
         rows.append(("resume, complete", 0, 0.0, resume_wall))
@@ -124,6 +133,8 @@ def main() -> None:
         redone = int(re.search(r"(\d+) embedded", err).group(1))  # type: ignore[union-attr]
         rows.append(("resume, half the parts gone", redone, half_rate, half_wall))
 
+    print(f"in-process rounds (items/s): {[round(r, 1) for r, _ in local]}")
+    print(f"--ray rounds (items/s): {[round(r, 1) for r, _ in ray]}")
     print(f"\n{args.texts} texts + {args.images} images, model {args.model}, {os.cpu_count()} CPUs")
     print("| run | items embedded | items/s (embedding) | wall s (process) | vs in-process |")
     print("|---|---|---|---|---|")

@@ -152,6 +152,13 @@ def run_local(
         finally:
             progress.close()
             summary.seconds = time.monotonic() - started
+            for name, stats in embedder.engine.batch_stats().items():
+                log.info(
+                    "backend %s: %d forward passes, %.1f inputs each",
+                    name,
+                    stats["batches"],
+                    stats["mean_batch"],
+                )
 
 
 async def _embed_all(embedder, cfg, todo, writer, progress, summary, concurrency) -> None:  # type: ignore[no-untyped-def]
