@@ -89,7 +89,8 @@ class Embedder:
         instruct: str | None = None,
     ) -> EmbedResult:
         """Vectors for ``items`` (strings, or dicts with text / image / video / multi_images,
-        or a fused dict), in order. Raises ``ApiError`` as the HTTP route answers errors."""
+        or a fused dict; a single one counts as a list of one), in order, as the rows of
+        ``result.vectors``. Raises ``ApiError`` as the HTTP route answers errors."""
         return self._call(self._embed(items, model, dimension, fps, instruct)).result()
 
     async def aembed(
@@ -113,6 +114,8 @@ class Embedder:
         fps: float | None,
         instruct: str | None,
     ) -> EmbedResult:
+        if isinstance(items, str | dict):  # one item, not a sequence of characters or keys
+            items = [items]
         params = {"dimension": dimension, "fps": fps, "instruct": instruct}
         body = {
             "model": model,

@@ -82,6 +82,8 @@ def test_aembed_from_another_loop_matches_embed(embedder, items):
         )
 
     results = asyncio.run(many())
+    single = embedder.embed(items[0], model=PLUS, dimension=512)  # one item, not its characters
+    assert single.vectors.shape == (1, 512) and single.kinds == ["text"]
     assert_same(np.vstack([r.vectors for r in results]), sync.vectors)
     assert [r.kinds[0] for r in results] == sync.kinds
 
