@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     verify_parser = sub.add_parser("verify", help=verify_help, description=verify_help)
     verify_parser.add_argument("name", help="API name or backend name of the catalog")
     Settings.add_arguments(verify_parser, COMMAND_SETTINGS["verify"])
+    from mmembed import batch
+
+    batch.add_arguments(sub.add_parser("embed", help=batch.HELP, description=batch.HELP))
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_args(args)
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmembed: error: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.command == "embed":
+            return batch.run(args, settings)
         if args.command == "pull":
             return pull(settings, args.name)
         if args.command == "verify":

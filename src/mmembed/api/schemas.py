@@ -26,6 +26,11 @@ def parse_request(body: bytes) -> EmbedRequest:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise _bad(f"The request body is not valid JSON: {exc}.") from None
+    return request_from_data(data)
+
+
+def request_from_data(data: Any) -> EmbedRequest:
+    """The engine request for an already decoded body (also used by ``mmembed.Embedder``)."""
     if not isinstance(data, dict):
         raise _bad("The request body must be a JSON object.")
 

@@ -1,0 +1,209 @@
+"""``mmembed embed --ray``: the same job as a Ray Data pipeline.
+
+    tasks (id, item, source) -> repartition -> map_batches(EmbedActor, ActorPoolStrategy)
+        -> streamed back to this process -> the same atomic part files as in-process
+
+- Each actor holds one ``Embedder`` (models loaded once per actor), and fetches and decodes
+  media with mmembed's own fetcher and decoders, as the HTTP route does (Ray's own image
+  readers decode differently, so vectors would drift). Local paths must be readable where the
+  actors run (shared storage on a multi-node cluster).
+- Parts are written here, by the driver, with the in-process job's ``PartWriter``: Ray's
+  ``write_parquet`` leaves partial files when killed, while a part written whole-or-absent is
+  what makes a rerun embed exactly what is missing.
+- Actors ask for a fraction of a CPU: when actors hold every CPU, Ray Data's other tasks
+  (repartition) cannot be scheduled and a small cluster deadlocks. Their model threads are set
+  from the CPUs the cluster has per actor (Ray would pin OpenMP to one thread otherwise).
+- A small input would be one block, that is one actor at work: it is split into blocks of
+  about one batch each.
+
+``local`` starts a single-node cluster for this job, pinned to 127.0.0.1 and without the
+dashboard; any other value is passed to ``ray.init(address=...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from mmembed.batch.job import JobConfig, Summary, embed_task
+from mmembed.batch.output import PartWriter, Row
+from mmembed.batch.progress import Progress
+from mmembed.config import Settings
+
+log = logging.getLogger("mmembed.batch")
+
+ACTOR_CPUS = 0.5  # per actor, as Ray accounts it: leaves room for Ray Data's own tasks
+
+
+def _require_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise SystemExit(
+            "mmembed embed --ray needs the [ray] extra: pip install 'mmembed[ray]'"
+        ) from None
+    return ray
+
+
+class EmbedActor:
+    """One Embedder per actor; each call embeds one batch, one item per engine call so that a
+    bad item costs only its own row (as in-process)."""
+
+    def __init__(self, settings: Settings, model: str, dimension: int | None) -> None:
+        from mmembed.batch.local import LocalFileFetcher
+        from mmembed.embedder import Embedder
+
+        self.model, self.dimension = model, dimension
+        self.embedder = Embedder(settings, fetcher=LocalFileFetcher(settings), timeout=None)
+        self.native_dim = self.embedder.dimension(model, dimension)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from mmembed.batch.inputs import Task
+
+        tasks = [
+            Task(str(i), json.loads(str(item)), str(src), None if not err else str(err))
+            for i, item, src, err in zip(
+                batch["id"], batch["item"], batch["source"], batch["error"], strict=True
+            )
+        ]
+
+        async def all_rows() -> list[Row]:
+            return await asyncio.gather(
+                *(embed_task(self.embedder, t, self.model, self.dimension) for t in tasks)
+            )
+
+        rows = asyncio.run(all_rows())
+        vectors = np.zeros((len(rows), self.native_dim), dtype=np.float32)
+        for n, row in enumerate(rows):
+            if row.embedding is not None:
+                vectors[n] = row.embedding
+        return {
+            "id": np.array([r.id for r in rows], dtype=object),
+            "kind": np.array([r.kind for r in rows], dtype=object),
+            "source": np.array([r.source for r in rows], dtype=object),
+            "embedding": vectors,
+            "input_tokens": np.array([r.input_tokens or 0 for r in rows], dtype=np.int64),
+            "image_tokens": np.array([r.image_tokens or 0 for r in rows], dtype=np.int64),
+            "error": np.array([r.error or "" for r in rows], dtype=object),
+        }
+
+
+def start_ray(address: str, num_cpus: int | None = None) -> Any:
+    ray = _require_ray()
+    if ray.is_initialized():
+        return ray
+    quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if address == "local":
+        # Every connection on loopback: without the pin Ray advertises the node's address.
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            _node_ip_address="127.0.0.1",
+            **quiet,
+        )
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    return ray
+
+
+def run_ray(
+    settings: Settings,
+    cfg: JobConfig,
+    todo: list,
+    writer: PartWriter,
+    dimension: int,
+    summary: Summary,
+) -> None:
+    import time
+
+    import pyarrow as pa
+
+    ray = start_ray(cfg.ray or "local")
+    try:
+        cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
+        actors = cfg.ray_actors or max(1, int(cpus // 2))
+        threads = max(1, int(cpus // actors))
+        batch_size = max(1, min(settings.batch_max_items, cfg.part_size))
+        table = pa.table(
+            {
+                "id": [t.id for t in todo],
+                "item": [json.dumps(t.item, ensure_ascii=False) for t in todo],
+                "source": [t.source for t in todo],
+                "error": [t.error or "" for t in todo],
+            }
+        )
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # ours counts rows as they land in part files
+        ctx.preserve_order = False
+        blocks = max(actors * 2, math.ceil(len(todo) / batch_size))
+        ds = ray.data.from_arrow(table).repartition(blocks)
+        ds = ds.map_batches(
+            EmbedActor,
+            fn_constructor_args=(settings, cfg.model, cfg.dimension),
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(
+                size=actors,
+                max_concurrent_calls_per_actor=2,  # one batch decodes while one runs the model
+                enable_true_multi_threading=True,
+            ),
+            num_cpus=ACTOR_CPUS,
+            runtime_env={
+                "env_vars": {
+                    "OMP_NUM_THREADS": str(threads),
+                    "OMP_WAIT_POLICY": "PASSIVE",
+                }
+            },
+        )
+        log.info(
+            "Ray Data: %d actors (%g CPU each as Ray counts, %d model threads), %d blocks",
+            actors,
+            ACTOR_CPUS,
+            threads,
+            blocks,
+        )
+        progress = Progress(len(todo))
+        started = time.monotonic()
+        buffer: list[Row] = []
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                rows = _rows(batch)
+                buffer.extend(rows)
+                errors = sum(r.error is not None for r in rows)
+                summary.embedded += len(rows)
+                summary.errors += errors
+                progress.update(len(rows), errors=errors)
+                while len(buffer) >= cfg.part_size:
+                    writer.write(buffer[: cfg.part_size])
+                    del buffer[: cfg.part_size]
+        finally:
+            if buffer:
+                writer.write(buffer)
+            progress.close()
+            summary.seconds = time.monotonic() - started
+    finally:
+        ray.shutdown()  # stops a local cluster; only disconnects from one at an address
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[Row]:
+    out = []
+    for n in range(len(batch["id"])):
+        error = str(batch["error"][n]) or None
+        out.append(
+            Row(
+                str(batch["id"][n]),
+                str(batch["kind"][n]),
+                str(batch["source"][n]),
+                None if error else np.asarray(batch["embedding"][n], dtype=np.float32),
+                input_tokens=None if error else int(batch["input_tokens"][n]),
+                image_tokens=None if error else int(batch["image_tokens"][n]),
+                error=error,
+            )
+        )
+    return out
