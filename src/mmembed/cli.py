@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 
+from mmembed.accounts import cli as accounts_cli
 from mmembed.config import Settings
 
 
@@ -32,14 +33,15 @@ def serve(settings: Settings) -> int:
     from mmembed.logs import setup_logging
 
     setup_logging(settings.log_level)
-    if not settings.api_keys and not is_loopback_bind(settings.host):
+    keyed = bool(settings.api_keys) or accounts_cli.has_managed_keys(settings)
+    if not keyed and not is_loopback_bind(settings.host):
         print(
             f"mmembed: refusing to bind {settings.host!r} without API keys: anyone who can reach "
             "it could use the service. Set MMEMBED_API_KEYS (or --api-keys), or bind 127.0.0.1.",
             file=sys.stderr,
         )
         return 2
-    if not settings.api_keys:
+    if not keyed:
         print(
             "mmembed: no API keys configured; accepting any key on loopback only.", file=sys.stderr
         )
@@ -117,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     pull_parser = sub.add_parser("pull", help=pull_help, description=pull_help)
     pull_parser.add_argument("name", help="API name or backend name of the catalog, or a hub id")
     Settings.add_arguments(pull_parser)
+    accounts_cli.add_parsers(sub)  # keys, usage
     args = parser.parse_args(argv)
     settings = Settings.from_args(args)
+    if args.command in accounts_cli.COMMANDS:
+        return accounts_cli.run(args, settings)
     if args.command == "pull":
         return pull(settings, args.name)
     return {"serve": serve, "models": models}[args.command](settings)

@@ -31,6 +31,21 @@ class Settings:
         "limits a key to those model names (403 otherwise). With no keys, any key is "
         "accepted and only loopback addresses may be bound.",
     )
+    admin_keys: tuple[str, ...] = _setting(
+        (), "Comma-separated admin keys: the only keys the /admin routes accept (keys, usage)."
+    )
+    database_url: str = _setting(
+        "",
+        "Accounts database (managed keys, limits, usage ledger): postgresql://user@host/db, "
+        "or sqlite:///path. Empty: SQLite at <cache_dir>/accounts.db. 'none': no database "
+        "(static api_keys only, no limits, no ledger).",
+    )
+    database_timeout_s: float = _setting(
+        5.0, "Accounts database: longest wait for a connection or a lock before a 503."
+    )
+    accounts_poll_s: float = _setting(
+        0.25, "How often each process checks the database for changed keys (revocations)."
+    )
     log_level: str = _setting("info", "Log level: debug, info, warning, error.")
     max_body_bytes: int = _setting(
         64 * 1024 * 1024, "Largest accepted request body in bytes (Base64 media included)."

@@ -15,7 +15,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mmembed.api import routes, uploads
+from mmembed.accounts.service import Accounts
+from mmembed.api import admin, routes, uploads
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -99,7 +100,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         eng = engine or Engine(settings, load_catalog(settings.catalog))
         await asyncio.to_thread(eng.load)
         app.state.engine = eng
+        app.state.accounts = Accounts(settings, eng.catalog)  # keys, limits, usage ledger
+        await app.state.accounts.start()
         yield
+        await app.state.accounts.close()
         await eng.aclose()
 
     app = Starlette(
@@ -109,6 +113,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             Route("/models", routes.models, methods=["GET"]),
             Route(uploads.POLICY_PATH, uploads.get_policy, methods=["GET"]),
             Route(uploads.UPLOAD_PATH, uploads.upload, methods=["POST"]),
+            *admin.ROUTES,
         ],
         exception_handlers={
             ApiError: _api_error,

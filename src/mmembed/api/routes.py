@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from mmembed.api.auth import authenticate, metered, principal_of
 from mmembed.api.schemas import parse_request, render_result
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -24,7 +24,8 @@ log = logging.getLogger("mmembed.api")
 def upload_owner(request: Request, settings: Settings) -> str:
     """The owner id of the request's (already checked) API key; one anonymous owner when the
     server has no keys."""
-    if not settings.api_keys:
+    principal = principal_of(request)
+    if principal is None or principal.anonymous:
         return UploadStore.owner_id(None)
     return UploadStore.owner_id(request.headers.get("authorization", "").partition(" ")[2].strip())
 
@@ -34,17 +35,9 @@ def wants_oss_resolve(request: Request) -> bool:
 
 
 def check_api_key(request: Request, settings: Settings) -> frozenset[str] | None:
-    """Authenticate; returns the model names the key may use (None: all of them)."""
-    if not settings.api_keys:
-        return None
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    given = given.strip()
-    if scheme.lower() == "bearer":
-        for entry in settings.api_keys:
-            key, _, models = entry.partition(":")
-            if hmac.compare_digest(given.encode(), key.encode()):
-                return frozenset(models.split("|")) if models else None
-    raise ApiError(ErrorCode.INVALID_API_KEY, "Invalid API-key provided.")
+    """Authenticate (static, managed or no keys: ``api.auth``); returns the model names the key
+    may use (None: all of them)."""
+    return authenticate(request).models
 
 
 async def read_body(request: Request, cap: int) -> bytes:
@@ -66,19 +59,20 @@ async def embed(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     engine: Engine = request.app.state.engine
     started = time.perf_counter()
-    allowed = check_api_key(request, settings)
-    req = parse_request(await read_body(request, settings.max_body_bytes))
-    if allowed is not None and req.model not in allowed:
-        raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {req.model!r}.")
-    req.owner = upload_owner(request, settings)
-    req.resolve_oss = wants_oss_resolve(request)
-    try:
-        result = await asyncio.wait_for(engine.embed(req), settings.request_timeout_s)
-    except TimeoutError:
-        raise ApiError(
-            ErrorCode.REQUEST_TIMEOUT,
-            f"The request took longer than {settings.request_timeout_s:g} s.",
-        ) from None
+    async with metered(request, route="dashscope") as meter:
+        meter.authenticate()
+        req = parse_request(await read_body(request, settings.max_body_bytes))
+        meter.admit(req.model, len(req.items))
+        req.owner = upload_owner(request, settings)
+        req.resolve_oss = wants_oss_resolve(request)
+        try:
+            result = await asyncio.wait_for(engine.embed(req), settings.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                ErrorCode.REQUEST_TIMEOUT,
+                f"The request took longer than {settings.request_timeout_s:g} s.",
+            ) from None
+        meter.usage = result.usage
     log.info(
         "embedded model=%s items=%d kinds=%s in %.1f ms",
         req.model,
@@ -94,6 +88,11 @@ async def health(request: Request) -> Response:
     status = engine.status()
     ok = all(s == "ready" for s in status.values())
     body = {"status": "ok" if ok else "degraded", "backends": status}
+    accounts = getattr(request.app.state, "accounts", None)
+    if accounts is not None:
+        body["accounts"] = accounts.health()
+        if accounts.reason:
+            body["status"] = "degraded"
     cache = getattr(engine, "cache", None)  # (stand-in engines in tests have none)
     if cache is not None:
         body["cache"] = cache.stats()

@@ -32,6 +32,8 @@ class ModelSpec:
     max_videos: int = 0
     max_video_frames: int = 16
     image_tokens: int = 64
+    price_text_per_mtok: float = 0.0  # USD per million text tokens (usage ledger)
+    price_image_per_mtok: float = 0.0  # USD per million image/video tokens
 
     @property
     def default_dimension(self) -> int:
