@@ -83,7 +83,7 @@ def usage(
         item: dict[str, Any] = {by: r.group}
         for col in COLUMNS:
             v = getattr(r, col) or 0
-            item[col] = round(float(v), 6) if col in ("cost_usd", "video_seconds") else int(v)
+            item[col] = round(float(v), 12) if col in ("cost_usd", "video_seconds") else int(v)
         out.append(item)
     return out
 
