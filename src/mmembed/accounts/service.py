@@ -78,7 +78,7 @@ class Accounts:
         self.enabled = raw_url.strip().lower() not in DISABLED
         self.url = database_url(raw_url, settings.cache_path) if self.enabled else ""
         self.store: Store | None = None
-        self.by_hash: dict[str, KeyRecord] = {}
+        self.by_hash: dict[str, tuple[KeyRecord, Principal]] = {}  # active keys by secret hash
         self.has_managed = False  # any key ever created (revoked ones too): auth is required
         self.revision: int | None = None
         self.migrated = False
@@ -147,7 +147,14 @@ class Accounts:
             if rev == self.revision:
                 return
             records = keys.load_all(conn)
-        self.by_hash = {r.secret_hash: r for r in records if r.active}
+        self.by_hash = {
+            r.secret_hash: (
+                r,
+                Principal(name=r.name, key_id=r.id, models=r.models, limits=r.limits),
+            )
+            for r in records
+            if r.active
+        }
         self.has_managed = bool(records)
         self.revision = rev
 
@@ -194,11 +201,9 @@ class Accounts:
         if given is None:
             raise Unauthorized("Invalid API-key provided.")
         digest = keys.hash_secret(given)
-        record = self.by_hash.get(digest)
-        if record is not None and hmac.compare_digest(record.secret_hash, digest):
-            return Principal(
-                name=record.name, key_id=record.id, models=record.models, limits=record.limits
-            )
+        found = self.by_hash.get(digest)
+        if found is not None and hmac.compare_digest(found[0].secret_hash, digest):
+            return found[1]
         encoded = given.encode("utf-8", "surrogatepass")
         for secret, principal in self.static:
             if hmac.compare_digest(encoded, secret):
