@@ -22,7 +22,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from mmembed.accounts.ledger import Entry
 from mmembed.accounts.limits import Refusal
@@ -126,8 +126,10 @@ class Meter:
     ) -> bool:
         if self._inflight_key is not None:
             self.accounts.view.inflight[self._inflight_key] -= 1
-        if exc is not None and not isinstance(exc, Exception):
-            return False  # cancelled (client gone, shutdown): no answer was sent
+        if isinstance(exc, ClientDisconnect) or (
+            exc is not None and not isinstance(exc, Exception)
+        ):
+            return False  # the client left, or cancelled (shutdown): no answer is sent
         if exc is None:
             status, code = 200, None
         elif isinstance(exc, ApiError):
