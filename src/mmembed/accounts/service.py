@@ -236,6 +236,6 @@ class Accounts:
         return await self.ledger.record(entry)
 
     async def run(self, fn: Any, *args: Any) -> Any:
-        """Run a blocking accounts call (admin routes) off the event loop."""
-        assert self._executor is not None
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run a blocking accounts call (admin routes) off the event loop, and off the poller's
+        thread: a long report must not delay noticing a revocation."""
+        return await asyncio.to_thread(fn, *args)
