@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/bench_accounts.py [--requests 2000] [--rounds 2] [--concurrency 32]
 
-Three servers with the same model (default: all-MiniLM-L6-v2 from benchmarks/minilm.toml, the
+Servers with the same model (default: all-MiniLM-L6-v2 from benchmarks/minilm.toml, the
 fastest text model here, so the per-request accounting weighs the most):
 - static: `api_keys` only and `database_url=none` (no ledger, no limits: the server as it was);
 - sqlite: a managed key with rpm/tpm/monthly limits (all charged), ledger on SQLite (WAL,
-  synchronous=FULL), written with group commit before each answer;
+  synchronous=FULL), written with group commit before each answer; and the same with
+  database_sync=normal (no fsync per commit: survives a killed process, not a power cut);
 - postgresql: the same on a PostgreSQL started by scripts/postgres (skipped if not installed).
 Each round runs every server once, in turn; the best round of each counts. One text per request.
 Afterwards the ledger must hold every request that got a 200.
@@ -80,6 +81,11 @@ def main() -> None:
     configs["managed key + ledger, SQLite"] = (
         {"MMEMBED_DATABASE_URL": sqlite_url},
         create_key(sqlite_url, base_env),
+    )
+    normal_url = f"sqlite:///{work}/accounts-normal.db"
+    configs["managed key + ledger, SQLite, database_sync=normal"] = (
+        {"MMEMBED_DATABASE_URL": normal_url, "MMEMBED_DATABASE_SYNC": "normal"},
+        create_key(normal_url, base_env),
     )
     pg_dir = None
     if list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):

@@ -43,6 +43,12 @@ class Settings:
     database_timeout_s: float = _setting(
         5.0, "Accounts database: longest wait for a connection or a lock before a 503."
     )
+    database_sync: str = _setting(
+        "full",
+        "SQLite only: 'full' puts each ledger commit on disk before answering (survives a power "
+        "cut); 'normal' survives a killed process but not a power cut, and is faster on "
+        "slow disks.",
+    )
     accounts_poll_s: float = _setting(
         0.25, "How often each process checks the database for changed keys (revocations)."
     )

@@ -99,32 +99,36 @@ class Ledger:
         return await asyncio.shield(future)  # a client that goes away does not unrecord
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
             batch, self.waiting = self.waiting, []
-            if not batch:
-                continue
-            self.busy = True
-            try:
-                refusals, used = await loop.run_in_executor(
-                    self.executor, self._commit, [e for e, _ in batch]
-                )
-            except Exception as exc:
-                self.busy = False
-                self.error = explain(exc)
-                log.warning("ledger commit of %d entries failed: %s", len(batch), self.error)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self.busy = False
-            self.error = None
+            if batch:
+                self.busy = True
+                try:
+                    await self._write(batch)
+                finally:
+                    self.busy = False
+
+    async def _write(self, batch: list[tuple[Entry, asyncio.Future]]) -> None:
+        """Commit one batch and wake its waiters; never raises (the task must outlive faults)."""
+        loop = asyncio.get_running_loop()
+        try:
+            refusals, used = await loop.run_in_executor(
+                self.executor, self._commit, [e for e, _ in batch]
+            )
             self.view.update(used)
-            for i, (_, fut) in enumerate(batch):
+        except Exception as exc:
+            self.error = explain(exc)
+            log.warning("ledger commit of %d entries failed: %s", len(batch), self.error)
+            for _, fut in batch:
                 if not fut.done():
-                    fut.set_result(refusals.get(i))
+                    fut.set_exception(exc)
+            return
+        self.error = None
+        for i, (_, fut) in enumerate(batch):
+            if not fut.done():
+                fut.set_result(refusals.get(i))
 
     def _commit(self, entries: list[Entry]) -> tuple[dict, dict]:
         for attempt in range(3):

@@ -95,7 +95,11 @@ class Accounts:
         A database that cannot be reached is reported, not fatal: the poller keeps trying."""
         if not self.enabled:
             return
-        self.store = Store(self.url, float(getattr(self.settings, "database_timeout_s", 5.0)))
+        self.store = Store(
+            self.url,
+            float(getattr(self.settings, "database_timeout_s", 5.0)),
+            getattr(self.settings, "database_sync", "full"),
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmembed-accounts")
         self.ledger = Ledger(self.store, self.view)
         self.ledger.start()

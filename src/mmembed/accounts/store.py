@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 PG_MIGRATION_LOCK = 0x6D6D656D  # advisory lock id ("mmem")
@@ -64,7 +64,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class Store:
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 5.0, sync: str = "full") -> None:
         self.url = url
         self.timeout_s = timeout_s
         parsed = make_url(url)
@@ -73,7 +73,9 @@ class Store:
             self.path = parsed.database or ""
             if self.path and self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = _sqlite_engine(url, timeout_s)
+            if sync.lower() not in {"full", "normal"}:
+                raise ValueError(f"database_sync must be 'full' or 'normal', got {sync!r}")
+            self.engine = _sqlite_engine(url, timeout_s, sync.upper())
         elif self.dialect == "postgresql":
             self.path = ""
             self.engine = _postgres_engine(url, timeout_s)
@@ -130,7 +132,7 @@ class Store:
         self.engine.dispose()
 
 
-def _sqlite_engine(url: str, timeout_s: float) -> Engine:
+def _sqlite_engine(url: str, timeout_s: float, sync: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": timeout_s, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
@@ -140,8 +142,9 @@ def _sqlite_engine(url: str, timeout_s: float) -> Engine:
         cur.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
         cur.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is on disk when it returns, so an answered request survives even a
-        # power cut (NORMAL would only survive a process kill). Group commit pays for it.
-        cur.execute("PRAGMA synchronous = FULL")
+        # power cut; NORMAL (WAL): the commit is in the OS's cache, which survives a killed
+        # process but not a power cut. Group commit pays for FULL's fsync.
+        cur.execute(f"PRAGMA synchronous = {sync}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -171,14 +174,3 @@ def _postgres_engine(url: str, timeout_s: float) -> Engine:
             "options": f"-c lock_timeout={ms} -c statement_timeout={ms * 4}",
         },
     )
-
-
-__all__ = [
-    "SQLAlchemyError",
-    "Store",
-    "StoreUnavailable",
-    "database_url",
-    "describe_url",
-    "explain",
-    "is_transient",
-]
