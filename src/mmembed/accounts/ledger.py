@@ -27,6 +27,7 @@ from mmembed.accounts.store import Store, explain
 
 log = logging.getLogger("mmembed.accounts")
 SWEEP_EVERY_S = 60.0
+_INSERT = insert(schema.ledger)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Ledger:
         self.error: str | None = None  # the last commit's failure, until one succeeds
         self.commits = 0
         self.busy = False
+        self.ensured: set[tuple[int, str, int]] = set()  # counter rows known to exist
         self.rows = 0
 
     def start(self) -> None:
@@ -142,13 +144,13 @@ class Ledger:
     def _commit_once(self, entries: list[Entry]) -> tuple[dict, dict]:
         now = time.time()
         with self.store.write() as conn:
-            refusals, used = limits.charge(conn, self.store.dialect, entries, now)
-            conn.execute(
-                insert(schema.ledger), [e.row(refusals.get(i)) for i, e in enumerate(entries)]
-            )
+            refusals, used = limits.charge(conn, self.store.dialect, entries, now, self.ensured)
+            conn.execute(_INSERT, [e.row(refusals.get(i)) for i, e in enumerate(entries)])
             if now - self.last_sweep > SWEEP_EVERY_S:
                 limits.sweep(conn, now)
                 self.last_sweep = now
+                self.ensured.clear()
+        self.ensured.update(used)  # committed: these counter rows exist
         self.commits += 1
         self.rows += len(entries)
         return refusals, used

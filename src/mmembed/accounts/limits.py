@@ -24,6 +24,30 @@ from mmembed.accounts.keys import Limits
 
 KINDS = ("month", "rpm", "tpm")  # checked in this order: quota first, its code wins
 
+# The batch's statements, built once (building SQLAlchemy statements per batch cost more than
+# running them).
+_t = schema.counters
+_SELECT = (
+    select(_t.c.key_id, _t.c.kind, _t.c.period, _t.c.used)
+    .where(
+        _t.c.key_id.in_(bindparam("key_ids", expanding=True)),
+        _t.c.period.in_(bindparam("periods", expanding=True)),
+    )
+    .order_by(_t.c.key_id, _t.c.kind, _t.c.period)
+)
+_SELECT_FOR_UPDATE = _SELECT.with_for_update()
+_UPDATE = (
+    update(_t)
+    .where(
+        and_(
+            _t.c.key_id == bindparam("k_key"),
+            _t.c.kind == bindparam("k_kind"),
+            _t.c.period == bindparam("k_period"),
+        )
+    )
+    .values(used=bindparam("v_used"))
+)
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -104,12 +128,17 @@ class LimitView:
 
 
 def charge(
-    conn: Connection, dialect: str, entries: list[Any], now: float
+    conn: Connection,
+    dialect: str,
+    entries: list[Any],
+    now: float,
+    ensured: set[tuple[int, str, int]] | None = None,
 ) -> tuple[dict[int, Refusal], dict[tuple[int, str, int], int]]:
     """Charge the answered, limited entries of one batch against the shared counters.
 
     Returns the refusals (entry index -> Refusal) and the counters' values after the batch.
-    Must run inside the batch's write transaction.
+    Must run inside the batch's write transaction. ``ensured``: counter rows known to exist
+    (a caller's cache; current windows are never deleted), so they need no insert.
     """
     wanted: set[tuple[int, str, int]] = set()
     for e in entries:
@@ -120,21 +149,17 @@ def charge(
     if not wanted:
         return {}, {}
     ordered = sorted(wanted)  # one lock order for every process: no deadlocks
-    _ensure_rows(conn, dialect, ordered)
-    t = schema.counters
-    query = (
-        select(t.c.key_id, t.c.kind, t.c.period, t.c.used)
-        .where(
-            t.c.key_id.in_({k for k, _, _ in ordered}),
-            t.c.period.in_({p for _, _, p in ordered}),
-        )
-        .order_by(t.c.key_id, t.c.kind, t.c.period)
-    )
-    if dialect == "postgresql":
-        query = query.with_for_update()
+    missing = [slot for slot in ordered if ensured is None or slot not in ensured]
+    if missing:
+        _ensure_rows(conn, dialect, missing)
+    query = _SELECT_FOR_UPDATE if dialect == "postgresql" else _SELECT
+    params = {
+        "key_ids": sorted({k for k, _, _ in ordered}),
+        "periods": sorted({p for _, _, p in ordered}),
+    }
     used = {
         (r.key_id, r.kind, r.period): int(r.used)
-        for r in conn.execute(query)
+        for r in conn.execute(query, params)
         if (r.key_id, r.kind, r.period) in wanted
     }
     before = dict(used)
@@ -164,18 +189,7 @@ def charge(
         if v != before[(k, kind, p)]
     ]
     if changed:
-        conn.execute(
-            update(t)
-            .where(
-                and_(
-                    t.c.key_id == bindparam("k_key"),
-                    t.c.kind == bindparam("k_kind"),
-                    t.c.period == bindparam("k_period"),
-                )
-            )
-            .values(used=bindparam("v_used")),
-            changed,
-        )
+        conn.execute(_UPDATE, changed)
     return refusals, used
 
 
