@@ -150,3 +150,16 @@ def test_usage_report(capsys: pytest.CaptureFixture, db_url: str):
     code, out, _ = run(capsys, db_url, "usage", "--key", "nobody")
     assert code == 0
     assert "no requests" in out
+
+
+def test_serve_counts_managed_keys_as_keys(capsys: pytest.CaptureFixture, db_url: str):
+    """`serve` may bind beyond loopback once the database holds a key (even a revoked one)."""
+    from mmembed.accounts.cli import has_managed_keys
+    from mmembed.config import Settings
+
+    settings = Settings(database_url=db_url)
+    assert not has_managed_keys(settings)
+    assert run(capsys, db_url, "keys", "create", "--name", "k")[0] == 0
+    assert run(capsys, db_url, "keys", "revoke", "k")[0] == 0
+    assert has_managed_keys(settings)
+    assert not has_managed_keys(Settings(database_url="none"))
