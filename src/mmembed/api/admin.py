@@ -21,7 +21,7 @@ from starlette.routing import Route
 from mmembed.accounts import keys, reports
 from mmembed.accounts.keys import AccountsError, Limits
 from mmembed.accounts.store import explain, is_transient
-from mmembed.api.auth import accounts_of, require_admin
+from mmembed.api.auth import AccountsUnavailable, accounts_of, require_admin
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.logs import request_id_var
 
@@ -34,9 +34,7 @@ async def _call(request: Request, fn: Any, *args: Any, **kw: Any) -> Any:
     """Run a blocking accounts function off the loop; map its failures to API errors."""
     accounts = accounts_of(request)
     if accounts.store is None:
-        raise ApiError(
-            ErrorCode.SERVICE_UNAVAILABLE, "Accounts are disabled on this server (database_url)."
-        )
+        raise AccountsUnavailable("Accounts are disabled on this server (database_url=none).")
     try:
         return await accounts.run(lambda: fn(accounts.store, *args, **kw))
     except AccountsError as exc:
@@ -44,7 +42,7 @@ async def _call(request: Request, fn: Any, *args: Any, **kw: Any) -> Any:
         raise ApiError(status or ErrorCode.INVALID_PARAMETER, str(exc)) from None
     except Exception as exc:
         if is_transient(exc):
-            raise ApiError(ErrorCode.SERVICE_UNAVAILABLE, explain(exc)) from None
+            raise AccountsUnavailable(explain(exc)) from None
         raise
 
 

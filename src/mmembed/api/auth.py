@@ -33,6 +33,7 @@ from mmembed.accounts.service import (
     Unauthorized,
     Unavailable,
 )
+from mmembed.accounts.store import explain
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.logs import request_id_var
 
@@ -43,13 +44,20 @@ def accounts_of(request: Request) -> Accounts:
     return request.app.state.accounts
 
 
+class AccountsUnavailable(ApiError):
+    """503: the accounts database is down or locked (such a request cannot be recorded)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.SERVICE_UNAVAILABLE, message, headers={"Retry-After": "1"})
+
+
 def _api_error(exc: Exception) -> ApiError:
     if isinstance(exc, Unauthorized):
         return ApiError(ErrorCode.INVALID_API_KEY, str(exc))
     if isinstance(exc, Forbidden):
         return ApiError(ErrorCode.ACCESS_DENIED, str(exc))
     if isinstance(exc, Unavailable):
-        return ApiError(ErrorCode.SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "1"})
+        return AccountsUnavailable(str(exc))
     raise exc
 
 
@@ -134,7 +142,7 @@ class Meter:
             status, code = 200, None
         elif isinstance(exc, ApiError):
             status, code = exc.error.status, exc.error.code
-            if exc.error is ErrorCode.SERVICE_UNAVAILABLE:
+            if isinstance(exc, AccountsUnavailable):
                 return False  # the database is what failed; there is nothing to write to
         else:
             status, code = ErrorCode.INTERNAL.status, ErrorCode.INTERNAL.code
@@ -156,13 +164,9 @@ class Meter:
         try:
             refusal = await self.accounts.record(entry)
         except Exception as db_exc:
-            from mmembed.accounts.store import explain
-
-            raise ApiError(
-                ErrorCode.SERVICE_UNAVAILABLE,
+            raise AccountsUnavailable(
                 f"The request could not be recorded: {explain(db_exc)}; "
-                "the service recovers by itself when the database is back.",
-                headers={"Retry-After": "1"},
+                "the service recovers by itself when the database is back."
             ) from None
         if refusal is not None and exc is None:
             raise throttled(refusal)
