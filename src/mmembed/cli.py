@@ -12,6 +12,7 @@ import sys
 import typing
 
 import mmembed
+from mmembed.accounts import cli as accounts_cli
 from mmembed.config import Settings
 
 # The settings each subcommand reads (serve: all of them); its --help lists only these.
@@ -42,7 +43,8 @@ def serve(settings: Settings) -> int:
 
     setup_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("mmembed")
-    if not settings.api_keys and not is_loopback_bind(settings.host):
+    keyed = bool(settings.api_keys) or accounts_cli.has_managed_keys(settings)
+    if not keyed and not is_loopback_bind(settings.host):
         print(
             f"mmembed: refusing to bind {settings.host!r} without API keys: anyone who can reach "
             "it could use the service. Set MMEMBED_API_KEYS (or --api-keys), or bind 127.0.0.1.",
@@ -56,7 +58,7 @@ def serve(settings: Settings) -> int:
         if path and not os.path.isfile(path):
             print(f"mmembed: TLS file {path!r} does not exist", file=sys.stderr)
             return 2
-    if not settings.api_keys:
+    if not keyed:
         log.warning("no API keys configured; accepting any key on loopback only")
     scheme = "https" if settings.ssl_certfile else "http"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmembed import batch
 
     batch.add_arguments(sub.add_parser("embed", help=batch.HELP, description=batch.HELP))
+    accounts_cli.add_parsers(sub)  # keys, usage
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_args(args)
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmembed: error: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.command in accounts_cli.COMMANDS:
+            return accounts_cli.run(args, settings)
         if args.command == "embed":
             return batch.run(args, settings)
         if args.command == "pull":

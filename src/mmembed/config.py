@@ -35,6 +35,28 @@ class Settings:
         "limits a key to those model names (403 otherwise). With no keys, any key is "
         "accepted and only loopback addresses may be bound.",
     )
+    admin_keys: tuple[str, ...] = _setting(
+        (), "Comma-separated admin keys: the only keys the /admin routes accept (keys, usage)."
+    )
+    database_url: str = _setting(
+        "",
+        "Accounts database (managed keys, limits, usage ledger): postgresql://user@host/db, "
+        "or sqlite:///path. Empty: SQLite at <cache_dir>/accounts.db. 'none': no database "
+        "(static api_keys only, no limits, no ledger).",
+    )
+    database_timeout_s: float = _setting(
+        5.0, "Accounts database: longest wait for a connection or a lock before a 503."
+    )
+    database_sync: str = _setting(
+        "full",
+        "SQLite only: 'full' puts each ledger commit on disk before answering (survives a power "
+        "cut); 'normal' survives a killed process but not a power cut, and is faster on "
+        "slow disks.",
+        choices=("full", "normal"),
+    )
+    accounts_poll_s: float = _setting(
+        0.25, "How often each process checks the database for changed keys (revocations)."
+    )
     log_level: str = _setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
     log_format: str = _setting(
         "text",

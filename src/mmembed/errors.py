@@ -26,6 +26,8 @@ class ErrorCode(Enum):
     FILE_EXISTS = (409, "FileAlreadyExists")  # an upload key is taken (OSS forbid-overwrite)
     TOO_LARGE = (413, "BadRequest.TooLarge")
     THROTTLING = (429, "Throttling")
+    RATE_QUOTA = (429, "Throttling.RateQuota")  # a key's rpm or tpm limit
+    ALLOCATION_QUOTA = (429, "Throttling.AllocationQuota")  # a key's monthly token quota
     INTERNAL = (500, "InternalError")
     INTERNAL_ALGO = (500, "InternalError.Algo")
     MODEL_UNAVAILABLE = (503, "ModelUnavailable")

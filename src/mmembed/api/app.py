@@ -15,7 +15,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mmembed.api import metrics, openai_compat, openapi, playground, routes, startup, uploads
+from mmembed.accounts.service import Accounts
+from mmembed.api import (
+    admin,
+    metrics,
+    openai_compat,
+    openapi,
+    playground,
+    routes,
+    startup,
+    uploads,
+)
 from mmembed.api.schemas import render_error
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
@@ -143,6 +153,8 @@ def create_app(
         problem = await asyncio.to_thread(store.check)
         if problem:
             log.error("uploads unavailable: %s", problem)
+        app.state.accounts = Accounts(settings, eng.catalog)  # keys, limits, usage ledger
+        await app.state.accounts.start()
         loader = None
         if load_in_background:
             app.state.loader = loader = startup.Loader(eng, announce)
@@ -157,6 +169,7 @@ def create_app(
         pending = {t for t in inflight if not t.done()}
         if pending:
             await asyncio.wait(pending, timeout=5.0)
+        await app.state.accounts.close()
         await eng.aclose()
 
     app = Starlette(
@@ -172,6 +185,7 @@ def create_app(
             Route(openapi.DOCS_PATH, openapi.docs, methods=["GET"]),
             Route(playground.INDEX_PATH, playground.index, methods=["GET"]),
             Route(playground.ASSET_PATH, playground.asset, methods=["GET"]),
+            *admin.ROUTES,
         ],
         exception_handlers={
             ApiError: _api_error,

@@ -8,11 +8,9 @@ rendered as ``{"error": {"message", "type", "param", "code"}}`` with the same HT
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import re
-import time
 from typing import Any
 
 import numpy as np
@@ -21,10 +19,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mmembed.api import schemas
-from mmembed.api.routes import check_api_key, log_embedded, read_body, upload_owner
+from mmembed.api.auth import metered
+from mmembed.api.routes import read_body, run_embedding
 from mmembed.api.startup import check_ready
 from mmembed.config import Settings
-from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.logs import request_id_var
 from mmembed.types import ContentItem, EmbedRequest, EmbedResult
@@ -188,22 +186,9 @@ async def embeddings(request: Request) -> Response:
 
 async def _embeddings(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    engine: Engine = request.app.state.engine
-    started = time.perf_counter()
-    allowed = check_api_key(request, settings)
-    check_ready(request)
-    req, encoding = parse_openai_request(await read_body(request, settings.max_body_bytes))
-    request.state.model = req.model
-    if allowed is not None and req.model not in allowed:
-        raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {req.model!r}.")
-    req.owner = upload_owner(request, settings)
-    try:
-        result = await asyncio.wait_for(engine.embed(req), settings.request_timeout_s)
-    except TimeoutError:
-        raise ApiError(
-            ErrorCode.REQUEST_TIMEOUT,
-            f"The request took longer than {settings.request_timeout_s:g} s.",
-        ) from None
-    request.state.result = result
-    log_embedded(request, req, result, started)
+    async with metered(request, route="openai") as meter:
+        meter.authenticate()
+        check_ready(request)
+        req, encoding = parse_openai_request(await read_body(request, settings.max_body_bytes))
+        result = await run_embedding(request, meter, req)
     return Response(render_embeddings(result, req.model, encoding), media_type="application/json")

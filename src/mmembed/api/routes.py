@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from mmembed.api.auth import Meter, authenticate, metered, principal_of
 from mmembed.api.disconnect import unless_disconnected
 from mmembed.api.schemas import parse_request, render_result
 from mmembed.api.startup import check_ready
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
-from mmembed.errors import ApiError, ErrorCode, echo, redact_paths
+from mmembed.errors import ApiError, ErrorCode, redact_paths
 from mmembed.logs import request_id_var
 from mmembed.media.store import UploadStore
 from mmembed.types import EmbedRequest, EmbedResult
@@ -27,7 +27,8 @@ log = logging.getLogger("mmembed.api")
 def upload_owner(request: Request, settings: Settings) -> str:
     """The owner id of the request's (already checked) API key; one anonymous owner when the
     server has no keys."""
-    if not settings.api_keys:
+    principal = principal_of(request)
+    if principal is None or principal.anonymous:
         return UploadStore.owner_id(None)
     return UploadStore.owner_id(request.headers.get("authorization", "").partition(" ")[2].strip())
 
@@ -37,17 +38,9 @@ def wants_oss_resolve(request: Request) -> bool:
 
 
 def check_api_key(request: Request, settings: Settings) -> frozenset[str] | None:
-    """Authenticate; returns the model names the key may use (None: all of them)."""
-    if not settings.api_keys:
-        return None
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    given = given.strip()
-    if scheme.lower() == "bearer":
-        for entry in settings.api_keys:
-            key, _, models = entry.partition(":")
-            if key and hmac.compare_digest(given.encode(), key.encode()):
-                return frozenset(models.split("|")) if models else None
-    raise ApiError(ErrorCode.INVALID_API_KEY, "Invalid API-key provided.")
+    """Authenticate (static, managed or no keys: ``api.auth``); returns the model names the key
+    may use (None: all of them)."""
+    return authenticate(request).models
 
 
 async def read_body(request: Request, cap: int) -> bytes:
@@ -70,16 +63,23 @@ async def read_body(request: Request, cap: int) -> bytes:
 
 async def embed(request: Request) -> Response:
     settings: Settings = request.app.state.settings
+    async with metered(request, route="dashscope") as meter:
+        meter.authenticate()
+        check_ready(request)
+        req = parse_request(await read_body(request, settings.max_body_bytes))
+        result = await run_embedding(request, meter, req)
+    return Response(render_result(result, request_id_var.get()), media_type="application/json")
+
+
+async def run_embedding(request: Request, meter: Meter, req: EmbedRequest) -> EmbedResult:
+    """What every wire format shares once its body is parsed: the key's model and limits,
+    the engine under the request's deadline (dropped if the client leaves), usage for the
+    ledger, the log line."""
+    settings: Settings = request.app.state.settings
     engine: Engine = request.app.state.engine
     started = time.perf_counter()
-    allowed = check_api_key(request, settings)
-    check_ready(request)
-    req = parse_request(await read_body(request, settings.max_body_bytes))
     request.state.model = req.model  # for metrics and logs
-    if allowed is not None and req.model not in allowed:
-        raise ApiError(
-            ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(req.model)}."
-        )
+    meter.admit(req.model, len(req.items))
     req.owner = upload_owner(request, settings)
     req.resolve_oss = wants_oss_resolve(request)
     try:
@@ -91,9 +91,10 @@ async def embed(request: Request) -> Response:
             ErrorCode.REQUEST_TIMEOUT,
             f"The request took longer than {settings.request_timeout_s:g} s.",
         ) from None
+    meter.usage = result.usage
     request.state.result = result
     log_embedded(request, req, result, started)
-    return Response(render_result(result, request_id_var.get()), media_type="application/json")
+    return result
 
 
 def log_embedded(request: Request, req: EmbedRequest, result: EmbedResult, started: float) -> None:
@@ -127,6 +128,11 @@ async def health(request: Request) -> Response:
         "backends": status,
         "uploads": "ok" if problem is None else f"unavailable: {problem}",
     }
+    accounts = getattr(request.app.state, "accounts", None)
+    if accounts is not None:
+        body["accounts"] = accounts.health()
+        if accounts.reason:
+            body["status"] = "degraded"
     cache = getattr(engine, "cache", None)  # (stand-in engines in tests have none)
     if cache is not None:
         body["cache"] = cache.stats()

@@ -37,6 +37,8 @@ class ModelSpec:
     image_tokens: int = 64
     aliases: tuple[str, ...] = ()  # other names clients use for it (e.g. dated snapshots)
     fuse_contents: bool = False  # the whole contents list gives one vector (qwen2.5-vl-embedding)
+    price_text_per_mtok: float = 0.0  # USD per million text tokens (usage ledger)
+    price_image_per_mtok: float = 0.0  # USD per million image/video tokens
 
     @property
     def default_dimension(self) -> int:

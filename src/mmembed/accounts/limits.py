@@ -1,0 +1,208 @@
+"""Per-key limits: requests per minute, tokens per minute, tokens per calendar month (UTC).
+
+The database holds one counter per (key, kind, period), and every answered request is charged
+inside the ledger's transaction, so the check is exact across all processes sharing the
+database: a request that would cross a limit is refused (429) instead of answered, and no
+window ever goes over its limit. Each process also keeps what it last saw of the counters
+(``LimitView``), to refuse requests of an exhausted key before doing any work for them.
+Windows are fixed: minutes since the epoch, calendar months.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, delete, select, update
+
+from mmembed.accounts import schema
+from mmembed.accounts.keys import Limits
+
+KINDS = ("month", "rpm", "tpm")  # checked in this order: quota first, its code wins
+
+# The batch's statements, built once (building SQLAlchemy statements per batch cost more than
+# running them).
+_t = schema.counters
+_SELECT = (
+    select(_t.c.key_id, _t.c.kind, _t.c.period, _t.c.used)
+    .where(
+        _t.c.key_id.in_(bindparam("key_ids", expanding=True)),
+        _t.c.period.in_(bindparam("periods", expanding=True)),
+    )
+    .order_by(_t.c.key_id, _t.c.kind, _t.c.period)
+)
+_SELECT_FOR_UPDATE = _SELECT.with_for_update()
+_UPDATE = (
+    update(_t)
+    .where(
+        and_(
+            _t.c.key_id == bindparam("k_key"),
+            _t.c.kind == bindparam("k_kind"),
+            _t.c.period == bindparam("k_period"),
+        )
+    )
+    .values(used=bindparam("v_used"))
+)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    kind: str  # rpm | tpm | month
+    limit: int
+    retry_after: int  # seconds until the window renews
+    key_name: str
+
+    @property
+    def code(self) -> str:
+        return "quota" if self.kind == "month" else "rate"
+
+    def message(self) -> str:
+        if self.kind == "rpm":
+            what = f"{self.limit} requests per minute (rpm)"
+            head = "Requests rate limit exceeded"
+        elif self.kind == "tpm":
+            what = f"{self.limit} tokens per minute (tpm)"
+            head = "Tokens rate limit exceeded"
+        else:
+            what = f"{self.limit} tokens per calendar month (monthly_tokens, UTC)"
+            head = "Monthly token quota exhausted"
+        return f"{head}: key {self.key_name!r} may use {what}; retry in {self.retry_after} s."
+
+
+def period(kind: str, now: float) -> int:
+    if kind == "month":
+        t = time.gmtime(now)
+        return t.tm_year * 100 + t.tm_mon
+    return int(now // 60)
+
+
+def retry_after(kind: str, now: float) -> int:
+    if kind == "month":
+        t = time.gmtime(now)
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        end = calendar.timegm((year, month, 1, 0, 0, 0))
+    else:
+        end = (int(now // 60) + 1) * 60
+    return max(1, math.ceil(end - now))
+
+
+def limit_of(limits: Limits, kind: str) -> int | None:
+    return {"rpm": limits.rpm, "tpm": limits.tpm, "month": limits.monthly_tokens}[kind]
+
+
+def amount(kind: str, tokens: int) -> int:
+    return 1 if kind == "rpm" else tokens
+
+
+class LimitView:
+    """What this process last saw of each counter, plus its own requests in flight."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, str], tuple[int, int]] = {}  # (key, kind) -> (period, used)
+        self.inflight: Counter[int] = Counter()
+
+    def refusal(self, key_id: int, key_name: str, limits: Limits, now: float) -> Refusal | None:
+        """A refusal when the key is known to be out of budget (before any work is done)."""
+        for kind in KINDS:
+            limit = limit_of(limits, kind)
+            if limit is None:
+                continue
+            per, used = self.seen.get((key_id, kind), (None, 0))
+            used = used if per == period(kind, now) else 0
+            # Requests in flight will each take one from rpm if answered: count them now, so a
+            # burst is refused up front instead of being computed and then refused.
+            want = used + self.inflight[key_id] + 1 if kind == "rpm" else used + 1
+            if want > limit:
+                return Refusal(kind, limit, retry_after(kind, now), key_name)
+        return None
+
+    def update(self, used: dict[tuple[int, str, int], int]) -> None:
+        for (key_id, kind, per), value in used.items():
+            old = self.seen.get((key_id, kind))
+            if old is None or old[0] <= per:
+                self.seen[(key_id, kind)] = (per, value)
+
+
+def charge(
+    conn: Connection,
+    dialect: str,
+    entries: list[Any],
+    now: float,
+    ensured: set[tuple[int, str, int]] | None = None,
+) -> tuple[dict[int, Refusal], dict[tuple[int, str, int], int]]:
+    """Charge the answered, limited entries of one batch against the shared counters.
+
+    Returns the refusals (entry index -> Refusal) and the counters' values after the batch.
+    Must run inside the batch's write transaction. ``ensured``: counter rows known to exist
+    (a caller's cache; current windows are never deleted), so they need no insert.
+    """
+    wanted: set[tuple[int, str, int]] = set()
+    for e in entries:
+        if e.status == 200 and e.key_id is not None and e.limits is not None:
+            for kind in KINDS:
+                if limit_of(e.limits, kind) is not None:
+                    wanted.add((e.key_id, kind, period(kind, now)))
+    if not wanted:
+        return {}, {}
+    ordered = sorted(wanted)  # one lock order for every process: no deadlocks
+    missing = [slot for slot in ordered if ensured is None or slot not in ensured]
+    if missing:
+        _ensure_rows(conn, dialect, missing)
+    query = _SELECT_FOR_UPDATE if dialect == "postgresql" else _SELECT
+    params = {
+        "key_ids": sorted({k for k, _, _ in ordered}),
+        "periods": sorted({p for _, _, p in ordered}),
+    }
+    used = {
+        (r.key_id, r.kind, r.period): int(r.used)
+        for r in conn.execute(query, params)
+        if (r.key_id, r.kind, r.period) in wanted
+    }
+    before = dict(used)
+    refusals: dict[int, Refusal] = {}
+    for i, e in enumerate(entries):
+        if e.status != 200 or e.key_id is None or e.limits is None:
+            continue
+        tokens = e.tokens
+        refusal = None
+        for kind in KINDS:
+            limit = limit_of(e.limits, kind)
+            if limit is None:
+                continue
+            slot = (e.key_id, kind, period(kind, now))
+            if used[slot] + amount(kind, tokens) > limit:
+                refusal = Refusal(kind, limit, retry_after(kind, now), e.key_name)
+                break
+        if refusal is not None:
+            refusals[i] = refusal
+            continue
+        for kind in KINDS:
+            if limit_of(e.limits, kind) is not None:
+                used[(e.key_id, kind, period(kind, now))] += amount(kind, tokens)
+    changed = [
+        {"k_key": k, "k_kind": kind, "k_period": p, "v_used": v}
+        for (k, kind, p), v in used.items()
+        if v != before[(k, kind, p)]
+    ]
+    if changed:
+        conn.execute(_UPDATE, changed)
+    return refusals, used
+
+
+def _ensure_rows(conn: Connection, dialect: str, slots: list[tuple[int, str, int]]) -> None:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    rows = [{"key_id": k, "kind": kind, "period": p, "used": 0} for k, kind, p in slots]
+    conn.execute(insert(schema.counters).on_conflict_do_nothing(), rows)
+
+
+def sweep(conn: Connection, now: float) -> None:
+    """Drop per-minute counters of windows long gone (monthly ones are kept as a record)."""
+    t = schema.counters
+    conn.execute(delete(t).where(t.c.kind.in_(("rpm", "tpm")), t.c.period < int(now // 60) - 2))
