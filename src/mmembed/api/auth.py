@@ -111,7 +111,9 @@ class Meter:
         self.model, self.items = model, items
         principal = self.principal or self.authenticate()
         if not principal.may_use(model):
-            raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(model)}.")
+            raise ApiError(
+                ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(model)}."
+            )
         refusal = self.accounts.precheck(principal)
         if refusal is not None:
             raise throttled(refusal)
