@@ -130,7 +130,13 @@ async def health(request: Request) -> Response:
     }
     accounts = getattr(request.app.state, "accounts", None)
     if accounts is not None:
-        body["accounts"] = accounts.health()
+        # unauthenticated: the database's kind, not its URL; no file paths in a reason
+        state = accounts.health()
+        if "database" in state:
+            state["database"] = state["database"].partition(":")[0]
+        if "reason" in state:
+            state["reason"] = redact_paths(state["reason"])
+        body["accounts"] = state
         if accounts.reason:
             body["status"] = "degraded"
     cache = getattr(engine, "cache", None)  # (stand-in engines in tests have none)
