@@ -39,7 +39,8 @@ from loadgen import (
 )
 
 MODEL = "tongyi-embedding-vision-flash"
-PLAIN = (
+PLAIN = (  # what `mmembed serve` did before the guard (OMP_WAIT_POLICY as cli.serve sets it)
+    "import os; os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE');"
     "import uvicorn; from mmembed.api.app import create_app; from mmembed.config import Settings;"
     "s = Settings.from_env(); uvicorn.run(create_app(s), host=s.host, port=s.port,"
     " log_level='warning', access_log=False)"
