@@ -171,7 +171,7 @@ headers = st.sampled_from(
         {},
     ]
 )
-weights = st.sampled_from(["embed"] * 12 + ["valid"] * 2 + ["raw", "policy", "upload"])
+weights = st.sampled_from(["embed"] * 14 + ["valid"] + ["raw", "policy", "upload"])
 
 
 def test_fuzz_the_api_without_a_single_5xx(server: Server):
