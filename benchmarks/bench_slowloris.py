@@ -39,7 +39,8 @@ from loadgen import (
 )
 
 MODEL = "tongyi-embedding-vision-flash"
-PLAIN = (
+PLAIN = (  # what `mmembed serve` did before the guard (OMP_WAIT_POLICY as cli.serve sets it)
+    "import os; os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE');"
     "import uvicorn; from mmembed.api.app import create_app; from mmembed.config import Settings;"
     "s = Settings.from_env(); uvicorn.run(create_app(s), host=s.host, port=s.port,"
     " log_level='warning', access_log=False)"
@@ -149,6 +150,7 @@ def main() -> None:
     ap.add_argument("--sockets", type=int, default=2000)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--requests", type=int, default=600, help="for the throughput rows")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; best is shown")
     args = ap.parse_args()
     spread = [f"127.0.3.{i + 1}" for i in range(20)]
     texts = sentences(10_000)
@@ -156,28 +158,39 @@ def main() -> None:
     def body(i: int) -> dict:
         return {"model": MODEL, "input": {"contents": [texts[i % len(texts)]]}}
 
-    rows, throughput = [], {}
-    for name, start in (("guarded", lambda: start_mmembed()), ("plain uvicorn", start_plain)):
-        proc, url = start()
-        try:
-            res = asyncio.run(closed_loop(url + EMBED_PATH, body, 1, 32, args.requests))
-            throughput[name] = res.rate
-            for label, sockets, sources in (
-                ("no attack", 0, spread),
-                (f"{args.sockets} slow sockets, 20 addresses", args.sockets, spread),
-                (f"{args.sockets} slow sockets, 1 address", args.sockets, ["127.0.4.1"]),
-            ):
-                result, peak, held, attack = asyncio.run(
-                    scenario(url, proc.pid, sockets, sources, args.seconds)
-                )
-                errors = sum(n for s, n in result.statuses.items() if s != 200)
-                rows.append([
-                    name, label, str(held),
-                    f"{result.pct(50):.0f} / {result.pct(99):.0f}", str(errors), f"{peak:.0f}",
-                    str(attack.dropped if attack else "-"), str(attack.refused if attack else "-"),
-                ])  # fmt: skip
-                print(rows[-1], flush=True)
-        finally:
+    # Both servers stay up and every measurement alternates between them, so a change in the
+    # machine's load hits both alike; the best round of each is shown.
+    servers = {"guarded": start_mmembed(), "plain uvicorn": start_plain()}
+    scenarios = [
+        ("no attack", 0, spread),
+        (f"{args.sockets} slow sockets, 20 addresses", args.sockets, spread),
+        (f"{args.sockets} slow sockets, 1 address", args.sockets, ["127.0.4.1"]),
+    ]
+    best: dict[tuple[str, str], list[str]] = {}
+    throughput: dict[str, float] = {}
+    try:
+        for _ in range(args.rounds):
+            for name, (_proc, url) in servers.items():
+                res = asyncio.run(closed_loop(url + EMBED_PATH, body, 1, 32, args.requests))
+                throughput[name] = max(throughput.get(name, 0.0), res.rate)
+            for label, sockets, sources in scenarios:
+                for name, (proc, url) in servers.items():
+                    result, peak, held, attack = asyncio.run(
+                        scenario(url, proc.pid, sockets, sources, args.seconds)
+                    )
+                    errors = sum(n for s, n in result.statuses.items() if s != 200)
+                    row = [
+                        name, label, str(held),
+                        f"{result.pct(50):.0f} / {result.pct(99):.0f}", str(errors), f"{peak:.0f}",
+                        str(attack.dropped if attack else "-"),
+                        str(attack.refused if attack else "-"),
+                    ]  # fmt: skip
+                    print(row, flush=True)
+                    old = best.get((name, label))
+                    if old is None or result.pct(99) < float(old[3].split(" / ")[1]):
+                        best[(name, label)] = row
+    finally:
+        for proc, _ in servers.values():
             stop(proc)
 
     print(f"\ndefault model ({MODEL}), {os.cpu_count()} cores, probe for {args.seconds:g} s")
@@ -185,6 +198,7 @@ def main() -> None:
         "server", "attack", "attack sockets open", "probe p50/p99 ms", "probe errors",
         "server RSS MiB", "attack drops", "attack refusals",
     ]  # fmt: skip
+    rows = [best[(name, label)] for label, _, _ in scenarios for name in servers]
     print(table(header, rows))
     ratio = throughput["guarded"] / throughput["plain uvicorn"]
     print(

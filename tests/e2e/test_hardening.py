@@ -3,10 +3,13 @@ shutdown with requests in flight, storage faults. The server must stay healthy t
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,12 +28,29 @@ GUARD_ENV = {
 }
 
 
+def mount_tiny_disk(path: Path, size: str) -> bool:
+    """A small tmpfs at ``path`` (root only), so the upload disk can really fill up."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
+    return done.returncode == 0
+
+
 @pytest.fixture(scope="module")
 def hserver(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("hardening")
-    srv = start_server(tmp, GUARD_ENV)
-    yield srv
-    stop_server(srv)
+    uploads = tmp / "uploads"
+    tiny_disk = mount_tiny_disk(uploads, "4m")
+    try:
+        srv = start_server(tmp, {**GUARD_ENV, "MMEMBED_UPLOAD_DIR": str(uploads)})
+        srv.tiny_disk = tiny_disk  # type: ignore[attr-defined]
+        srv.upload_dir = uploads  # type: ignore[attr-defined]
+        yield srv
+        stop_server(srv)
+    finally:
+        if tiny_disk:
+            subprocess.run(["umount", "-l", str(uploads)])
     assert "Traceback" not in srv.logs(), srv.logs()[-5000:]
 
 
@@ -180,3 +200,45 @@ def test_connection_caps_per_client_and_in_all(hserver: Server):
             sock.close()
     time.sleep(0.5)  # the server sees the closes (sequencing only)
     assert embed_once(hserver, "127.0.0.1").startswith(b"HTTP/1.1 200")
+
+
+# -- storage faults ------------------------------------------------------------------------------
+def upload(server: Server, data: bytes) -> httpx.Response:
+    """The SDK's upload: a policy for our key, then the multipart form to the upload host."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    policy = httpx.get(
+        server.api_base + "/uploads", params={"action": "getPolicy", "model": PLUS}, headers=auth
+    )
+    assert policy.status_code == 200, policy.text
+    info = policy.json()["data"]
+    form = {
+        "OSSAccessKeyId": info["oss_access_key_id"],
+        "Signature": info["signature"],
+        "policy": info["policy"],
+        "key": f"{info['upload_dir']}/photo.png",
+    }
+    return httpx.post(info["upload_host"], data=form, files={"file": ("photo.png", data)})
+
+
+def test_a_full_upload_disk_is_a_clear_503_and_health_says_so(hserver: Server):
+    if not hserver.tiny_disk:  # type: ignore[attr-defined]
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root and must be able to mount a small tmpfs")
+        pytest.skip("needs root to mount a small tmpfs as the upload disk")
+    filler = hserver.upload_dir / "filler"  # type: ignore[attr-defined]
+    free = os.statvfs(hserver.upload_dir).f_bavail * os.statvfs(hserver.upload_dir).f_frsize  # type: ignore[attr-defined]
+    filler.write_bytes(b"\0" * (free - 200 * 1024))  # leave 200 KB
+    try:
+        resp = upload(hserver, os.urandom(1024 * 1024))
+        assert resp.status_code == 503, resp.text
+        body = resp.json()
+        assert body["code"] == "ServiceUnavailable" and "upload store is full" in body["message"]
+        assert str(hserver.upload_dir) not in resp.text  # type: ignore[attr-defined]
+        health = httpx.get(hserver.url + "/health").json()
+        assert health["status"] == "degraded"
+        assert health["uploads"] == "unavailable: the upload disk is full"
+    finally:
+        filler.unlink()
+    assert httpx.get(hserver.url + "/health").json()["uploads"] == "ok"
+    assert upload(hserver, os.urandom(100 * 1024)).status_code == 200
+    assert not list((hserver.upload_dir / "tmp").iterdir())  # type: ignore[attr-defined]

@@ -132,3 +132,18 @@ def test_bad_requests(body, code, fragment):
     err = error_of(body)
     assert err.error is code
     assert fragment in err.message
+
+
+def test_long_client_values_are_not_echoed_in_full():
+    huge = "m" * (10 * 1024 * 1024)
+    bodies = [
+        {"model": huge, "input": {"contents": ["x"]}},
+        {"model": "m", "input": {"contents": ["x"]}, "parameters": {"dimension": huge}},
+        {"model": "m", "input": {"contents": ["x"]}, "parameters": {"fps": [huge] * 3}},
+        {"model": "m", "input": {"contents": ["x"]}, "parameters": {"output_type": huge}},
+    ]
+    for body in bodies:
+        with pytest.raises(ApiError) as info:
+            parse_request(orjson.dumps(body))
+        assert info.value.error is ErrorCode.INVALID_PARAMETER
+        assert len(info.value.message) < 300, info.value.message[:300]
