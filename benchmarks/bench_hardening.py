@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 from loadgen import (
@@ -169,6 +170,19 @@ def long_texts() -> list[str]:
     return out
 
 
+def multi_images_body(pngs: list[str], r: int) -> dict:
+    n = len(pngs)
+    contents = [
+        {"multi_images": [pngs[(r * 512 + j * 8 + k * 61) % n] for k in range(8)]}
+        for j in range(64)
+    ]
+    return {"model": PLUS, "input": {"contents": contents}}
+
+
+def fixed_body(model: str, contents: list, r: int) -> dict:
+    return {"model": model, "input": {"contents": contents}}
+
+
 def png_uris(n: int) -> list[str]:
     out = []
     for i in range(n):
@@ -226,15 +240,9 @@ def main() -> None:
         pngs = png_uris(509)
         for label, model, contents, clients in attacks:
             if contents is None:  # every request new combinations: no cache hits
-                body = lambda r, n=len(pngs): {  # noqa: E731
-                    "model": PLUS,
-                    "input": {"contents": [
-                        {"multi_images": [pngs[(r * 512 + j * 8 + k * 61) % n] for k in range(8)]}
-                        for j in range(64)
-                    ]},
-                }  # fmt: skip
+                body = partial(multi_images_body, pngs)
             else:
-                body = lambda r, c=contents, m=model: {"model": m, "input": {"contents": c}}  # noqa: E731
+                body = partial(fixed_body, model, contents)
             idle = tree_rss_mb(proc.pid)
             probe, statuses, peak, end = asyncio.run(
                 attack(url + EMBED_PATH, body, clients, args.seconds, proc.pid, args.hammer)
