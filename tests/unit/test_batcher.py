@@ -246,8 +246,10 @@ def test_abandoned_long_pass_is_aborted_short_one_is_not():
     batcher = make(model, max_tokens=10, max_wait_s=0, abort=lambda: aborted.append(1))
 
     async def go(tokens: int):
+        started = len(model.batches)
         task = asyncio.ensure_future(batcher.submit(texts("x"), tokens))
-        await asyncio.sleep(0.1)  # the pass is running
+        while len(model.batches) == started:  # until the pass is running
+            await asyncio.sleep(0.01)
         task.cancel()
         await asyncio.sleep(0.4)
 
