@@ -37,6 +37,7 @@ from loadgen import (
     client_session,
     closed_loop,
     post,
+    rss_mb,
     sentences,
     start_mmembed,
     stop,
@@ -50,31 +51,8 @@ QWEN = "qwen3-vl-embedding"
 
 
 def tree_rss_mb(pid: int) -> float:
-    """RSS of ``pid`` and all its descendants, in MiB (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        tree.update(kids)
-        frontier += kids
-    total = 0.0
-    for p in tree:
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
+    """RSS of ``pid`` and all its descendants (its worker processes), in MiB."""
+    return rss_mb(pid)[0]
 
 
 def jpegs(n: int) -> list[bytes]:
