@@ -4,9 +4,9 @@ throughput at concurrency 32 before and after the change, in one invocation.
     .venv/bin/python benchmarks/bench_hardening.py --baseline /path/to/checkout-of-50a6aa0
 
 1. Throughput: a server running the ``--baseline`` checkout's code and one running this
-   checkout's code (each via PYTHONPATH), alternately, ``--rounds`` times: 32 clients sending one
-   text per request, then 32 clients sending one image (fetched from a loopback origin).
-   Reported as the ratio after / before, per round (the machine is shared: read ratios).
+   checkout's code (each via PYTHONPATH), both started, then short bursts alternating between
+   them ``--rounds`` times: 32 clients sending one text per request, then one image (fetched
+   from a loopback origin). Totals per side; read the ratio after / before.
 2. Attacks, against this checkout's server (default settings, offline model), each for
    ``--seconds``, while ONE probe client sends one short text at a time:
    - long text: 4 clients, each request 20 texts of ~30,000 tokens (qwen3-vl-embedding);
@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 from loadgen import (
@@ -36,6 +37,7 @@ from loadgen import (
     client_session,
     closed_loop,
     post,
+    rss_mb,
     sentences,
     start_mmembed,
     stop,
@@ -49,31 +51,8 @@ QWEN = "qwen3-vl-embedding"
 
 
 def tree_rss_mb(pid: int) -> float:
-    """RSS of ``pid`` and all its descendants, in MiB (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        tree.update(kids)
-        frontier += kids
-    total = 0.0
-    for p in tree:
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
+    """RSS of ``pid`` and all its descendants (its worker processes), in MiB."""
+    return rss_mb(pid)[0]
 
 
 def jpegs(n: int) -> list[bytes]:
@@ -89,9 +68,16 @@ def jpegs(n: int) -> list[bytes]:
     return out
 
 
-def throughput(src: str, texts: list[str], origin: StaticOrigin, n_images: int) -> tuple:
-    env = {"PYTHONPATH": src, "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1"}
-    proc, url = start_mmembed(env)
+def throughput(
+    srcs: dict[str, str], texts: list[str], origin: StaticOrigin, n_images: int, rounds: int
+) -> dict[tuple[str, str], Result]:
+    """Both servers up at once (an idle one costs nothing); bursts alternate between them,
+    ``rounds`` times, so the machine's changing load falls on both alike."""
+    servers = {
+        label: start_mmembed({"PYTHONPATH": src, "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1"})
+        for label, src in srcs.items()
+    }
+    totals: dict[tuple[str, str], Result] = {}
     try:
 
         def text_body(i: int) -> dict:
@@ -101,11 +87,21 @@ def throughput(src: str, texts: list[str], origin: StaticOrigin, n_images: int) 
             image = f"{origin.url}/{i % n_images}.jpg"
             return {"model": FLASH, "input": {"contents": [{"image": image}]}}
 
-        t = asyncio.run(closed_loop(url + EMBED_PATH, text_body, 1, 32, len(texts)))
-        im = asyncio.run(closed_loop(url + EMBED_PATH, image_body, 1, 32, n_images))
-        return t, im
+        for _ in range(rounds):
+            for what, body, n in (
+                ("texts", text_body, len(texts)),
+                ("images", image_body, n_images),
+            ):
+                for label, (_, url) in servers.items():
+                    res = asyncio.run(closed_loop(url + EMBED_PATH, body, 1, 32, n))
+                    total = totals.setdefault((label, what), Result())
+                    total.items += res.items
+                    total.seconds += res.seconds
+                    total.latencies += res.latencies
+        return totals
     finally:
-        stop(proc)
+        for proc, _ in servers.values():
+            stop(proc)
 
 
 async def attack(
@@ -169,6 +165,19 @@ def long_texts() -> list[str]:
     return out
 
 
+def multi_images_body(pngs: list[str], r: int) -> dict:
+    n = len(pngs)
+    contents = [
+        {"multi_images": [pngs[(r * 512 + j * 8 + k * 61) % n] for k in range(8)]}
+        for j in range(64)
+    ]
+    return {"model": PLUS, "input": {"contents": contents}}
+
+
+def fixed_body(model: str, contents: list, r: int) -> dict:
+    return {"model": model, "input": {"contents": contents}}
+
+
 def png_uris(n: int) -> list[str]:
     out = []
     for i in range(n):
@@ -181,9 +190,9 @@ def png_uris(n: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--baseline", required=True, help="a checkout of the code before the change")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--texts", type=int, default=1024)
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--texts", type=int, default=256, help="text requests per burst")
+    ap.add_argument("--images", type=int, default=96, help="image requests per burst")
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument(
@@ -194,24 +203,26 @@ def main() -> None:
 
     if not args.skip_throughput:
         texts = sentences(args.texts)
-        files = jpegs(args.images)
+        files = jpegs(args.images * args.rounds)
         origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(files)}, "image/jpeg")
-        rows = []
         try:
-            for r in range(args.rounds):
-                before = throughput(old_src, texts, origin, len(files))
-                after = throughput(new_src, texts, origin, len(files))
-                for k, what in enumerate(("texts", "images")):
-                    b, a = before[k], after[k]
-                    rows.append([
-                        str(r + 1), what, f"{b.rate:.1f}", f"{a.rate:.1f}",
-                        f"{a.rate / b.rate:.2f}",
-                        f"{b.pct(50):.0f} / {b.pct(99):.0f}", f"{a.pct(50):.0f} / {a.pct(99):.0f}",
-                    ])  # fmt: skip
+            totals = throughput(
+                {"before": old_src, "after": new_src}, texts, origin, args.images, args.rounds
+            )
         finally:
             origin.close()
-        print(f"\nthroughput, 32 clients, 1 item per request, {os.cpu_count()} cores (shared)")
-        header = ["round", "what", "before /s", "after /s", "after / before",
+        rows = []
+        for what in ("texts", "images"):
+            b, a = totals[("before", what)], totals[("after", what)]
+            rows.append([
+                what, f"{b.rate:.1f}", f"{a.rate:.1f}", f"{a.rate / b.rate:.2f}",
+                f"{b.pct(50):.0f} / {b.pct(99):.0f}", f"{a.pct(50):.0f} / {a.pct(99):.0f}",
+            ])  # fmt: skip
+        print(
+            f"\nthroughput, 32 clients, 1 item per request, {args.rounds} alternating rounds, "
+            f"{os.cpu_count()} cores (shared)"
+        )
+        header = ["what", "before /s", "after /s", "after / before",
                   "before p50/p99 ms", "after p50/p99 ms"]  # fmt: skip
         print(table(header, rows))
 
@@ -226,15 +237,9 @@ def main() -> None:
         pngs = png_uris(509)
         for label, model, contents, clients in attacks:
             if contents is None:  # every request new combinations: no cache hits
-                body = lambda r, n=len(pngs): {  # noqa: E731
-                    "model": PLUS,
-                    "input": {"contents": [
-                        {"multi_images": [pngs[(r * 512 + j * 8 + k * 61) % n] for k in range(8)]}
-                        for j in range(64)
-                    ]},
-                }  # fmt: skip
+                body = partial(multi_images_body, pngs)
             else:
-                body = lambda r, c=contents, m=model: {"model": m, "input": {"contents": c}}  # noqa: E731
+                body = partial(fixed_body, model, contents)
             idle = tree_rss_mb(proc.pid)
             probe, statuses, peak, end = asyncio.run(
                 attack(url + EMBED_PATH, body, clients, args.seconds, proc.pid, args.hammer)

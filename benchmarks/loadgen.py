@@ -70,15 +70,39 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and all its descendants (the server's model and video worker processes)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        kids = [c for c, pp in parents.items() if pp == frontier[-1]]
+        frontier.pop()
+        tree.update(kids)
+        frontier += kids
+    return tree
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
-    """(current RSS, peak RSS) of a process in MiB, from /proc."""
+    """(current RSS, peak RSS) in MiB, from /proc, summed over the process and its worker
+    processes (the peak is the sum of each one's peak: an upper bound)."""
     now = peak = 0.0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                now = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) / 1024
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        now += int(line.split()[1]) / 1024
+                    elif line.startswith("VmHWM:"):
+                        peak += int(line.split()[1]) / 1024
+        except OSError:
+            continue
     return now, peak
 
 

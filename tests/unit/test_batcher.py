@@ -246,8 +246,10 @@ def test_abandoned_long_pass_is_aborted_short_one_is_not():
     batcher = make(model, max_tokens=10, max_wait_s=0, abort=lambda: aborted.append(1))
 
     async def go(tokens: int):
+        started = len(model.batches)
         task = asyncio.ensure_future(batcher.submit(texts("x"), tokens))
-        await asyncio.sleep(0.1)  # the pass is running
+        while len(model.batches) == started:  # until the pass is running
+            await asyncio.sleep(0.01)
         task.cancel()
         await asyncio.sleep(0.4)
 
@@ -288,3 +290,26 @@ def test_short_requests_take_the_express_lane_beside_a_long_pass():
     assert huge.shape == (1, 16)
     assert seen == ["main:huge", "express:a,b"]
     assert np.array_equal(short, HashBackend(dim=16).embed(texts("a", "b")))
+
+
+def test_a_client_with_many_requests_does_not_crowd_out_another():
+    model = RecordingModel(delay=0.02)
+    model.gate.clear()
+    batcher = make(model, max_items=4, max_wait_s=0)
+
+    async def go():
+        busy = [
+            asyncio.ensure_future(batcher.submit(texts(*[f"a{r}.{i}" for i in range(4)]), 4,
+                                                 owner="key-a"))
+            for r in range(3)
+        ]  # fmt: skip
+        await asyncio.sleep(0.05)  # key-a's first request holds the model
+        other = asyncio.ensure_future(batcher.submit(texts("b0", "b1"), 2, owner="key-b"))
+        await asyncio.sleep(0)
+        model.gate.set()
+        await asyncio.gather(*busy, other)
+
+    asyncio.run(go())
+    assert model.contents[0] == ["a0.0", "a0.1", "a0.2", "a0.3"]
+    assert model.contents[1][:2] == ["b0", "b1"], model.contents  # key-b before key-a's 2nd
+    assert batcher._owner_served == {} and batcher._owners == {}

@@ -9,9 +9,10 @@ clients sending one text each cost a few forward passes rather than 32.
 - **Bounded passes**: a large request is split across passes, so what one pass holds in memory
   is bounded by the limits whatever the request size (one input larger than the limits runs
   alone).
-- **Fair turns**: each pass serves the requests that have received least so far first (least
-  attained service, in inputs), so a one-text request waits for at most the pass in progress,
-  not for the rest of a 20-text request queued before it.
+- **Fair turns**: each pass serves first the clients (API keys), then the requests, that have
+  received least so far (least attained service, in inputs), so a one-text request waits for
+  at most the pass in progress, not for the rest of a 20-text request queued before it, and a
+  client with many requests in flight does not crowd out one with a single request.
 - **Cancellation**: a request whose caller gave up (timeout, disconnect) leaves the queue with
   whatever it had not started. When every request of the pass in progress is gone and the pass
   is a long one (more tokens than ``max_tokens``: one huge input running alone), ``abort`` is
@@ -55,6 +56,7 @@ class _Pending:
     images: list[int]  # per input: images and video frames
     where: list[str]  # per input, for error messages
     future: asyncio.Future = field(repr=False)
+    owner: str = ""
     taken: int = 0  # inputs handed to passes so far
     rows: np.ndarray | None = None
     filled: int = 0
@@ -125,7 +127,9 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._queue: list[_Pending] = []
-        self._served: dict[int, int] = {}
+        self._served: dict[int, int] = {}  # inputs taken so far, per request
+        self._owner_served: dict[str, int] = {}  # ... per owner with requests in flight
+        self._owners: dict[str, int] = {}  # requests in flight per owner
         self._arrival = 0
         self._isolated: deque[tuple[_Pending, int]] = deque()  # inputs to rerun alone
         self._queued_items = 0
@@ -139,11 +143,13 @@ class Batcher:
         inputs: list[EmbedInput],
         tokens: int | list[int],
         where: list[str] | None = None,
+        owner: str | None = None,
     ) -> np.ndarray:
         """Native vectors for ``inputs``, in order; 429 at once when the queue is full.
 
         ``tokens`` is the text+image token count per input (or a total, spread evenly);
-        ``where`` names each input in error messages."""
+        ``where`` names each input in error messages; ``owner`` (the API key's id) groups
+        requests for fair turns between clients."""
         if self._queued_items and self._queued_items + len(inputs) > self.max_queue:
             self.stats.rejected += 1
             raise ApiError(
@@ -164,9 +170,11 @@ class Batcher:
             [images_in(inp) for inp in inputs],
             where or [f"input {i}" for i in range(n)],
             asyncio.get_running_loop().create_future(),
+            owner=owner or "",
         )
         self._queue.append(pending)
         self._served[id(pending)] = 0
+        self._owners[pending.owner] = self._owners.get(pending.owner, 0) + 1
         self._queued_items += n
         self._wakeup.set()
         try:
@@ -178,6 +186,10 @@ class Batcher:
             raise
         finally:
             self._served.pop(id(pending), None)
+            self._owners[pending.owner] -= 1
+            if not self._owners[pending.owner]:  # its last request: its share starts afresh
+                del self._owners[pending.owner]
+                self._owner_served.pop(pending.owner, None)
 
     def _drop(self, pending: _Pending) -> None:
         with contextlib.suppress(ValueError):
@@ -346,7 +358,8 @@ class Batcher:
             if p.future.done():
                 self._queued_items -= len(p.inputs) - p.taken
                 p.taken = len(p.inputs)
-        live.sort(key=lambda p: self._served.get(id(p), 0))  # stable: arrival order on ties
+        # Least served first: by client (owner), then by request; arrival order on ties.
+        live.sort(key=lambda p: (self._owner_served.get(p.owner, 0), self._served.get(id(p), 0)))
         batch: list[tuple[_Pending, int, int]] = []
         items = tokens = images = 0
         for p in live:
@@ -369,6 +382,7 @@ class Batcher:
             if p.taken > start:
                 batch.append((p, start, p.taken))
                 self._served[id(p)] = self._served.get(id(p), 0) + p.taken - start
+                self._owner_served[p.owner] = self._owner_served.get(p.owner, 0) + p.taken - start
             if items >= self.max_items:
                 break
         self._queued_items -= items

@@ -206,7 +206,7 @@ class Engine:
             )
 
             usage = self._usage(spec, sum(r.tokens for r in records), [r.stats for r in records])
-            native = await self._embed_cached(loaded, spec, records)
+            native = await self._embed_cached(loaded, spec, records, req.owner)
             vectors = await _maybe_in_thread(
                 native.shape[0] * max(dimension, native.shape[1]) > 100_000,
                 lambda: loaded.mapper(native, dimension),
@@ -255,7 +255,7 @@ class Engine:
         return loaded
 
     async def _embed_cached(
-        self, loaded: LoadedBackend, spec: ModelSpec, records: list[Prepared]
+        self, loaded: LoadedBackend, spec: ModelSpec, records: list[Prepared], owner: str | None
     ) -> np.ndarray:
         """Native vectors for every item: cache hits as stored, the rest from the backend
         (then stored under their keys)."""
@@ -264,7 +264,7 @@ class Engine:
         if misses:
             tokens = [r.tokens + images_in(r.input) * spec.image_tokens for r in misses]
             fresh = await loaded.batcher.submit(
-                [r.input for r in misses], tokens, [r.where for r in misses]
+                [r.input for r in misses], tokens, [r.where for r in misses], owner
             )
             for r, row in zip(misses, fresh, strict=True):
                 if r.key is not None:
