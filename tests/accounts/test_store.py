@@ -42,7 +42,7 @@ def entry(i: int, key: keys.KeyRecord | None = None, status: int = 200, tokens: 
         status=status,
         code=None if status == 200 else "InvalidParameter",
         cost=kw.pop("cost", 0.0),
-        limits=key.limits if key and key.limits.any else None,
+        limits=key.limits if key else None,
     )
 
 
@@ -140,7 +140,7 @@ def test_limits_are_exact_across_concurrent_writers(db_url: str):
                 )
             ).all()
         )
-    assert used == {"rpm": 37, "tpm": 370}
+    assert used == {"rpm": 37, "tpm": 370, "month": 370}
     for s in [setup, *stores]:
         s.close()
 
@@ -236,3 +236,22 @@ def test_prices_come_from_the_catalog():
     assert cost(offline["multimodal-embedding-v1"], usage) == 0.0
     ow = load_catalog("open-weights").models
     assert ow["qwen3-vl-embedding"].price_image_per_mtok == 0.258
+
+
+def test_a_quota_set_mid_month_counts_the_whole_month(store: Store):
+    """Managed keys' monthly tokens are counted even without a quota, so one set later (or
+    raised from none) applies to everything used this month."""
+    key, _ = keys.create(store, "dave")
+
+    async def send(record: keys.KeyRecord, n: int) -> list:
+        ledger = Ledger(store, limits.LimitView())
+        ledger.start()
+        try:
+            return [await ledger.record(entry(i, record, tokens=10)) for i in range(n)]
+        finally:
+            await ledger.close()
+
+    assert asyncio.run(send(key, 3)) == [None] * 3  # 30 tokens, no limit
+    limited = keys.update_key(store, "dave", monthly_tokens=45)
+    results = asyncio.run(send(limited, 2))
+    assert results[0] is None and results[1].kind == "month"  # 40 fits in 45, 50 does not

@@ -43,7 +43,7 @@ class Entry:
     status: int
     code: str | None
     cost: float
-    limits: Limits | None = None  # charged when status is 200
+    limits: Limits | None = None  # a managed key's: charged when status is 200
 
     @property
     def tokens(self) -> int:

@@ -94,6 +94,12 @@ def limit_of(limits: Limits, kind: str) -> int | None:
     return {"rpm": limits.rpm, "tpm": limits.tpm, "month": limits.monthly_tokens}[kind]
 
 
+def tracked(limits: Limits, kind: str) -> bool:
+    """Counters kept for a managed key: the month's tokens always (so a quota set or raised
+    mid-month counts the whole month), the per-minute ones only while limited."""
+    return kind == "month" or limit_of(limits, kind) is not None
+
+
 def amount(kind: str, tokens: int) -> int:
     return 1 if kind == "rpm" else tokens
 
@@ -137,14 +143,15 @@ def charge(
     """Charge the answered, limited entries of one batch against the shared counters.
 
     Returns the refusals (entry index -> Refusal) and the counters' values after the batch.
-    Must run inside the batch's write transaction. ``ensured``: counter rows known to exist
+    Entries with a ``limits`` (managed keys) are charged. Must run inside the batch's write
+    transaction. ``ensured``: counter rows known to exist
     (a caller's cache; current windows are never deleted), so they need no insert.
     """
     wanted: set[tuple[int, str, int]] = set()
     for e in entries:
         if e.status == 200 and e.key_id is not None and e.limits is not None:
             for kind in KINDS:
-                if limit_of(e.limits, kind) is not None:
+                if tracked(e.limits, kind):
                     wanted.add((e.key_id, kind, period(kind, now)))
     if not wanted:
         return {}, {}
@@ -181,7 +188,7 @@ def charge(
             refusals[i] = refusal
             continue
         for kind in KINDS:
-            if limit_of(e.limits, kind) is not None:
+            if tracked(e.limits, kind):
                 used[(e.key_id, kind, period(kind, now))] += amount(kind, tokens)
     changed = [
         {"k_key": k, "k_kind": kind, "k_period": p, "v_used": v}

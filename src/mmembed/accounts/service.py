@@ -223,6 +223,7 @@ class Accounts:
 
     # -- limits and the ledger --------------------------------------------------------------
     def precheck(self, principal: Principal) -> limits.Refusal | None:
+        """A refusal when the key is known to be out of budget, without touching the database."""
         if principal.key_id is None or not principal.limits.any:
             return None
         return self.view.refusal(principal.key_id, principal.name, principal.limits, time.time())

@@ -161,7 +161,7 @@ class Meter:
             status=status,
             code=code,
             cost=self.accounts.price(self.model, self.usage) if status == 200 else 0.0,
-            limits=p.limits if p and p.limits.any else None,
+            limits=p.limits if p and p.key_id is not None else None,  # managed keys
         )
         try:
             refusal = await self.accounts.record(entry)
