@@ -372,6 +372,66 @@ PATHS: dict[str, Any] = {
     },
 }
 
+# Admin routes (api/admin.py), for admin keys only.
+_KEY_BODY = _obj(
+    {
+        "name": _STR,
+        "models": {"type": "array", "items": _STR},
+        "rpm": {"type": ["integer", "null"]},
+        "tpm": {"type": ["integer", "null"]},
+        "monthly_tokens": {"type": ["integer", "null"]},
+    },
+    ("name",),
+)
+_ANY = {"description": "JSON", "content": {"application/json": {"schema": {"type": "object"}}}}
+_ADMIN = {"tags": ["Admin"], "security": _SECURE}
+_NAME = [{"name": "name", "in": "path", "required": True, "schema": _STR}]
+ADMIN_PATHS: dict[str, Any] = {
+    "/admin/keys": {
+        "get": {
+            **_ADMIN,
+            "summary": "List managed API keys (never their secrets)",
+            "operationId": "listKeys",
+            "responses": {"200": _ANY, **_errors("Error", 401, 403, 503)},
+        },
+        "post": {
+            **_ADMIN,
+            "summary": "Create a managed API key; the answer holds its secret, shown once",
+            "operationId": "createKey",
+            "requestBody": {"content": {"application/json": {"schema": _KEY_BODY}}},
+            "responses": {"201": _ANY, "200": _ANY, **_errors("Error", 400, 401, 403, 503)},
+        },
+    },
+    "/admin/keys/{name}": {
+        "patch": {
+            **_ADMIN,
+            "summary": "Change a key's models or limits (null removes a limit)",
+            "operationId": "updateKey",
+            "parameters": _NAME,
+            "requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {"200": _ANY, **_errors("Error", 400, 401, 403, 404, 503)},
+        },
+        "delete": {
+            **_ADMIN,
+            "summary": "Revoke a key (every server refuses it within 1 s)",
+            "operationId": "revokeKey",
+            "parameters": _NAME,
+            "responses": {"200": _ANY, **_errors("Error", 401, 403, 404, 503)},
+        },
+    },
+    "/admin/usage": {
+        "get": {
+            **_ADMIN,
+            "summary": "Usage report: requests, tokens by kind, cost per key, model or day",
+            "operationId": "usage",
+            "parameters": [
+                {"name": n, "in": "query", "schema": _STR} for n in ("key", "since", "until", "by")
+            ],
+            "responses": {"200": _ANY, **_errors("Error", 400, 401, 403, 503)},
+        }
+    },
+}
+
 
 @cache
 def document() -> dict[str, Any]:
@@ -383,7 +443,7 @@ def document() -> dict[str, Any]:
             "description": "Multimodal embeddings speaking the DashScope multimodal-embedding "
             "API, with OpenAI-compatible embeddings routes.",
         },
-        "paths": PATHS,
+        "paths": PATHS | ADMIN_PATHS,
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
