@@ -152,6 +152,9 @@ class Engine:
             for inp, hit in zip(media.inputs, media.hits, strict=True)
         ]
         usage = self._usage(spec, sum(tokens), stats)
+        window = getattr(backend, "text_window", 0)  # a backend that cuts long texts says where
+        if window and (cut := sum(n > window for n in tokens)):
+            usage["truncated_texts"] = cut
         text_tokens = {item.index: n for (item, _), n in zip(texts, tokens, strict=True)}
         native = await self._embed_cached(loaded, spec, req.items, media, stats, text_tokens)
         vectors = await _maybe_in_thread(
