@@ -303,3 +303,27 @@ def test_pull_prints_the_size_then_downloads_the_pinned_commit(monkeypatch):
     assert kwargs["revision"] == hub.sha  # every file from the commit the size was read at
     assert "model.safetensors" in kwargs["allow_patterns"]
     assert "open_clip_pytorch_model.bin" not in kwargs["allow_patterns"]
+
+
+def test_catalog_checks_long_text_and_revision():
+    from mmembed.models.catalog import parse_catalog
+
+    def catalog(**options):
+        return parse_catalog(
+            {
+                "backends": {"b": {"family": "dual", "weights": "x/y", **options}},
+                "models": {"m": {"backend": "b", "dimensions": [8]}},
+            }
+        )
+
+    assert catalog(long_text="truncate", revision="abc123").backends["b"].options == {
+        "weights": "x/y",
+        "long_text": "truncate",
+        "revision": "abc123",
+    }
+    with pytest.raises(ValueError, match="long_text must be one of"):
+        catalog(long_text="summarise")
+    with pytest.raises(ValueError, match="revision must be a string"):
+        catalog(revision=123)
+    for name in ("open-weights", "offline"):
+        load_catalog(name)  # the packaged profiles pass

@@ -81,6 +81,7 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
         body = dict(body)
         if "family" not in body:
             raise ValueError(f"{source}: backends.{name} has no 'family'")
+        _check_common_options(f"{source}: backends.{name}", body)
         backends[name] = BackendSpec(name=name, family=body.pop("family"), options=body)
 
     known = {f.name for f in fields(ModelSpec)} - {"name"}
@@ -104,3 +105,15 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
     if not models:
         raise ValueError(f"{source}: the catalog serves no models")
     return Catalog(backends=backends, models=models, source=source)
+
+
+# Options several families share, checked when the catalog loads rather than at model load.
+_CHOICES = {"long_text": ("truncate", "chunks")}
+
+
+def _check_common_options(where: str, body: dict[str, Any]) -> None:
+    for key, allowed in _CHOICES.items():
+        if key in body and body[key] not in allowed:
+            raise ValueError(f"{where}: {key} must be one of {list(allowed)}, not {body[key]!r}")
+    if "revision" in body and not isinstance(body["revision"], str):
+        raise ValueError(f"{where}: revision must be a string (a commit, tag or branch)")
