@@ -32,7 +32,7 @@ def served(request, tmp_path_factory):
     build = {"clip": build_clip, "siglip": build_siglip}[kind]
     folder = build(tmp_path_factory.mktemp(kind))
     catalog = {
-        "backends": {"tower": {"family": "dual", "weights": str(folder)}},
+        "backends": {"tower": {"family": "dual", "weights": str(folder), "long_text": "truncate"}},
         "models": {
             "plus": {"backend": "tower", "dimensions": [NATIVE[kind], 16], "multi_images": 8},
             "wide": {"backend": "tower", "dimensions": [1152]},
@@ -169,3 +169,27 @@ def test_siglip_without_an_eos_token_is_refused(tmp_path):
         assert "\n" not in status
     finally:
         close_engine(engine)
+
+
+def test_long_texts_in_chunks_or_cut_and_reported(served):
+    """``long_text = "chunks"``: a text over the model's length is the normalised mean of its
+    windows' reference vectors; ``truncate`` (the fixture's setting): its beginning, and the
+    engine reports the cut in usage."""
+    from mmembed.models.registry import create_backend
+
+    folder, engine = served
+    ref = Reference(folder)
+    text = " ".join(["a red car on the beach with a small dog"] * 30)  # ~300 tokens
+    body = ref.tokenizer(text.lower(), add_special_tokens=False)["input_ids"]
+    n = 63 if ref.siglip else 75  # SigLIP: + EOS = 64; CLIP: + BOS + EOS = 77
+    windows = [ref.tokenizer.decode(body[i : i + n]) for i in range(0, len(body), n)]
+    expected = ref.texts(windows).mean(axis=0)
+    chunked = create_backend("dual", {"weights": str(folder)})  # chunks: the default
+    chunked.load()
+    assert chunked.text_window == 0
+    assert cosines(chunked.embed_texts([text], None)[0], expected) >= 0.9999
+
+    cut = embed(engine, "plus", [{"text": text}, {"text": "a red car"}])
+    assert cosines(native(engine, cut.vectors)[0], ref.texts([text])[0]) >= 0.9999
+    assert cut.usage["truncated_texts"] == 1
+    assert "truncated_texts" not in embed(engine, "plus", [{"text": "a red car"}]).usage

@@ -198,3 +198,132 @@ def test_a_folder_without_the_bert_pooler_still_loads(tmp_path):
     backend = create_backend("sentence", {"weights": str(folder), "runtime": "torch"})
     backend.load()
     assert backend.embed_texts(["hello world"]).shape == (1, 32)
+
+
+# -- mmembed pull: which files, which revision, how big (the hub mocked at its client) --------
+CLIP_H14_FILES = {  # the layout of laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+    ".gitattributes": 1_500,
+    "README.md": 12_000,
+    "config.json": 4_500,
+    "merges.txt": 524_000,
+    "model.safetensors": 3_944_000_000,
+    "open_clip_model.safetensors": 3_944_000_000,
+    "open_clip_pytorch_model.bin": 3_944_000_000,
+    "preprocessor_config.json": 300,
+    "pytorch_model.bin": 3_944_000_000,
+    "special_tokens_map.json": 400,
+    "tokenizer.json": 2_200_000,
+    "tokenizer_config.json": 900,
+    "vocab.json": 862_000,
+}
+QWEN_FILES = {  # sharded safetensors, a chat template, scripts and pictures
+    "config.json": 3_000,
+    "chat_template.json": 5_000,
+    "generation_config.json": 200,
+    "merges.txt": 1_671_000,
+    "model-00001-of-00002.safetensors": 3_900_000_000,
+    "model-00002-of-00002.safetensors": 360_000_000,
+    "model.safetensors.index.json": 60_000,
+    "preprocessor_config.json": 800,
+    "video_preprocessor_config.json": 900,
+    "tokenizer.json": 11_400_000,
+    "tokenizer_config.json": 5_000,
+    "vocab.json": 2_776_000,
+    "scripts/qwen3_vl_embedding.py": 13_000,
+    "assets/overview.png": 900_000,
+}
+
+
+class FakeHub:
+    """``HfApi`` as far as ``plan_pull`` uses it: ``model_info`` with file sizes."""
+
+    def __init__(self, files: dict[str, int], sha: str = "0123456789abcdef" * 2 + "01234567"):
+        self.files, self.sha, self.calls = files, sha, []
+
+    def model_info(self, repo_id, *, revision=None, files_metadata=False):
+        from types import SimpleNamespace
+
+        from huggingface_hub.hf_api import RepoSibling
+
+        self.calls.append((repo_id, revision, files_metadata))
+        siblings = [RepoSibling(rfilename=n, size=s) for n, s in self.files.items()]
+        return SimpleNamespace(sha=self.sha, siblings=siblings)
+
+
+def test_pull_selects_only_what_the_backend_loads():
+    from mmembed.models.weights import plan_pull
+
+    hub = FakeHub(CLIP_H14_FILES)
+    plan = plan_pull("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "v1.0", api=hub)
+    assert hub.calls == [("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "v1.0", True)]
+    assert plan.files == [
+        "config.json",
+        "merges.txt",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]  # no open_clip_* copies, no .bin next to safetensors, no README
+    assert plan.total_bytes == sum(CLIP_H14_FILES[f] for f in plan.files)
+    assert plan.revision == hub.sha
+    assert "8 files, 3.7 GB to download (5 files not needed)" in plan.summary()
+
+    qwen = plan_pull("Qwen/Qwen3-VL-Embedding-2B", api=FakeHub(QWEN_FILES))
+    assert "model.safetensors.index.json" in qwen.files and "chat_template.json" in qwen.files
+    assert not any(f.startswith(("scripts/", "assets/")) for f in qwen.files)
+    bin_only = plan_pull("x/y", api=FakeHub({"config.json": 1, "pytorch_model.bin": 10}))
+    assert bin_only.files == ["config.json", "pytorch_model.bin"]
+    with pytest.raises(WeightsMissing, match="no safetensors"):
+        plan_pull("x/z", api=FakeHub({"config.json": 1, "flax_model.msgpack": 10}))
+
+
+def test_pull_prints_the_size_then_downloads_the_pinned_commit(monkeypatch):
+    from mmembed.models import weights
+
+    hub = FakeHub(CLIP_H14_FILES)
+    monkeypatch.setattr(
+        "huggingface_hub.HfApi.model_info", lambda self, *a, **kw: hub.model_info(*a, **kw)
+    )
+    calls = []
+
+    def fake_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return "/cache/snapshot"
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_download)
+    lines: list[str] = []
+    path = weights.pull("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", None, out=lines.append)
+    assert path == "/cache/snapshot"
+    assert lines[0].startswith("mmembed: laion/CLIP-ViT-H-14-laion2B-s32B-b79K @ 0123456789ab")
+    assert "3.7 GB to download" in lines[0] and f'revision = "{hub.sha}"' in lines[1]
+    ((repo, kwargs),) = calls
+    assert repo == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    assert kwargs["revision"] == hub.sha  # every file from the commit the size was read at
+    assert "model.safetensors" in kwargs["allow_patterns"]
+    assert "open_clip_pytorch_model.bin" not in kwargs["allow_patterns"]
+
+
+def test_catalog_checks_long_text_and_revision():
+    from mmembed.models.catalog import parse_catalog
+
+    def catalog(**options):
+        return parse_catalog(
+            {
+                "backends": {"b": {"family": "dual", "weights": "x/y", **options}},
+                "models": {"m": {"backend": "b", "dimensions": [8]}},
+            }
+        )
+
+    assert catalog(long_text="truncate", revision="abc123").backends["b"].options == {
+        "weights": "x/y",
+        "long_text": "truncate",
+        "revision": "abc123",
+    }
+    with pytest.raises(ValueError, match="long_text must be one of"):
+        catalog(long_text="summarise")
+    with pytest.raises(ValueError, match="revision must be a string"):
+        catalog(revision=123)
+    for name in ("open-weights", "offline"):
+        load_catalog(name)  # the packaged profiles pass

@@ -40,6 +40,7 @@ class BackendHost:
             "modalities": frozenset(b.modalities),
             "matryoshka": b.matryoshka,
             "image_size": b.image_size,
+            "text_window": getattr(b, "text_window", 0),
             "basis_samples": None if b.matryoshka else b.basis_samples(),
         }
 
@@ -76,6 +77,7 @@ class ContainedBackend:
         self.modalities: frozenset[str] = frozenset()
         self.matryoshka = False
         self.image_size: int | None = None
+        self.text_window = 0
 
     def load(self) -> None:
         info = self.worker.start()
@@ -83,6 +85,7 @@ class ContainedBackend:
         self.modalities = info["modalities"]
         self.matryoshka = info["matryoshka"]
         self.image_size = info["image_size"]
+        self.text_window = info["text_window"]  # tokens past which the backend cuts a text
 
     def basis_samples(self) -> np.ndarray | None:
         return self.worker.info.get("basis_samples")

@@ -206,6 +206,10 @@ class Engine:
             )
 
             usage = self._usage(spec, sum(r.tokens for r in records), [r.stats for r in records])
+            window = getattr(backend, "text_window", 0)  # a backend that cuts long texts says so
+            texts = [r for r in records if r.item.text is not None]
+            if window and (cut := sum(r.tokens > window for r in texts)):
+                usage["truncated_texts"] = cut
             native = await self._embed_cached(loaded, spec, records, req.owner)
             vectors = await _maybe_in_thread(
                 native.shape[0] * max(dimension, native.shape[1]) > 100_000,

@@ -102,6 +102,7 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
             raise ValueError(f"{source}: backends.{name} has no 'family'")
         family = body.pop("family")
         try:
+            _check_common_options(body)
             check_options(family, body)  # typed per-family options: a typo is an error
         except ValueError as exc:
             raise ValueError(f"{source}: backends.{name}: {exc}") from None
@@ -133,3 +134,15 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
     if clash:
         raise ValueError(f"{source}: aliases {clash} are also model names")
     return Catalog(backends=backends, models=models, source=source, aliases=aliases)
+
+
+# Options several families share, checked when the catalog loads rather than at model load.
+_CHOICES = {"long_text": ("truncate", "chunks")}
+
+
+def _check_common_options(body: dict[str, Any]) -> None:
+    for key, allowed in _CHOICES.items():
+        if key in body and body[key] not in allowed:
+            raise ValueError(f"{key} must be one of {list(allowed)}, not {body[key]!r}")
+    if "revision" in body and not isinstance(body["revision"], str):
+        raise ValueError("revision must be a string (a commit, tag or branch)")

@@ -17,7 +17,11 @@ image embeddings (``basis.py``).
 Options: ``weights``, ``device``, ``dtype`` (see ``torchutil``), ``text_padding`` (CLIP only:
 ``auto``/``longest`` or ``max_length``), ``text_max_length`` (0: the model's positions; SigLIP
 accepts only its own 64), ``lowercase`` (``auto``: on for SigLIP, trained on lower-cased text),
-``batch_size``, ``basis_images`` (synthetic pictures in the basis samples), ``threads``.
+``batch_size``, ``basis_images`` (synthetic pictures in the basis samples), ``threads``,
+``long_text``: what a text longer than the model's length (SigLIP 64, CLIP 77 tokens, far below
+the API names' 512 / 1,024) becomes: ``chunks`` (default: consecutive windows of its tokens,
+embedded and averaged, so the whole text counts) or ``truncate`` (its beginning only; the engine
+then reports cut texts in ``usage.truncated_texts``).
 """
 
 from __future__ import annotations
@@ -51,9 +55,13 @@ class DualBackend(PooledBackend):
         threads: int = 0,
         cache_dir: str = "",
         revision: str | None = None,
+        long_text: str = "chunks",
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        if long_text not in {"truncate", "chunks"}:
+            raise ValueError(f"long_text must be truncate or chunks, not {long_text!r}")
+        self.long_text = long_text
         if text_padding not in {"auto", "max_length", "longest"}:
             raise ValueError(f"unknown text_padding {text_padding!r}")
         self.weights, self.revision = weights, revision
@@ -117,31 +125,66 @@ class DualBackend(PooledBackend):
     def _text(self, text: str) -> str:
         return text.lower() if self.lowercase else text
 
+    @property
+    def text_window(self) -> int:
+        """Tokens (as ``count_tokens`` counts them) past which a text is cut; 0 when long texts
+        are embedded in chunks, so nothing is cut. The engine reports cut texts in usage."""
+        return 0 if self.long_text == "chunks" else self.text_max_length
+
+    def _siglip_row(self, body: list[int]) -> list[int]:
+        """No BOS, the tokens, a sticky EOS, right padding with the pad id to the length."""
+        ids = [*body[: self.text_max_length - 1], self.tokenizer.eos_token_id]
+        return ids + [self.tokenizer.pad_token_id] * (self.text_max_length - len(ids))
+
     def siglip_ids(self, texts: list[str]) -> list[list[int]]:
-        """Token ids as SigLIP was trained on them: no BOS, at most ``length - 1`` tokens, a
-        sticky EOS, right padding with the pad id to exactly ``length``."""
-        length = self.text_max_length
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        """Token ids as SigLIP was trained on them, one row per text (cut to the length)."""
         tokens = self.tokenizer([self._text(t) for t in texts], add_special_tokens=False)
-        rows = []
-        for ids in tokens["input_ids"]:
-            ids = [*ids[: length - 1], eos]
-            rows.append(ids + [pad] * (length - len(ids)))
-        return rows
+        return [self._siglip_row(ids) for ids in tokens["input_ids"]]
+
+    def _pieces(self, text: str) -> list[Any]:
+        """What goes through the text tower for one text: SigLIP id rows or CLIP strings; more
+        than one when ``long_text = "chunks"`` and the text is longer than the model's length
+        (consecutive windows of its tokens, each with the model's special tokens)."""
+        if self.siglip:
+            body = self.tokenizer(self._text(text), add_special_tokens=False)["input_ids"]
+            n = self.text_max_length - 1
+            if self.long_text == "chunks" and len(body) > n:
+                return [self._siglip_row(body[i : i + n]) for i in range(0, len(body), n)]
+            return [self._siglip_row(body)]
+        if self.long_text == "chunks":
+            body = self.tokenizer(self._text(text), add_special_tokens=False)["input_ids"]
+            n = self.text_max_length - 2  # BOS and EOS
+            if len(body) > n:
+                return [self.tokenizer.decode(body[i : i + n]) for i in range(0, len(body), n)]
+        return [self._text(text)]
 
     def embed_texts(self, texts: list[str], instruct: str | None) -> np.ndarray:
-        # CLIP and SigLIP are not instruction-tuned: ``instruct`` is not used.
+        # CLIP and SigLIP are not instruction-tuned: ``instruct`` is not used. A text in chunks
+        # is the normalised mean of its chunks' vectors.
+        owners, pieces = [], []
+        for i, text in enumerate(texts):
+            parts = self._pieces(text)
+            owners += [i] * len(parts)
+            pieces += parts
+        vecs = self._encode_pieces(pieces)
+        if len(pieces) == len(texts):
+            return vecs
+        out = np.zeros((len(texts), vecs.shape[1]), np.float32)
+        np.add.at(out, owners, vecs)
+        return l2_normalize(out)
+
+    def _encode_pieces(self, pieces: list[Any]) -> np.ndarray:
         torch = self._torch
         chunks = []
         with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                batch = texts[start : start + self.batch_size]
+            for start in range(0, len(pieces), self.batch_size):
+                batch = pieces[start : start + self.batch_size]
                 if self.siglip:  # input ids only: the checkpoints were trained without a mask
-                    ids = torch.tensor(self.siglip_ids(batch), device=self.device)
+                    ids = torch.tensor(batch, device=self.device)
                     out = self.model.get_text_features(input_ids=ids)
                 else:
                     enc = self.tokenizer(
-                        [self._text(t) for t in batch],
+                        batch,
                         padding="max_length" if self.text_padding == "max_length" else True,
                         truncation=True,
                         max_length=self.text_max_length,
@@ -176,6 +219,7 @@ class DualBackend(PooledBackend):
             self.text_padding,
             str(self.text_max_length),
             str(self.lowercase),
+            self.long_text,
             str(self.dtype),
             str(len(images)),
             *captions,

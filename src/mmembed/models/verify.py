@@ -315,7 +315,12 @@ def run(catalog: Any, name: str, settings: Any, out: Callable[[str], None] = pri
         )
     if spec is None:
         spec = next((m for m in catalog.models.values() if m.backend == backend_name), None)
-    backend = create_backend(entry.family, {"cache_dir": settings.cache_path, **entry.options})
+    options = {"cache_dir": settings.cache_path, **entry.options}
+    if entry.family == "dual":
+        # The references cut long texts; chunks (mmembed's own extension) embed each window by
+        # the same recipe, so the recipe is checked on the cut text.
+        options["long_text"] = "truncate"
+    backend = create_backend(entry.family, options)
     backend.load()
     half = "16" in str(getattr(backend, "dtype", ""))
     threshold = HALF_THRESHOLD if half else THRESHOLD

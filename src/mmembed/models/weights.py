@@ -9,8 +9,10 @@ the standard Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), where other to
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 class WeightsMissing(RuntimeError):
@@ -73,11 +75,87 @@ def resolve_weights(weights: str, revision: str | None = None) -> str:
         ) from None
 
 
-def pull(weights: str, revision: str | None = None) -> str:
-    """Download ``weights`` (a hub id) into the local cache, with huggingface_hub's progress
-    bars; a local folder or a pip package is only checked. Returns the local folder."""
+# What the backends load from a hub repository: configs (model, tokenizer, processor,
+# sentence-transformers modules, chat template), tokenizer vocabularies, and the weights as
+# safetensors. Checkpoints in other formats, other frameworks' weights and open_clip's copies are
+# never read, so never downloaded; PyTorch .bin weights only when a repo has no safetensors.
+CONFIG_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
+WEIGHT_PATTERNS = ("*.safetensors",)
+FALLBACK_WEIGHT_PATTERNS = ("*.bin",)
+NEVER = ("open_clip_*", "*/open_clip_*", "*.onnx", "*.gguf", "*.msgpack", "*.h5", "*.ckpt")
+
+
+@dataclass
+class PullPlan:
+    """The files ``mmembed pull`` downloads from a repository at a resolved revision."""
+
+    repo: str
+    revision: str  # the commit the files come from
+    files: list[str]
+    total_bytes: int
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.repo} @ {self.revision[:12]}: {len(self.files)} files, "
+            f"{_size(self.total_bytes)} to download ({len(self.skipped)} files not needed)"
+        )
+
+
+def select_files(names: list[str]) -> list[str]:
+    """The files of a repository that a backend loads (see ``CONFIG_PATTERNS`` and friends)."""
+
+    def matches(name: str, patterns: tuple[str, ...]) -> bool:
+        return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+    names = [n for n in names if not matches(n, NEVER)]
+    weights = [n for n in names if matches(n, WEIGHT_PATTERNS)]
+    if not weights:
+        weights = [n for n in names if matches(n, FALLBACK_WEIGHT_PATTERNS)]
+    configs = [n for n in names if matches(n, CONFIG_PATTERNS)]
+    if weights and not any(matches(w, FALLBACK_WEIGHT_PATTERNS) for w in weights):
+        configs = [c for c in configs if not c.endswith(".bin.index.json")]
+    return sorted(set(configs) | set(weights))
+
+
+def plan_pull(weights: str, revision: str | None = None, api: object | None = None) -> PullPlan:
+    """Ask the hub which files ``weights`` has at ``revision`` (default: the main branch),
+    with their sizes, and choose the ones to download."""
+    from huggingface_hub import HfApi
+
+    info = (api or HfApi()).model_info(weights, revision=revision, files_metadata=True)
+    sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+    files = select_files(list(sizes))
+    if not any(f.endswith((".safetensors", ".bin")) for f in files):
+        raise WeightsMissing(f"{weights}: the repository has no safetensors or .bin weights")
+    return PullPlan(
+        repo=weights,
+        revision=str(info.sha or revision or "main"),
+        files=files,
+        total_bytes=sum(sizes[f] for f in files),
+        skipped=sorted(set(sizes) - set(files)),
+    )
+
+
+def pull(weights: str, revision: str | None = None, out: Callable[[str], None] = print) -> str:
+    """Download what a backend loads of ``weights`` (a hub id) into the local cache, after
+    printing the file count and size; a local folder or a pip package is only checked.
+    ``revision`` (a catalog entry's pin: a commit, tag or branch) is resolved to a commit
+    first, so every file comes from the same one. Returns the local folder."""
     if weights in PACKAGES or is_local_path(weights):
         return resolve_weights(weights)
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(weights, revision=revision)
+    plan = plan_pull(weights, revision)
+    out(f"mmembed: {plan.summary()}")
+    if revision is None:
+        out(f'mmembed: pin it with revision = "{plan.revision}" in the catalog entry')
+    return snapshot_download(weights, revision=plan.revision, allow_patterns=plan.files)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
