@@ -38,7 +38,13 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+# What ``setup_logging`` was last called with, so worker processes log the same way.
+current_setup: tuple[str, str] | None = None
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    global current_setup
+    current_setup = (level, fmt)
     handler = logging.StreamHandler()
     handler.addFilter(_RequestIdFilter())
     if fmt == "json":

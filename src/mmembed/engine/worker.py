@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing as mp
+import multiprocessing.util as mp_util
 import os
 import pickle
 import signal
@@ -28,7 +29,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from mmembed import logs
 from mmembed.errors import ApiError, ErrorCode
+from mmembed.logs import setup_logging
 
 log = logging.getLogger("mmembed.worker")
 
@@ -73,8 +76,12 @@ def _rebuild(err: tuple) -> Exception:
     return RuntimeError(f"{err[1]}: {err[2]}")
 
 
-def _child_main(conn: Any, factory: Callable[..., Any], args: tuple, lanes: dict) -> None:
+def _child_main(
+    conn: Any, factory: Callable[..., Any], args: tuple, lanes: dict, log_setup: tuple | None
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    if log_setup is not None:  # the server's level and format (e.g. "exporting ... to ONNX")
+        setup_logging(*log_setup)
     pools = {
         lane: ThreadPoolExecutor(
             n, thread_name_prefix=lane, initializer=_lower_priority if low else None
@@ -109,7 +116,11 @@ def _child_main(conn: Any, factory: Callable[..., Any], args: tuple, lanes: dict
             break
         cid, lane, method, call_args = msg
         pools[lane].submit(run, cid, method, call_args)
-    os._exit(0)  # do not wait for passes in flight: the parent is gone or closing us
+    # Unlink what libraries registered with multiprocessing (torch's semaphores), which the
+    # parent's resource tracker would otherwise report as leaked at shutdown; then leave at
+    # once, not waiting for passes in flight: the parent is gone or closing us.
+    mp_util._run_finalizers()
+    os._exit(0)
 
 
 # -- parent side -----------------------------------------------------------------------------------
@@ -156,7 +167,7 @@ class Worker:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_child_main,
-            args=(child_end, self._factory, self._args, self._lanes),
+            args=(child_end, self._factory, self._args, self._lanes, logs.current_setup),
             name=f"mmembed-{self.name}",
             daemon=True,
         )
