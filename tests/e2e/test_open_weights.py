@@ -149,4 +149,5 @@ def test_models_listing_names_the_families(server):
         "tongyi-embedding-vision-flash": "dual",
         "qwen3-vl-embedding": "qwen3vl",
         "multimodal-embedding-v1": "dual",
+        "qwen2.5-vl-embedding": "qwen3vl",
     }
