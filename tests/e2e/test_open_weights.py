@@ -138,7 +138,7 @@ def test_models_listing_names_the_families(server):
 
     catalog = Path(server.log).parent / "catalog.toml"
     done = subprocess.run(
-        [sys.executable, "-m", "mmembed.cli", "models", "--catalog", str(catalog)],
+        [sys.executable, "-m", "mmembed.cli", "models", "--json", "--catalog", str(catalog)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -149,4 +149,5 @@ def test_models_listing_names_the_families(server):
         "tongyi-embedding-vision-flash": "dual",
         "qwen3-vl-embedding": "qwen3vl",
         "multimodal-embedding-v1": "dual",
+        "qwen2.5-vl-embedding": "qwen3vl",
     }

@@ -47,3 +47,15 @@ def test_throttled_and_crashed_requests_are_counted_per_app():
     assert requests(b, "other", "none", "404") == 1  # unknown paths share one label
     assert requests(a, EMBED_PATH, "other", "500") == 0  # registries are not shared
     assert requests(b, EMBED_PATH, "other", "429") == 0
+
+
+def test_metrics_can_be_switched_off():
+    app = create_app(Settings(metrics=False), engine=BrokenEngine("bug"))  # type: ignore[arg-type]
+
+    async def go() -> int:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                return (await client.get("/metrics")).status_code
+
+    assert asyncio.run(go()) == 404

@@ -53,10 +53,11 @@ def error_response(error: ApiError) -> Response:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
+    extra = {"route": request.url.path, "status": exc.error.status}  # for --log-format json
     if exc.error.status >= 500:
-        log.error("%s: %s", exc.error.code, exc.message)
+        log.error("%s: %s", exc.error.code, exc.message, extra=extra)
     else:
-        log.info("rejected %s: %s", exc.error.code, exc.message)
+        log.info("rejected %s: %s", exc.error.code, exc.message, extra=extra)
     return error_response(exc)
 
 

@@ -179,7 +179,8 @@ class _EngineCollector:
         sizes = HistogramMetricFamily(
             "mmembed_batch_size", "Inputs per forward pass.", labels=["backend"]
         )
-        for name, by_size in engine.batch_sizes().items():
+        batch_sizes = getattr(engine, "batch_sizes", dict)  # (older engines lack it)
+        for name, by_size in batch_sizes().items():
             buckets, total = [], 0.0
             for bound in (*BATCH_BUCKETS, float("inf")):
                 count = sum(n for size, n in by_size.items() if size <= bound)
@@ -204,15 +205,16 @@ class _EngineCollector:
             "Media bytes loaded, by source (url, data, oss).",
             labels=["source"],
         )
+        counted = getattr(fetcher, "bytes_loaded", {})
         for source in ("url", "data", "oss"):
-            loaded.add_metric([source], fetcher.bytes_loaded.get(source, 0))
+            loaded.add_metric([source], counted.get(source, 0))
         yield loaded
         failures = CounterMetricFamily(
             "mmembed_media_fetch_failures",
             "Media loads that failed, by reason (the error code).",
             labels=["reason"],
         )
-        for reason, n in sorted(fetcher.failures.items()):
+        for reason, n in sorted(getattr(fetcher, "failures", {}).items()):
             failures.add_metric([reason], n)
         yield failures
 

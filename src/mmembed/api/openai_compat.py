@@ -172,10 +172,11 @@ async def embeddings(request: Request) -> Response:
     try:
         return await _embeddings(request)
     except ApiError as exc:
+        extra = {"route": request.url.path, "status": exc.error.status}
         if exc.error.status >= 500:
-            log.error("%s: %s", exc.error.code, exc.message)
+            log.error("%s: %s", exc.error.code, exc.message, extra=extra)
         else:
-            log.info("rejected %s: %s", exc.error.code, exc.message)
+            log.info("rejected %s: %s", exc.error.code, exc.message, extra=extra)
         return render_openai_error(exc)
     except Exception:  # a fault of ours: logged with its traceback, answered in OpenAI's shape
         log.exception("unhandled error")
