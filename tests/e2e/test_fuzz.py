@@ -8,9 +8,8 @@ Mostly cheap-to-reject requests, with some short valid texts and tiny images, so
 a few minutes on two cores. The seed is fixed so CI runs the same requests every time (change
 it, or set MMEMBED_FUZZ_SEED, to explore further).
 
-Texts leave out characters that Unicode normalisation expands to more than two (U+FDFA and
-friends): the e5 tokenizer's overrun on them is a separate fix (the model worker's), and this
-run is about the HTTP edge.
+Texts include characters that Unicode normalisation expands many times (U+FDFA), which once
+overran the e5 tokenizer's buffer and aborted the process.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import base64
 import json
 import os
 import time
-import unicodedata
 from collections import Counter
 
 import httpx
@@ -48,14 +46,10 @@ def dumps(value: object) -> bytes:
     return json.dumps(value).encode()
 
 
-def _tame(c: str) -> bool:
-    return len(unicodedata.normalize("NFKC", c)) <= 2
-
-
 # -- leaves --------------------------------------------------------------------------------------
-odd_text = st.text(
-    alphabet=st.characters(codec="utf-8").filter(_tame), max_size=40
-) | st.sampled_from(["", " ", "\x00", "\u202e", "e\u0301", "😀" * 5, "一只猫", "\ufeff", "a\r\nb"])
+odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ["", " ", "\x00", "\u202e", "e\u0301", "😀" * 5, "一只猫", "\ufeff", "a\r\nb", "\ufdfa" * 30]
+)
 short_text = st.sampled_from(["a cat", "一只狗", "red car", "the harbour at night", "x"])
 big_number = st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False)
 json_scalar = st.none() | st.booleans() | big_number | odd_text
