@@ -101,8 +101,11 @@ def start_ray(address: str, num_cpus: int | None = None) -> Any:
         return ray
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address == "local":
-        # Every connection on loopback: without the pin Ray advertises the node's address.
+        # address="local": always a new cluster, never one that happens to run on this machine
+        # (RAY_ADDRESS, or the last one started here). Every connection on loopback: without
+        # the pin Ray advertises the node's address.
         ray.init(
+            address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
             _node_ip_address="127.0.0.1",
             **quiet,
