@@ -13,8 +13,8 @@
 - Actors ask for a fraction of a CPU: when actors hold every CPU, Ray Data's other tasks
   (repartition) cannot be scheduled and a small cluster deadlocks. Their model threads are set
   from the CPUs the cluster has per actor (Ray would pin OpenMP to one thread otherwise).
-- A small input would be one block, that is one actor at work: it is split into blocks of
-  about one batch each.
+- A small input would be one block, that is one actor at work: the driver splits it into
+  blocks of about one batch each (not ``repartition``, whose tasks need a whole free CPU).
 
 ``local`` starts a single-node cluster for this job, pinned to 127.0.0.1 and without the
 dashboard; any other value is passed to ``ray.init(address=...)``.
@@ -145,7 +145,10 @@ def run_ray(
         ctx.enable_progress_bars = False  # ours counts rows as they land in part files
         ctx.preserve_order = False
         blocks = max(actors * 2, math.ceil(len(todo) / batch_size))
-        ds = ray.data.from_arrow(table).repartition(blocks)
+        # Split here rather than with .repartition(): that is an all-to-all stage whose tasks
+        # want a whole CPU, which a cluster whose nodes are half-taken by actors never has.
+        step = math.ceil(len(todo) / blocks)
+        ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(todo), step)])
         ds = ds.map_batches(
             EmbedActor,
             fn_constructor_args=(settings, cfg.model, cfg.dimension),
