@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 from mmembed.api.schemas import request_from_data
 from mmembed.config import Settings
+from mmembed.engine import limits
 from mmembed.engine.engine import Engine
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.media.fetch import Fetcher
 from mmembed.models.catalog import Catalog, load_catalog
 from mmembed.types import EmbedResult
@@ -173,19 +174,10 @@ class Embedder:
 def resolve_dimension(catalog: Catalog, model: str, dimension: int | None) -> int:
     """The vector length of ``model`` at ``dimension`` (None: its default), checked as the
     engine checks it, so a batch job refuses a bad ``--dimension`` before loading anything."""
-    spec = catalog.models.get(model)
+    spec = catalog.get(model)
     if spec is None:
         known = ", ".join(catalog.models)
-        raise ApiError(ErrorCode.INVALID_PARAMETER, f"Model not exist: {model!r} (known: {known}).")
-    if dimension is None:
-        return spec.default_dimension
-    if dimension not in spec.dimensions or (
-        not spec.dimension_param and dimension != spec.default_dimension
-    ):
-        allowed = ", ".join(map(str, spec.dimensions))
         raise ApiError(
-            ErrorCode.INVALID_PARAMETER,
-            f"parameters.dimension: {dimension} is not supported by {spec.name} "
-            f"(allowed: {allowed}).",
+            ErrorCode.INVALID_PARAMETER, f"Model not exist: {echo(model)} (known: {known})."
         )
-    return dimension
+    return limits.resolve_dimension(spec, dimension)
