@@ -29,13 +29,13 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-import numpy as np
 from loadgen import (
     EMBED_PATH,
     Result,
     StaticOrigin,
     client_session,
     closed_loop,
+    photos,
     post,
     rss_mb,
     sentences,
@@ -53,19 +53,6 @@ QWEN = "qwen3-vl-embedding"
 def tree_rss_mb(pid: int) -> float:
     """RSS of ``pid`` and all its descendants (its worker processes), in MiB."""
     return rss_mb(pid)[0]
-
-
-def jpegs(n: int) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:480, 0:640] / 640.0
-    out = []
-    for _ in range(n):
-        a, b, c = rng.uniform(0, 255, (3, 3))
-        arr = np.stack([a[i] * xx + b[i] * yy + c[i] for i in range(3)], axis=-1) % 256
-        buf = io.BytesIO()
-        Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def throughput(
@@ -203,7 +190,7 @@ def main() -> None:
 
     if not args.skip_throughput:
         texts = sentences(args.texts)
-        files = jpegs(args.images * args.rounds)
+        files = photos(args.images * args.rounds)
         origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(files)}, "image/jpeg")
         try:
             totals = throughput(

@@ -13,29 +13,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import time
 
-import numpy as np
-from loadgen import EMBED_PATH, StaticOrigin, closed_loop, sentences, start_mmembed, stop, table
-from PIL import Image
+from loadgen import (
+    EMBED_PATH,
+    StaticOrigin,
+    closed_loop,
+    photos,
+    sentences,
+    start_mmembed,
+    stop,
+    table,
+)
 
 MODEL = "tongyi-embedding-vision-flash"
-
-
-def photos(n: int) -> list[bytes]:
-    """Distinct 640x480 JPEGs (smooth colour fields, like photos, not noise)."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:480, 0:640] / 640.0
-    out = []
-    for _ in range(n):
-        a, b, c = rng.uniform(0, 255, (3, 3))
-        arr = np.stack([a[i] * xx + b[i] * yy + c[i] for i in range(3)], axis=-1) % 256
-        buf = io.BytesIO()
-        Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def in_process(texts: list[str], jpegs: list[bytes], batch: int) -> tuple[float, float]:

@@ -6,6 +6,7 @@ All traffic stays on 127.0.0.1. Load loops are bounded in count and time.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import httpx
 import numpy as np
+from PIL import Image
 
 EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
 
@@ -251,3 +253,17 @@ class StaticOrigin:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def photos(n: int) -> list[bytes]:
+    """Distinct 640x480 JPEGs (smooth colour fields, like photos, not noise)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640] / 640.0
+    out = []
+    for _ in range(n):
+        a, b, c = rng.uniform(0, 255, (3, 3))
+        arr = np.stack([a[i] * xx + b[i] * yy + c[i] for i in range(3)], axis=-1) % 256
+        buf = io.BytesIO()
+        Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
