@@ -74,6 +74,7 @@ CRASH_CATALOG = """
 family = "hash"
 dim = 32
 crash_on = "BOOM"
+crash_on_count = "BANG"
 
 [models."tongyi-embedding-vision-plus"]
 backend = "h"
@@ -110,6 +111,22 @@ def test_a_crashing_backend_costs_one_request(crashy):
     assert after.status_code == 200
     assert crashy.proc.poll() is None  # the server itself never went down
     assert "restarted" in crashy.logs()
+
+
+def test_a_crash_while_counting_tokens_costs_one_request(crashy):
+    # Concurrent requests' token counts share messages to the worker: one that crashes it
+    # must still cost only its own request.
+    good = [req(PLUS, [f"count {i}", "these"]) for i in range(8)]
+    bad = req(PLUS, ["fine", "this one goes BANG"])
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        futures = [pool.submit(crashy.post, body) for body in [*good[:4], bad, *good[4:]]]
+        answers = [f.result() for f in futures]
+    crashed = answers.pop(4)
+    assert [a.status_code for a in answers] == [200] * 8, [a.text[-300:] for a in answers]
+    body = crashed.json()
+    assert crashed.status_code == 500 and body["code"] == "InternalError.Algo", body
+    assert body["message"].startswith("input.contents[1]"), body
+    assert crashy.post(req(PLUS, ["the next request"])).status_code == 200
 
 
 SLOW_CATALOG = """

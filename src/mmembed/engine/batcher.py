@@ -22,8 +22,9 @@ clients sending one text each cost a few forward passes rather than 32.
   or ``EXPRESS_MIN_IMAGES`` images or more), passes of short texts go that way beside it, so a
   one-text request does not wait behind a 32,000-token text or a pass of 32 images.
 - **Crash isolation**: when the model process dies during a pass (``WorkerCrashed``), each input
-  of that pass is run again alone; the one that crashes alone fails its request with
-  ``InternalError.Algo`` naming the item, and every other request is answered.
+  of that pass is run again alone, one at a time (the backend's token-count reruns wait their
+  turn too); the one that crashes alone fails its request with ``InternalError.Algo`` naming
+  the item, and every other request is answered.
 """
 
 from __future__ import annotations
@@ -110,8 +111,12 @@ class Batcher:
         max_images: int = 0,
         abort: Callable[[], None] | None = None,
         express: Callable[[list[EmbedInput]], np.ndarray] | None = None,
+        isolation: asyncio.Lock | None = None,
     ) -> None:
         self._run = run
+        # Held while an input is rerun alone after a crash; the backend holds it too for its
+        # own reruns (token counts), so that a crash during a rerun is the rerun's doing.
+        self._isolation = isolation or asyncio.Lock()
         self._abort = abort
         self._express = express
         self._express_pool = (
@@ -280,12 +285,10 @@ class Batcher:
         except WorkerCrashed:
             if all(p.future.done() for p, _, _ in batch):
                 return  # aborted on purpose, or nobody is waiting: nothing to retry
+            # Maybe over another call (a token count): blame only a crash of an input alone.
             self.stats.crashes += 1
-            if len(inputs) == 1:
-                self._fail_crashed(batch[0][0], batch[0][1])
-            else:
-                log.warning("the model crashed on a pass of %d inputs; rerunning each", len(inputs))
-                self._isolated.extend((p, i) for p, a, b in batch for i in range(a, b))
+            log.warning("the model crashed on a pass of %d inputs; rerunning each", len(inputs))
+            self._isolated.extend((p, i) for p, a, b in batch for i in range(a, b))
             return
         except Exception as exc:  # a failure of this batch fails its requests only
             log.exception("forward pass failed for %d inputs", len(inputs))
@@ -311,7 +314,8 @@ class Batcher:
         if pending.future.done():
             return
         try:
-            vectors = await self._forward([pending.inputs[i]])
+            async with self._isolation:
+                vectors = await self._forward([pending.inputs[i]])
         except WorkerCrashed:
             self.stats.crashes += 1
             self._fail_crashed(pending, i)

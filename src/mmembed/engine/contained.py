@@ -22,6 +22,7 @@ from mmembed.models.registry import backend_class
 
 FORWARD, EXPRESS, AUX, AUX_LONG, DECODE = "forward", "express", "aux", "aux-long", "decode"
 SHORT_COUNT_CHARS = 8192  # token counts of texts up to this size never queue behind long ones
+GROUP_COUNT_CHARS = 65536  # short counts of concurrent requests share one message up to this
 
 
 class BackendHost:
@@ -78,6 +79,12 @@ class ContainedBackend:
         self.matryoshka = False
         self.image_size: int | None = None
         self.text_window = 0
+        # Short token counts waiting for the group in flight (see ``_count``).
+        self._waiting: list[tuple[list[str], asyncio.Future[list[int]]]] = []
+        self._grouping: asyncio.Task | None = None
+        # Held while something is rerun alone after a crash (counts here, inputs in the
+        # batcher): a crash meanwhile is that rerun's doing, not a coincidence.
+        self.isolation = asyncio.Lock()
 
     def load(self) -> None:
         info = self.worker.start()
@@ -94,12 +101,9 @@ class ContainedBackend:
         return self.worker.call(AUX, "count_tokens", [text])[0]
 
     async def count_tokens_many(self, texts: list[str], where: list[str]) -> list[int]:
-        """Token counts from the worker. If it dies meanwhile (maybe over another request),
-        count again; if it dies again, count each text alone to name the one at fault."""
-        try:
-            return await self._count(texts)
-        except WorkerCrashed:
-            pass
+        """Token counts from the worker. If it dies while counting them (maybe over another
+        request's texts), they are counted again alone; if it dies again, each text is
+        counted alone to name the one at fault."""
         try:
             return await self._count(texts)
         except WorkerCrashed:
@@ -108,14 +112,62 @@ class ContainedBackend:
         counts = []
         for text, at in zip(texts, where, strict=True):
             try:
-                counts += await self._count([text])
+                counts += await self._count_alone([text])
             except WorkerCrashed:
                 raise crashed_on(at) from None
         return counts
 
     async def _count(self, texts: list[str]) -> list[int]:
-        try:
+        """Short texts wait for the group in flight and then go with those of other requests
+        in one message, so concurrent requests cost one round trip to the worker, not one
+        each; long ones go alone on their own lane."""
+        size = sum(map(len, texts))
+        if size > SHORT_COUNT_CHARS:
+            try:
+                return await self._submit_count(AUX_LONG, texts)
+            except WorkerCrashed:
+                return await self._count_alone(texts)
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((texts, future))
+        if self._grouping is None or self._grouping.done():
+            self._grouping = asyncio.ensure_future(self._count_groups())
+        return await future
+
+    async def _count_groups(self) -> None:
+        """Send the waiting counts in groups of up to ``GROUP_COUNT_CHARS``, one at a time.
+        If a group crashes the worker, each of its requests is counted again alone."""
+        while self._waiting:
+            group, size = [], 0
+            while self._waiting and size <= GROUP_COUNT_CHARS:
+                texts, future = self._waiting.pop(0)
+                group.append((texts, future))
+                size += sum(map(len, texts))
+            try:
+                counts = await self._submit_count(AUX, [t for ts, _ in group for t in ts])
+            except WorkerCrashed:
+                for texts, future in group:
+                    _settle(future, asyncio.ensure_future(self._count_alone(texts)))
+                continue
+            except Exception as exc:  # (the worker is down: every request sees it)
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            at = 0
+            for texts, future in group:
+                if not future.done():  # (its request may be gone)
+                    future.set_result(counts[at : at + len(texts)])
+                at += len(texts)
+
+    async def _count_alone(self, texts: list[str]) -> list[int]:
+        """Count after a crash: one such count at a time, so that if the worker dies again,
+        these texts are the cause."""
+        async with self.isolation:
             lane = AUX if sum(map(len, texts)) <= SHORT_COUNT_CHARS else AUX_LONG
+            return await self._submit_count(lane, texts)
+
+    async def _submit_count(self, lane: str, texts: list[str]) -> list[int]:
+        try:
             return await asyncio.wrap_future(self.worker.submit(lane, "count_tokens", texts))
         except WorkerUnavailable as exc:
             raise unavailable(exc) from None
@@ -141,6 +193,20 @@ class ContainedBackend:
 
     def close(self) -> None:
         self.worker.close()
+
+
+def _settle(future: asyncio.Future, task: asyncio.Future) -> None:
+    """Pass ``task``'s outcome on to ``future`` (unless that was given up meanwhile)."""
+
+    def done(t: asyncio.Future) -> None:
+        if future.done():
+            return
+        if t.exception() is not None:
+            future.set_exception(t.exception())  # type: ignore[arg-type]
+        else:
+            future.set_result(t.result())
+
+    task.add_done_callback(done)
 
 
 def crashed_on(where: str) -> ApiError:

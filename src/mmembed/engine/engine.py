@@ -115,6 +115,7 @@ class Engine:
                     max_queue=self.settings.queue_max_items,
                     abort=getattr(backend, "abort", None),
                     express=getattr(backend, "embed_express", None),
+                    isolation=getattr(backend, "isolation", None),
                 )
                 admission = Admission(self.settings.admit_max_units)
                 self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)

@@ -28,6 +28,7 @@ class HashBackend(PooledBackend):
         dim: int = 64,
         image_size: int = 32,
         crash_on: str = "",
+        crash_on_count: str = "",
         delay_s: float = 0.0,
         **options: Any,
     ) -> None:
@@ -37,6 +38,7 @@ class HashBackend(PooledBackend):
         # For containment tests: a text containing this string aborts the process, as a native
         # library overrunning its heap would.
         self.crash_on = crash_on
+        self.crash_on_count = crash_on_count  # the same, when counting its tokens
         self.delay_s = delay_s  # per forward pass: a stand-in for a slow model
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
@@ -48,6 +50,8 @@ class HashBackend(PooledBackend):
         pass
 
     def count_tokens(self, text: str) -> int:
+        if self.crash_on_count and self.crash_on_count in text:
+            os.abort()
         return len(text.split()) + 2  # stand-in for [CLS] ... [SEP]
 
     def embed_texts(self, texts: list[str], instruct: str | None) -> np.ndarray:
