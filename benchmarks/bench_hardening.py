@@ -24,6 +24,7 @@ import asyncio
 import base64
 import io
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -57,14 +58,16 @@ def tree_rss_mb(pid: int) -> float:
 
 def throughput(
     srcs: dict[str, str], texts: list[str], origin: StaticOrigin, n_images: int, rounds: int
-) -> dict[tuple[str, str], Result]:
+) -> tuple[dict[tuple[str, str], Result], dict[tuple[str, str], list[float]]]:
     """Both servers up at once (an idle one costs nothing); bursts alternate between them,
-    ``rounds`` times, so the machine's changing load falls on both alike."""
+    ``rounds`` times, in turn A B then B A, so the machine's changing load falls on both
+    alike. Totals per side, and each side's rate per round."""
     servers = {
         label: start_mmembed({"PYTHONPATH": src, "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1"})
         for label, src in srcs.items()
     }
     totals: dict[tuple[str, str], Result] = {}
+    per_round: dict[tuple[str, str], list[float]] = {}
     try:
 
         def text_body(i: int) -> dict:
@@ -74,18 +77,20 @@ def throughput(
             image = f"{origin.url}/{i % n_images}.jpg"
             return {"model": FLASH, "input": {"contents": [{"image": image}]}}
 
-        for _ in range(rounds):
+        for r in range(rounds):
             for what, body, n in (
                 ("texts", text_body, len(texts)),
                 ("images", image_body, n_images),
             ):
-                for label, (_, url) in servers.items():
+                order = list(servers.items())
+                for label, (_, url) in order if r % 2 == 0 else order[::-1]:  # ABBA: no drift
                     res = asyncio.run(closed_loop(url + EMBED_PATH, body, 1, 32, n))
                     total = totals.setdefault((label, what), Result())
                     total.items += res.items
                     total.seconds += res.seconds
                     total.latencies += res.latencies
-        return totals
+                    per_round.setdefault((label, what), []).append(res.rate)
+        return totals, per_round
     finally:
         for proc, _ in servers.values():
             stop(proc)
@@ -182,6 +187,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=96, help="image requests per burst")
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-attacks", action="store_true")
     ap.add_argument(
         "--hammer", action="store_true", help="attackers retry a 429 at once (default: after 1 s)"
     )
@@ -193,7 +199,7 @@ def main() -> None:
         files = photos(args.images * args.rounds)
         origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(files)}, "image/jpeg")
         try:
-            totals = throughput(
+            totals, per_round = throughput(
                 {"before": old_src, "after": new_src}, texts, origin, args.images, args.rounds
             )
         finally:
@@ -201,18 +207,23 @@ def main() -> None:
         rows = []
         for what in ("texts", "images"):
             b, a = totals[("before", what)], totals[("after", what)]
+            pairs = zip(per_round[("after", what)], per_round[("before", what)], strict=True)
+            ratios = sorted(x / y for x, y in pairs)
             rows.append([
                 what, f"{b.rate:.1f}", f"{a.rate:.1f}", f"{a.rate / b.rate:.2f}",
+                f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
                 f"{b.pct(50):.0f} / {b.pct(99):.0f}", f"{a.pct(50):.0f} / {a.pct(99):.0f}",
             ])  # fmt: skip
         print(
             f"\nthroughput, 32 clients, 1 item per request, {args.rounds} alternating rounds, "
             f"{os.cpu_count()} cores (shared)"
         )
-        header = ["what", "before /s", "after /s", "after / before",
+        header = ["what", "before /s", "after /s", "after / before", "per round: median (range)",
                   "before p50/p99 ms", "after p50/p99 ms"]  # fmt: skip
         print(table(header, rows))
 
+    if args.skip_attacks:
+        return
     env = {"PYTHONPATH": new_src}
     proc, url = start_mmembed(env)
     rows = []
