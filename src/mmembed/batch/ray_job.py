@@ -16,13 +16,22 @@
 - A small input would be one block, that is one actor at work: the driver splits it into
   blocks of about one batch each (not ``repartition``, whose tasks need a whole free CPU).
 
-``local`` starts a single-node cluster for this job, pinned to 127.0.0.1 and without the
-dashboard; any other value is passed to ``ray.init(address=...)``.
+``local`` starts a single-node cluster for this job on 127.0.0.1, without the dashboard or
+usage stats; any other value is passed to ``ray.init(address=...)``. Local paths in INPUT must
+be readable at the same path on every node of a cluster (a shared mount), or be URLs.
+
+Loopback: Ray swaps 127.0.0.1 (and "localhost") for the machine's outward address, as the
+address it dials and as the node's own, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ("no
+multi-node"; it must be set before Ray is imported). With the swap, a local cluster listens on
+every interface and a driver cannot reach a cluster that listens on loopback only (started by
+scripts/ray-cluster): so the switch is set for ``local`` and for a loopback ADDRESS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import ipaddress
 import json
 import logging
 import math
@@ -63,6 +72,12 @@ class EmbedActor:
         self.model, self.dimension = model, dimension
         self.embedder = Embedder(settings, fetcher=LocalFileFetcher(settings), timeout=None)
         self.native_dim = self.embedder.dimension(model, dimension)
+        import ray
+
+        # Where this actor runs, returned with each batch (not written): the driver logs how the
+        # rows spread over the cluster's nodes.
+        ctx = ray.get_runtime_context()
+        self.node = f"{ctx.get_node_id()[:12]}@{ray.util.get_node_ip_address()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from mmembed.batch.inputs import Task
@@ -92,18 +107,34 @@ class EmbedActor:
             "input_tokens": np.array([r.input_tokens or 0 for r in rows], dtype=np.int64),
             "image_tokens": np.array([r.image_tokens or 0 for r in rows], dtype=np.int64),
             "error": np.array([r.error or "" for r in rows], dtype=object),
+            "node": np.array([self.node] * len(rows), dtype=object),
         }
 
 
+def is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def start_ray(address: str, num_cpus: int | None = None) -> Any:
+    if address == "local" or is_loopback(address):
+        # Keep 127.0.0.1 as given (see the module's docstring); no effect once Ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address == "local":
+        # No usage report, and no probing of cloud metadata addresses for it.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = _require_ray()
     if ray.is_initialized():
         return ray
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address == "local":
         # address="local": always a new cluster, never one that happens to run on this machine
-        # (RAY_ADDRESS, or the last one started here). Every connection on loopback: without
-        # the pin Ray advertises the node's address.
+        # (RAY_ADDRESS, or the last one started here).
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
@@ -177,9 +208,11 @@ def run_ray(
         progress = Progress(len(todo))
         started = time.monotonic()
         buffer: list[Row] = []
+        per_node: collections.Counter[str] = collections.Counter()
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 rows = _rows(batch)
+                per_node.update(str(n) for n in batch["node"])
                 buffer.extend(rows)
                 errors = sum(r.error is not None for r in rows)
                 summary.embedded += len(rows)
@@ -193,6 +226,7 @@ def run_ray(
                 writer.write(buffer)
             progress.close()
             summary.seconds = time.monotonic() - started
+            log.info("Ray Data: rows per node: %s", json.dumps(dict(sorted(per_node.items()))))
     finally:
         ray.shutdown()  # stops a local cluster; only disconnects from one at an address
 
