@@ -19,6 +19,7 @@ sockets of those processes that listen on, or connect to, anything but loopback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import ipaddress
@@ -160,7 +161,7 @@ def non_loopback_sockets(pids: list[int]) -> list[str]:
             if inode not in owner:
                 continue
             lip, rip = _addr(local), _addr(remote)
-            listening = proto.startswith("tcp") and state == _TCP_LISTEN or rip.is_unspecified
+            listening = (proto.startswith("tcp") and state == _TCP_LISTEN) or rip.is_unspecified
             if not lip.is_loopback or (not listening and not rip.is_loopback):
                 port = int(local.split(":")[1], 16)
                 bad.append(f"{proto} pid {owner[inode]} {lip}:{port} -> {rip} (state {state})")
@@ -191,8 +192,6 @@ def watch_sockets(proc: subprocess.Popen, also: list[int] | None = None) -> set[
     seen: set[str] = set()
     while proc.poll() is None:
         seen.update(non_loopback_sockets(process_tree(proc.pid) + (also or [])))
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(0.2)
-        except subprocess.TimeoutExpired:
-            pass
     return seen
