@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,12 +187,12 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def watch_sockets(proc: subprocess.Popen, also: list[int] | None = None) -> set[str]:
-    """Until ``proc`` ends: every non-loopback socket seen in its process tree (and ``also``),
-    polled every 0.2 s."""
+def watch_sockets(proc: subprocess.Popen, also: Callable[[], list[int]] | None = None) -> set[str]:
+    """Until ``proc`` ends: every non-loopback socket seen in its process tree (and in the
+    processes ``also`` lists, e.g. ``cluster.pids``), polled every 0.2 s."""
     seen: set[str] = set()
     while proc.poll() is None:
-        seen.update(non_loopback_sockets(process_tree(proc.pid) + (also or [])))
+        seen.update(non_loopback_sockets(process_tree(proc.pid) + (also() if also else [])))
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(0.2)
     return seen
