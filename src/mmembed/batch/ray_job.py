@@ -48,6 +48,7 @@ from mmembed.config import Settings
 log = logging.getLogger("mmembed.batch")
 
 ACTOR_CPUS = 0.5  # per actor, as Ray accounts it: leaves room for Ray Data's own tasks
+ACTORS_START_S = 600  # for the whole pool to be up (models loaded) before any block is sent
 
 
 def _require_ray() -> Any:
@@ -175,6 +176,10 @@ def run_ray(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts rows as they land in part files
         ctx.preserve_order = False
+        # Every actor up before the first block: otherwise the first one ready (on the driver's
+        # node, nearest to the blocks) takes the queued blocks of a short job. And a pool the
+        # cluster cannot place is an error, not a hang.
+        ctx.wait_for_min_actors_s = ACTORS_START_S
         blocks = max(actors * 2, math.ceil(len(todo) / batch_size))
         # Split here rather than with .repartition(): that is an all-to-all stage whose tasks
         # want a whole CPU, which a cluster whose nodes are half-taken by actors never has.
@@ -188,6 +193,9 @@ def run_ray(
             compute=ray.data.ActorPoolStrategy(
                 size=actors,
                 max_concurrent_calls_per_actor=2,  # one batch decodes while one runs the model
+                # No queue beyond that: a queued block waits for one actor while another idles
+                # (Ray Data sends blocks to the actors beside them first, all on the driver's node).
+                max_tasks_in_flight_per_actor=2,
                 enable_true_multi_threading=True,
             ),
             num_cpus=ACTOR_CPUS,
@@ -210,7 +218,7 @@ def run_ray(
         buffer: list[Row] = []
         per_node: collections.Counter[str] = collections.Counter()
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in _batches(ray, ds, actors, cpus):
                 rows = _rows(batch)
                 per_node.update(str(n) for n in batch["node"])
                 buffer.extend(rows)
@@ -229,6 +237,19 @@ def run_ray(
             log.info("Ray Data: rows per node: %s", json.dumps(dict(sorted(per_node.items()))))
     finally:
         ray.shutdown()  # stops a local cluster; only disconnects from one at an address
+
+
+def _batches(ray: Any, ds: Any, actors: int, cpus: float) -> Any:
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.GetTimeoutError:
+        from mmembed.batch.job import JobError
+
+        raise JobError(
+            f"{actors} Embedder actors did not start within {ACTORS_START_S} s on a cluster of "
+            f"{cpus:g} CPUs (each asks {ACTOR_CPUS} CPU; check `ray status`, or lower "
+            "--ray-actors)"
+        ) from None
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[Row]:
