@@ -1,9 +1,10 @@
 """A two-node Ray cluster on loopback for tests, and a check that Ray stays on loopback.
 
 ``ray_cluster`` (module-scoped) starts ``scripts/ray-cluster`` -- a head and one worker node,
-each a separate ``ray start --node-ip-address 127.0.0.1`` with one CPU and a resource naming it
-(``node_0``, ``node_1``) -- in a fresh directory, and stops it after the module. Drivers
-(``mmembed embed --ray``, ``ray.init``) join it with ``cluster.env``.
+each a separate ``ray start --node-ip-address 127.0.0.1`` with one CPU, a resource naming it
+(``node_0``, ``node_1``) and one declared GPU (nothing computes on it: it lets a test place one
+actor or replica per node, as on a GPU cluster) -- in a fresh directory, and stops it after the
+module. Drivers (``mmembed embed --ray``, ``ray.init``) join it with ``cluster.env``.
 
 Why the script rather than ``ray.cluster_utils.Cluster``: Cluster can be kept on loopback
 (``node_ip_address="127.0.0.1"`` in ``head_node_args`` *and* in every ``add_node``, plus
@@ -70,13 +71,14 @@ class RayCluster:
         )
 
 
-def start_cluster(workers: int = 1, cpus: float = 1, dashboard: bool = False) -> RayCluster:
+def start_cluster(
+    workers: int = 1, cpus: float = 1, gpus: int = 0, dashboard: bool = False
+) -> RayCluster:
     # A short path: Ray's Unix sockets live under it (at most 107 bytes).
     state_dir = Path(tempfile.mkdtemp(prefix="mmray-", dir="/tmp"))
     cmd = [sys.executable, str(SCRIPT), "start", "--dir", str(state_dir)]
-    cmd += ["--workers", str(workers), "--cpus", f"{cpus:g}"] + (
-        ["--dashboard"] if dashboard else []
-    )
+    cmd += ["--workers", str(workers), "--cpus", f"{cpus:g}", "--gpus", str(gpus)]
+    cmd += ["--dashboard"] if dashboard else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     state = script.load_state(state_dir)
@@ -94,7 +96,7 @@ def stop_cluster(cluster: RayCluster) -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster():  # type: ignore[no-untyped-def]
-    cluster = start_cluster()
+    cluster = start_cluster(gpus=1)
     try:
         yield cluster
     finally:

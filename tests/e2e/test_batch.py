@@ -297,15 +297,17 @@ def test_urls_go_through_the_servers_address_guard(tmp_path, origin, corpus):
 
 
 def test_ray_job_on_a_two_node_cluster(corpus, clean, ray_cluster):  # noqa: F811
-    """``--ray ADDRESS`` on the two-node loopback cluster: the actor pool spreads over both
-    nodes, the rows equal the in-process run's, nothing leaves loopback, and a rerun embeds
-    nothing. The driver gets only the cluster's token: mmembed keeps 127.0.0.1 as given."""
+    """``--ray ADDRESS`` on the two-node loopback cluster, one actor per GPU as on a GPU
+    cluster (one declared GPU per node): the actors run on both nodes, the rows equal the
+    in-process run's, nothing leaves loopback, and a rerun embeds nothing. The driver gets only
+    the cluster's token: mmembed keeps 127.0.0.1 as given."""
     nodes = {n["NodeID"][:12] for n in node_table(ray_cluster)}
     assert len(nodes) == 2
     env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     env.pop("RAY_ADDRESS")
     out = corpus / "ray2"
-    args = ("--ray", ray_cluster.address, "--ray-actors", "2", "--part-size", "100")
+    args = ("--ray", ray_cluster.address, "--ray-actors", "2", "--ray-gpus", "1")
+    args += ("--part-size", "100")
     stderr, seen = run_watched(corpus, out, *args, env=env, also=ray_cluster.pids)
     assert seen == set()
     assert "411 embedded (3 errors)" in stderr, stderr

@@ -19,7 +19,7 @@ def test_two_nodes_on_loopback(ray_cluster):  # noqa: F811
     assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
     named = {r: n["NodeID"] for n in nodes for r in n["Resources"] if r.startswith("node_")}
     assert set(named) == {"node_0", "node_1"} and named["node_0"] != named["node_1"]
-    assert all(n["Resources"]["CPU"] == 1 for n in nodes)
+    assert all(n["Resources"]["CPU"] == n["Resources"]["GPU"] == 1 for n in nodes)
     pids = ray_cluster.pids()
     assert len(pids) >= 6  # GCS, two raylets, their agents
     assert non_loopback_sockets(pids) == []  # no listener on 0.0.0.0, no outward connection

@@ -19,19 +19,13 @@
 ``local`` starts a single-node cluster for this job on 127.0.0.1, without the dashboard or
 usage stats; any other value is passed to ``ray.init(address=...)``. Local paths in INPUT must
 be readable at the same path on every node of a cluster (a shared mount), or be URLs.
-
-Loopback: Ray swaps 127.0.0.1 (and "localhost") for the machine's outward address, as the
-address it dials and as the node's own, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ("no
-multi-node"; it must be set before Ray is imported). With the swap, a local cluster listens on
-every interface and a driver cannot reach a cluster that listens on loopback only (started by
-scripts/ray-cluster): so the switch is set for ``local`` and for a loopback ADDRESS.
+Both stay on loopback when the cluster is (see ``mmembed.rayloopback``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import json
 import logging
 import math
@@ -112,23 +106,10 @@ class EmbedActor:
         }
 
 
-def is_loopback(address: str) -> bool:
-    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def start_ray(address: str, num_cpus: int | None = None) -> Any:
-    if address == "local" or is_loopback(address):
-        # Keep 127.0.0.1 as given (see the module's docstring); no effect once Ray is imported.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if address == "local":
-        # No usage report, and no probing of cloud metadata addresses for it.
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from mmembed import rayloopback
+
+    rayloopback.prepare(address)
     ray = _require_ray()
     if ray.is_initialized():
         return ray
@@ -199,6 +180,9 @@ def run_ray(
                 enable_true_multi_threading=True,
             ),
             num_cpus=ACTOR_CPUS,
+            # Set: each actor is placed on a GPU node and sees its GPU(s) (CUDA_VISIBLE_DEVICES);
+            # unset, Ray hides every GPU from it.
+            num_gpus=cfg.ray_gpus or None,
             runtime_env={
                 "env_vars": {
                     "OMP_NUM_THREADS": str(threads),
@@ -207,9 +191,10 @@ def run_ray(
             },
         )
         log.info(
-            "Ray Data: %d actors (%g CPU each as Ray counts, %d model threads), %d blocks",
+            "Ray Data: %d actors (%g CPU, %g GPU each as Ray counts, %d model threads), %d blocks",
             actors,
             ACTOR_CPUS,
+            cfg.ray_gpus,
             threads,
             blocks,
         )
@@ -218,7 +203,7 @@ def run_ray(
         buffer: list[Row] = []
         per_node: collections.Counter[str] = collections.Counter()
         try:
-            for batch in _batches(ray, ds, actors, cpus):
+            for batch in _batches(ray, ds, actors, cpus, cfg.ray_gpus):
                 rows = _rows(batch)
                 per_node.update(str(n) for n in batch["node"])
                 buffer.extend(rows)
@@ -239,16 +224,17 @@ def run_ray(
         ray.shutdown()  # stops a local cluster; only disconnects from one at an address
 
 
-def _batches(ray: Any, ds: Any, actors: int, cpus: float) -> Any:
+def _batches(ray: Any, ds: Any, actors: int, cpus: float, per_gpu: float) -> Any:
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     except ray.exceptions.GetTimeoutError:
         from mmembed.batch.job import JobError
 
+        gpus = float(ray.cluster_resources().get("GPU", 0))
         raise JobError(
             f"{actors} Embedder actors did not start within {ACTORS_START_S} s on a cluster of "
-            f"{cpus:g} CPUs (each asks {ACTOR_CPUS} CPU; check `ray status`, or lower "
-            "--ray-actors)"
+            f"{cpus:g} CPUs and {gpus:g} GPUs (each asks {ACTOR_CPUS} CPU and {per_gpu:g} GPU; "
+            "check `ray status`, or lower --ray-actors)"
         ) from None
 
 
