@@ -57,6 +57,7 @@ class RayCluster:
     dir: Path
     env: dict[str, str]  # os.environ plus what a driver needs to join
     nodes: list[dict]
+    dashboard: str | None = None  # its URL, when started with one (Ray's state API needs it)
 
     def pids(self) -> list[int]:
         """Every live process of the cluster (GCS, raylets, agents, workers and actors)."""
@@ -72,19 +73,26 @@ class RayCluster:
 
 
 def start_cluster(
-    workers: int = 1, cpus: float = 1, gpus: int = 0, dashboard: bool = False
+    workers: int = 1,
+    cpus: float = 1,
+    gpus: int = 0,
+    dashboard: bool = False,
+    node_env: dict[str, str] | None = None,
 ) -> RayCluster:
+    """``node_env``: environment for the nodes (and so for every worker and actor on them)."""
     # A short path: Ray's Unix sockets live under it (at most 107 bytes).
     state_dir = Path(tempfile.mkdtemp(prefix="mmray-", dir="/tmp"))
     cmd = [sys.executable, str(SCRIPT), "start", "--dir", str(state_dir)]
     cmd += ["--workers", str(workers), "--cpus", f"{cpus:g}", "--gpus", str(gpus)]
     cmd += ["--dashboard"] if dashboard else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(node_env or {})}
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     state = script.load_state(state_dir)
     env = {**os.environ, **script.driver_env(state_dir, state["address"])}
     env.pop("RAY_NAMESPACE", None)
-    return RayCluster(state["address"], state_dir, env, state["nodes"])
+    return RayCluster(state["address"], state_dir, env, state["nodes"], state.get("dashboard"))
 
 
 def stop_cluster(cluster: RayCluster) -> None:
