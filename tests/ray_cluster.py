@@ -156,6 +156,14 @@ def _socket_inodes(pid: int) -> set[str]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace")[:120]
+
+
 def non_loopback_sockets(pids: list[int]) -> list[str]:
     """Sockets of ``pids`` bound to or connected to a non-loopback address (a listener on
     0.0.0.0 or :: counts), as readable lines; [] when all is on loopback."""
@@ -175,7 +183,8 @@ def non_loopback_sockets(pids: list[int]) -> list[str]:
             listening = (proto.startswith("tcp") and state == _TCP_LISTEN) or rip.is_unspecified
             if not lip.is_loopback or (not listening and not rip.is_loopback):
                 port = int(local.split(":")[1], 16)
-                bad.append(f"{proto} pid {owner[inode]} {lip}:{port} -> {rip} (state {state})")
+                pid = owner[inode]
+                bad.append(f"{proto} {lip}:{port} -> {rip} (state {state}) {pid} {_cmdline(pid)}")
     return bad
 
 
