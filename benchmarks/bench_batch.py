@@ -4,6 +4,8 @@ Generates N short texts (a CSV) and M images (a folder of 320x240 JPEGs and PNGs
 the real command, each time in a fresh process with a warm basis cache:
   in-process   `mmembed embed corpus --out A`
   --ray        `mmembed embed corpus --out B --ray` (local single-node cluster on 127.0.0.1)
+  --ray ADDR   with --cluster: `--ray ADDRESS --ray-actors 2` on a two-node cluster started by
+               scripts/ray-cluster on 127.0.0.1 (one CPU per node), started before the rounds
   resume       the in-process command again on the complete A (nothing left to embed)
   resume half  A with its second half of part files removed, then the command again
 items/s counts embedding only (models loaded), as the command prints it; wall s is the whole
@@ -11,7 +13,7 @@ process, start-up and model loading included.
 
 In-process and --ray alternate for --rounds rounds; the best round of each is shown.
 
-Usage: python benchmarks/bench_batch.py [--texts 5000] [--images 1000] [--rounds 2]
+Usage: python benchmarks/bench_batch.py [--texts 5000] [--images 1000] [--rounds 2] [--cluster]
 """
 
 from __future__ import annotations
@@ -83,14 +85,35 @@ def make_corpus(root: Path, texts: int, images: int) -> list[str]:
     return [str(root / "texts.csv"), str(folder)]
 
 
-def run(cmd: list[str]) -> tuple[float, float, str]:
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.monotonic() - started
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     found = re.search(r"; ([\d.]+) items/s", proc.stderr)
     return (float(found.group(1)) if found else 0.0), wall, proc.stderr
+
+
+SCRIPT = str(Path(__file__).resolve().parent.parent / "scripts" / "ray-cluster")
+
+
+def start_cluster(state_dir: Path) -> tuple[str, dict[str, str]]:
+    """scripts/ray-cluster: a head and one worker node, one CPU each; its address and the
+    environment a driver needs (its token; 127.0.0.1 kept as given)."""
+    cmd = [sys.executable, SCRIPT, "start", "--dir", str(state_dir), "--workers", "1"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, SCRIPT, "env", "--dir", str(state_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    env = dict(os.environ)
+    for line in out.splitlines():
+        key, value = line.removeprefix("export ").split("=", 1)
+        env[key] = value
+    return env["RAY_ADDRESS"], env
 
 
 def main() -> None:
@@ -100,6 +123,7 @@ def main() -> None:
     parser.add_argument("--model", default="tongyi-embedding-vision-plus")
     parser.add_argument("--part-size", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cluster", action="store_true", help="add --ray on a 2-node cluster")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
@@ -115,15 +139,26 @@ def main() -> None:
 
         rows = []
         # alternating rounds, best of each: the machine's load moves between runs
-        local, ray = [], []
-        for n in range(args.rounds):
-            local.append(run([*base, "--out", str(root / f"A{n}")])[:2])
-            ray.append(run([*base, "--out", str(root / f"B{n}"), "--ray"])[:2])
+        local, ray, two = [], [], []
+        cluster = start_cluster(root / "cluster") if args.cluster else None
+        try:
+            for n in range(args.rounds):
+                local.append(run([*base, "--out", str(root / f"A{n}")])[:2])
+                ray.append(run([*base, "--out", str(root / f"B{n}"), "--ray"])[:2])
+                if cluster:
+                    address, env = cluster
+                    cmd = [*base, "--out", str(root / f"C{n}"), "--ray", address]
+                    two.append(run([*cmd, "--ray-actors", "2"], env)[:2])
+        finally:
+            if cluster:
+                subprocess.run([sys.executable, SCRIPT, "stop", "--dir", str(root / "cluster")])
         (local_rate, local_wall), (ray_rate, ray_wall) = max(local), max(ray)
         keep = max(range(args.rounds), key=lambda n: local[n])
         (root / f"A{keep}").rename(root / "A")
         rows.append(("in-process", total, local_rate, local_wall))
         rows.append(("--ray (local cluster)", total, ray_rate, ray_wall))
+        if two:
+            rows.append(("--ray ADDRESS (2-node loopback cluster)", total, *max(two)))
         _, resume_wall, _ = run([*base, "--out", str(root / "A")])
         rows.append(("resume, complete", 0, 0.0, resume_wall))
         parts = sorted((root / "A").glob("part-*.parquet"))
@@ -135,6 +170,8 @@ def main() -> None:
 
     print(f"in-process rounds (items/s): {[round(r, 1) for r, _ in local]}")
     print(f"--ray rounds (items/s): {[round(r, 1) for r, _ in ray]}")
+    if two:
+        print(f"--ray ADDRESS rounds (items/s): {[round(r, 1) for r, _ in two]}")
     print(f"\n{args.texts} texts + {args.images} images, model {args.model}, {os.cpu_count()} CPUs")
     print("| run | items embedded | items/s (embedding) | wall s (process) | vs in-process |")
     print("|---|---|---|---|---|")

@@ -5,6 +5,7 @@ the HTTP server's for the same items."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from mmembed.batch.output import part_files, read_embeddings
 from tests.media_util import make_image, make_video, truncated
+from tests.ray_cluster import node_table, ray_cluster, watch_sockets  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -57,6 +59,24 @@ def embed_cmd(tmp: Path, out: Path, *extra: str) -> list[str]:
         str(tmp / "cache"),
         *extra,
     ]
+
+
+def run_watched(tmp: Path, out: Path, *extra: str, env: dict, also=None) -> tuple[str, set]:  # type: ignore[no-untyped-def]
+    """``mmembed embed`` with every socket of its process tree (and of ``also``) watched:
+    its stderr, and the sockets seen on other addresses than loopback."""
+    with (tmp / "stderr.log").open("w+") as err:
+        proc = subprocess.Popen(
+            embed_cmd(tmp, out, *extra), stdout=subprocess.DEVNULL, stderr=err, env=env
+        )
+        try:
+            seen = watch_sockets(proc, also)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err.seek(0)
+        stderr = err.read()
+    assert proc.returncode == 0, stderr
+    return stderr, seen
 
 
 def run_embed(tmp: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -226,13 +246,14 @@ def test_refuses_another_models_output_and_bad_dimension(corpus, clean):
 def test_ray_job_equals_the_local_run_and_resumes(corpus, clean):
     """``--ray`` on a local single-node cluster pinned to loopback: the same rows as the
     in-process run; started over an output that already holds two parts, it adds only the
-    rest."""
+    rest. Every socket of the job and its cluster stays on loopback."""
     out = corpus / "ray"
     out.mkdir()
     for part in part_files(clean)[:2]:  # a job that got two parts written before it died
         (out / part.name).write_bytes(part.read_bytes())
-    proc = run_embed(corpus, out, "--ray", "--part-size", "100")
-    assert "211 embedded (" in proc.stderr and "200 already in" in proc.stderr, proc.stderr
+    stderr, seen = run_watched(corpus, out, "--ray", "--part-size", "100", env=os.environ)
+    assert seen == set()
+    assert "211 embedded (" in stderr and "200 already in" in stderr, stderr
     ids = pq.read_table(out, columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 411
 
@@ -273,3 +294,38 @@ def test_urls_go_through_the_servers_address_guard(tmp_path, origin, corpus):
     assert rows["u"]["source"] == url
     assert rows["d"]["error"] is None and len(rows["d"]["embedding"]) == 1152
     assert origin.paths().count("/batch/pic.png") == 0  # refused before any connection
+
+
+def test_ray_job_on_a_two_node_cluster(corpus, clean, ray_cluster):  # noqa: F811
+    """``--ray ADDRESS`` on the two-node loopback cluster, one actor per GPU as on a GPU
+    cluster (one declared GPU per node): the actors run on both nodes, the rows equal the
+    in-process run's, nothing leaves loopback, and a rerun embeds nothing. The driver gets only
+    the cluster's token: mmembed keeps 127.0.0.1 as given."""
+    nodes = {n["NodeID"][:12] for n in node_table(ray_cluster)}
+    assert len(nodes) == 2
+    env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env.pop("RAY_ADDRESS")
+    out = corpus / "ray2"
+    args = ("--ray", ray_cluster.address, "--ray-actors", "2", "--ray-gpus", "1")
+    args += ("--part-size", "100")
+    stderr, seen = run_watched(corpus, out, *args, env=env, also=ray_cluster.pids)
+    assert seen == set()
+    assert "411 embedded (3 errors)" in stderr, stderr
+    line = next(x for x in stderr.splitlines() if "rows per node: " in x)
+    per_node = json.loads(line.split("rows per node: ", 1)[1])
+    assert {k.split("@")[0] for k in per_node} == nodes, per_node
+    assert all(k.endswith("@127.0.0.1") and n > 0 for k, n in per_node.items()), per_node
+    assert sum(per_node.values()) == 411
+
+    ids = pq.read_table(out, columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 411
+    want, got = by_id(clean), by_id(out)
+    for i, row in want.items():
+        assert (got[i]["kind"], got[i]["error"]) == (row["kind"], row["error"]), i
+        assert got[i]["input_tokens"] == row["input_tokens"], i
+        if row["embedding"] is not None:
+            cos = np.dot(got[i]["embedding"], row["embedding"])
+            assert cos >= 0.9999, (i, cos)
+
+    again, _ = run_watched(corpus, out, *args, env=env)
+    assert "0 embedded" in again and "411 already in" in again, again

@@ -53,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="With --ray: Embedder actors (default: one per 2 CPUs of the cluster).",
     )
+    parser.add_argument(
+        "--ray-gpus",
+        type=float,
+        default=0,
+        help="With --ray: GPUs per Embedder actor (e.g. 1: one actor per GPU, placed on GPU "
+        "nodes). Default 0: actors see no GPU.",
+    )
     Settings.add_arguments(parser)
 
 
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         concurrency=args.concurrency,
         ray=args.ray,
         ray_actors=args.ray_actors,
+        ray_gpus=max(0.0, args.ray_gpus),
     )
     try:
         summary = run_job(batch_settings(settings, explicit), cfg)

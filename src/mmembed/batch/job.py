@@ -36,6 +36,7 @@ class JobConfig:
     concurrency: int = 0  # items in flight; 0: twice the batcher's batch size
     ray: str | None = None  # None: in-process; "local": a cluster for this job; else an address
     ray_actors: int = 0  # --ray: Embedder actors; 0: one per 2 CPUs of the cluster
+    ray_gpus: float = 0  # --ray: GPUs each actor asks for (and is placed by); 0: none
 
 
 @dataclass

@@ -16,13 +16,16 @@
 - A small input would be one block, that is one actor at work: the driver splits it into
   blocks of about one batch each (not ``repartition``, whose tasks need a whole free CPU).
 
-``local`` starts a single-node cluster for this job, pinned to 127.0.0.1 and without the
-dashboard; any other value is passed to ``ray.init(address=...)``.
+``local`` starts a single-node cluster for this job on 127.0.0.1, without the dashboard or
+usage stats; any other value is passed to ``ray.init(address=...)``. Local paths in INPUT must
+be readable at the same path on every node of a cluster (a shared mount), or be URLs.
+Both stay on loopback when the cluster is (see ``mmembed.rayloopback``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -39,6 +42,7 @@ from mmembed.config import Settings
 log = logging.getLogger("mmembed.batch")
 
 ACTOR_CPUS = 0.5  # per actor, as Ray accounts it: leaves room for Ray Data's own tasks
+ACTORS_START_S = 600  # for the whole pool to be up (models loaded) before any block is sent
 
 
 def _require_ray() -> Any:
@@ -63,6 +67,12 @@ class EmbedActor:
         self.model, self.dimension = model, dimension
         self.embedder = Embedder(settings, fetcher=LocalFileFetcher(settings), timeout=None)
         self.native_dim = self.embedder.dimension(model, dimension)
+        import ray
+
+        # Where this actor runs, returned with each batch (not written): the driver logs how the
+        # rows spread over the cluster's nodes.
+        ctx = ray.get_runtime_context()
+        self.node = f"{ctx.get_node_id()[:12]}@{ray.util.get_node_ip_address()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from mmembed.batch.inputs import Task
@@ -92,18 +102,21 @@ class EmbedActor:
             "input_tokens": np.array([r.input_tokens or 0 for r in rows], dtype=np.int64),
             "image_tokens": np.array([r.image_tokens or 0 for r in rows], dtype=np.int64),
             "error": np.array([r.error or "" for r in rows], dtype=object),
+            "node": np.array([self.node] * len(rows), dtype=object),
         }
 
 
 def start_ray(address: str, num_cpus: int | None = None) -> Any:
+    from mmembed import rayloopback
+
+    rayloopback.prepare(address)
     ray = _require_ray()
     if ray.is_initialized():
         return ray
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address == "local":
         # address="local": always a new cluster, never one that happens to run on this machine
-        # (RAY_ADDRESS, or the last one started here). Every connection on loopback: without
-        # the pin Ray advertises the node's address.
+        # (RAY_ADDRESS, or the last one started here).
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
@@ -144,6 +157,10 @@ def run_ray(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts rows as they land in part files
         ctx.preserve_order = False
+        # Every actor up before the first block: otherwise the first one ready (on the driver's
+        # node, nearest to the blocks) takes the queued blocks of a short job. And a pool the
+        # cluster cannot place is an error, not a hang.
+        ctx.wait_for_min_actors_s = ACTORS_START_S
         blocks = max(actors * 2, math.ceil(len(todo) / batch_size))
         # Split here rather than with .repartition(): that is an all-to-all stage whose tasks
         # want a whole CPU, which a cluster whose nodes are half-taken by actors never has.
@@ -157,9 +174,15 @@ def run_ray(
             compute=ray.data.ActorPoolStrategy(
                 size=actors,
                 max_concurrent_calls_per_actor=2,  # one batch decodes while one runs the model
+                # No queue beyond that: a queued block waits for one actor while another idles
+                # (Ray Data sends blocks to the actors beside them first, all on the driver's node).
+                max_tasks_in_flight_per_actor=2,
                 enable_true_multi_threading=True,
             ),
             num_cpus=ACTOR_CPUS,
+            # Set: each actor is placed on a GPU node and sees its GPU(s) (CUDA_VISIBLE_DEVICES);
+            # unset, Ray hides every GPU from it.
+            num_gpus=cfg.ray_gpus or None,
             runtime_env={
                 "env_vars": {
                     "OMP_NUM_THREADS": str(threads),
@@ -168,18 +191,21 @@ def run_ray(
             },
         )
         log.info(
-            "Ray Data: %d actors (%g CPU each as Ray counts, %d model threads), %d blocks",
+            "Ray Data: %d actors (%g CPU, %g GPU each as Ray counts, %d model threads), %d blocks",
             actors,
             ACTOR_CPUS,
+            cfg.ray_gpus,
             threads,
             blocks,
         )
         progress = Progress(len(todo))
         started = time.monotonic()
         buffer: list[Row] = []
+        per_node: collections.Counter[str] = collections.Counter()
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in _batches(ray, ds, actors, cpus, cfg.ray_gpus):
                 rows = _rows(batch)
+                per_node.update(str(n) for n in batch["node"])
                 buffer.extend(rows)
                 errors = sum(r.error is not None for r in rows)
                 summary.embedded += len(rows)
@@ -193,8 +219,23 @@ def run_ray(
                 writer.write(buffer)
             progress.close()
             summary.seconds = time.monotonic() - started
+            log.info("Ray Data: rows per node: %s", json.dumps(dict(sorted(per_node.items()))))
     finally:
         ray.shutdown()  # stops a local cluster; only disconnects from one at an address
+
+
+def _batches(ray: Any, ds: Any, actors: int, cpus: float, per_gpu: float) -> Any:
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.GetTimeoutError:
+        from mmembed.batch.job import JobError
+
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        raise JobError(
+            f"{actors} Embedder actors did not start within {ACTORS_START_S} s on a cluster of "
+            f"{cpus:g} CPUs and {gpus:g} GPUs (each asks {ACTOR_CPUS} CPU and {per_gpu:g} GPU; "
+            "check `ray status`, or lower --ray-actors)"
+        ) from None
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[Row]:
