@@ -15,8 +15,10 @@ The SDK asks for an upload policy, POSTs the file with the policy's form fields,
 - A file expires ``ttl_s`` after it was written (its mtime). Expired files are deleted when
   touched and by a sweep that runs at most every ``sweep_interval_s`` (started by uploads).
 - Each owner's total is capped; bytes being written count at once, so parallel uploads cannot
-  overshoot. Usage is counted in memory from one scan at first use (one server process per
-  store directory is assumed; other processes' uploads are not counted).
+  overshoot. Several processes may share one store (Ray Serve replicas, on shared storage):
+  each upload starts from a scan of its owner's directory, and is linked into place under the
+  owner's lock (``flock`` on that directory) only after a fresh scan shows it still fits, so
+  the cap holds across processes (uploads still being written elsewhere count once finished).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import base64
 import binascii
 import contextlib
 import errno
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -96,8 +99,9 @@ class UploadStore:
         self.sweep_interval_s = sweep_interval_s
         self._clock = clock
         self._secret: bytes | None = None
-        # Accounting, touched on the event loop only (sweeps report back what they deleted).
-        self._disk: dict[str, int] | None = None  # owner -> bytes of finished uploads
+        # Accounting: per owner, bytes of finished uploads as last scanned (then kept up to
+        # date here), and bytes of this process's uploads being written.
+        self._disk: dict[str, int] = {}
         self._inflight: dict[str, int] = {}  # owner -> bytes of uploads being written
         self._last_sweep = -float("inf")
 
@@ -214,8 +218,8 @@ class UploadStore:
         per-owner caps are enforced as bytes arrive; nothing is kept on failure."""
         self.check_key(key, terms)
         owner = terms.owner
-        await self._ensure_usage()
         await self.maybe_sweep()
+        self._disk[owner] = await asyncio.to_thread(self._scan_owner, owner)
         final = self._path(owner, key)
         if final.exists():
             raise _exists(key)
@@ -239,11 +243,8 @@ class UploadStore:
             if size == 0:
                 raise ApiError(ErrorCode.INVALID_PARAMETER, "the uploaded file is empty")
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            try:
-                os.link(tmp, final)  # atomic, and never replaces an existing upload
-            except FileExistsError:
-                raise _exists(key) from None
-            self._add_disk(owner, size)
+            held = await asyncio.to_thread(self._commit, tmp, final, key, owner, size)
+            self._disk[owner] = held  # no await until `finally` uncounts it as in flight
         except OSError as exc:  # a full disk, a read-only or vanished directory
             raise _storage_error("store an upload", exc) from None
         finally:
@@ -255,9 +256,34 @@ class UploadStore:
         log.info("stored an upload of %d bytes for owner %s", size, owner[:8])
         return size
 
+    def _commit(self, tmp: Path, final: Path, key: str, owner: str, size: int) -> int:
+        """Link a finished upload into place if the owner's files, counted afresh under the
+        owner's lock, leave room for it (other processes' uploads count too); returns the
+        owner's bytes on disk after it."""
+        with self._owner_lock(owner):
+            used = self._scan_owner(owner)
+            if used + size > self.owner_max_bytes:
+                raise self._quota_error(used + size)
+            try:
+                os.link(tmp, final)  # atomic, and never replaces an existing upload
+            except FileExistsError:
+                raise _exists(key) from None
+            return used + size
+
+    @contextlib.contextmanager
+    def _owner_lock(self, owner: str) -> Iterator[None]:
+        """An exclusive ``flock`` on the owner's directory (blocks; call off the event loop).
+        The directory itself is the lock: no lock files to sweep or to mistake for uploads."""
+        fd = os.open(self.root / owner, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def usage(self, owner: str) -> int:
         """Bytes this owner has stored (not expired) or is uploading right now."""
-        return (self._disk or {}).get(owner, 0) + self._inflight.get(owner, 0)
+        return self._disk.get(owner, 0) + self._inflight.get(owner, 0)
 
     def _check_file_size(self, size: int, max_bytes: int) -> None:
         if size > max_bytes:
@@ -269,16 +295,19 @@ class UploadStore:
     def _check_quota(self, owner: str, extra: int) -> None:
         used = self.usage(owner)
         if used + extra > self.owner_max_bytes:
-            total, limit = format_mb_pair(used + extra, self.owner_max_bytes)
-            raise ApiError(
-                ErrorCode.TOO_LARGE,
-                f"uploads of this API key would take {total}, over the limit of {limit}; "
-                f"uploads expire after {self.ttl_s / 3600:g} h",
-            )
+            raise self._quota_error(used + extra)
+
+    def _quota_error(self, total_bytes: int) -> ApiError:
+        total, limit = format_mb_pair(total_bytes, self.owner_max_bytes)
+        return ApiError(
+            ErrorCode.TOO_LARGE,
+            f"uploads of this API key would take {total}, over the limit of {limit}; "
+            f"uploads expire after {self.ttl_s / 3600:g} h",
+        )
 
     def _add_disk(self, owner: str, size: int) -> None:
-        if self._disk is not None:
-            self._disk[owner] = max(0, self._disk.get(owner, 0) + size)
+        if owner in self._disk:
+            self._disk[owner] = max(0, self._disk[owner] + size)
 
     # -- reading -------------------------------------------------------------------------------
     async def read(self, ref: str, owner: str, max_bytes: int) -> bytes:
@@ -345,18 +374,18 @@ class UploadStore:
             path.unlink()
             self._add_disk(owner, -size)
 
-    async def _ensure_usage(self) -> None:
-        if self._disk is None:
-            scanned = await asyncio.to_thread(self._scan)
-            if self._disk is None:
-                self._disk = scanned
-
-    def _scan(self) -> dict[str, int]:
-        """Bytes per owner on disk, expired files excluded."""
-        used: dict[str, int] = {}
-        for owner, _, st in self._entries():
-            if owner != "tmp" and not self._expired(st.st_mtime):
-                used[owner] = used.get(owner, 0) + st.st_size
+    def _scan_owner(self, owner: str) -> int:
+        """Bytes of the owner's unexpired uploads on disk."""
+        used = 0
+        try:
+            entries = list(os.scandir(self.root / owner))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat(follow_symlinks=False)
+                if not self._expired(st.st_mtime):
+                    used += st.st_size
         return used
 
     def _entries(self) -> Iterator[tuple[str, os.DirEntry[str], os.stat_result]]:
