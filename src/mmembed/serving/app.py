@@ -14,6 +14,7 @@ letting mmembed's batcher form full batches and answer 429 itself when its queue
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,6 +31,8 @@ log = logging.getLogger("mmembed.serving")
 APP_NAME = "mmembed"
 INGRESS_MAX_ONGOING = 1024  # requests per ingress replica; the engine's queues bound the rest
 BOARD_MAX_ONGOING = 1024
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "mmembed.serving.proxy:middlewares"  # one x-request-id (serving.proxy)
 
 
 def backend_options(spec: BackendSpec, settings: Settings) -> dict[str, Any]:
@@ -82,6 +85,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Any:
         num_replicas=1,
         max_ongoing_requests=BOARD_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0},
+        logging_config={"enable_access_log": False},  # a report per replica per 0.5 s
     ).bind()
     backends = {
         name: serve.deployment(BackendReplica, **backend_options(spec, settings)).bind(
@@ -121,11 +125,11 @@ def run(settings: Settings, address: str) -> int:
     from mmembed.raylocal import LOCAL, start_ray
 
     catalog = load_catalog(settings.catalog)
+    # Serve's proxy takes middlewares only from this variable, read where the proxy starts:
+    # a cluster started here inherits it; one at ADDRESS needs it set when it is started.
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     ray = start_ray(address, command="mmembed serve --ray", namespace=APP_NAME, serve=True)
     from ray import serve
-    from starlette.middleware import Middleware
-
-    from mmembed.serving.proxy import OneRequestId
 
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -134,7 +138,6 @@ def run(settings: Settings, address: str) -> int:
             http_options={
                 "host": settings.host,
                 "port": settings.port,
-                "middlewares": [Middleware(OneRequestId)],
                 "ssl_certfile": settings.ssl_certfile or None,
                 "ssl_keyfile": settings.ssl_keyfile or None,
                 "keep_alive_timeout_s": max(1, round(settings.keep_alive_timeout_s)),
