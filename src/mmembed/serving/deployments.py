@@ -14,6 +14,7 @@ from typing import Any
 
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
+from mmembed.errors import ApiError
 from mmembed.logs import request_id_var, setup_logging
 from mmembed.media.fetch import Fetcher
 from mmembed.media.store import UploadStore
@@ -81,6 +82,10 @@ class BackendReplica:
         token = request_id_var.set(request_id)  # this replica's log lines carry the id
         try:
             return await self.engine.embed(req)
+        except ApiError as exc:  # answered by the ingress; the reason is logged here too
+            level = logging.ERROR if exc.error.status >= 500 else logging.INFO
+            log.log(level, "refused %s: %s", exc.error.code, exc.message)
+            raise
         finally:
             request_id_var.reset(token)
 
