@@ -150,9 +150,11 @@ def test_errors_are_those_of_plain_serve(server, plain, case):
 def test_an_incoming_request_id_is_adopted_end_to_end(server, plain, which):
     srv = server if which == "serve" else plain
     ok = post(srv, body(HASH, [{"text": "hello"}]), **{"x-request-id": "trace-42.a"})
-    assert ok.status_code == 200
+    assert ok.status_code == 200, ok.text
     assert ok.headers.get_list("x-request-id") == ["trace-42.a"]
     assert ok.json()["request_id"] == "trace-42.a"
+    again = post(srv, body(HASH, [{"text": "hello"}]), **{"x-request-id": "trace-42.a"})
+    assert again.status_code == 200, again.text  # a repeated id is recorded in the ledger too
     bad = post(srv, ERRORS["bad image url"], **{"x-request-id": "trace-43"})
     assert bad.headers.get_list("x-request-id") == ["trace-43"]
     assert bad.json()["request_id"] == "trace-43"

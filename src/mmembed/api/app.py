@@ -96,7 +96,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = adopted_request_id(scope) or str(uuid.uuid4())
+        rid = adopted_request_id(scope)
+        if rid is None:
+            rid = str(uuid.uuid4())
+        else:  # the ledger's request ids are unique: a client may send one id many times
+            scope.setdefault("state", {})["ledger_id"] = f"{uuid.uuid4().hex[:12]}:{rid[:51]}"
         token = request_id_var.set(rid)
         task = asyncio.current_task()
         if task is not None:

@@ -78,14 +78,17 @@ class BackendReplica:
         self.identity = identity("backend") | {"backend": backend}
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
-    async def embed(self, req: EmbedRequest, request_id: str) -> EmbedResult:
+    async def embed(self, req: EmbedRequest, request_id: str) -> EmbedResult | ApiError:
+        """The result, or the ApiError to answer with: returned, not raised, since Serve logs
+        every exception a replica raises with its traceback (a client's bad URL is no fault
+        of ours); the reason is logged here too, under the request's id."""
         token = request_id_var.set(request_id)  # this replica's log lines carry the id
         try:
             return await self.engine.embed(req)
-        except ApiError as exc:  # answered by the ingress; the reason is logged here too
+        except ApiError as exc:
             level = logging.ERROR if exc.error.status >= 500 else logging.INFO
             log.log(level, "refused %s: %s", exc.error.code, exc.message)
-            raise
+            return exc
         finally:
             request_id_var.reset(token)
 

@@ -4,8 +4,8 @@ The ingress replica's Starlette app (auth, parsing, limits per key, uploads, met
 /openapi, the playground) is the one ``mmembed serve`` runs; only its engine differs. ``embed``
 checks the model name here (the same 400 as ``Engine``) and forwards the ``EmbedRequest`` to
 the deployment of the model's backend, which runs the whole ``Engine.embed`` (limits,
-admission, media, cache, batcher, worker) and returns its ``EmbedResult``. An ``ApiError``
-raised there arrives here whole (it pickles) and is re-raised as it was.
+admission, media, cache, batcher, worker) and returns its ``EmbedResult``, or the ``ApiError``
+it refused with, which arrives here whole (it pickles) and is raised as it was.
 
 Status and counters come from the stats board (``serving.board``), refreshed in the background,
 summed over replicas for the existing /health and /metrics code, with a per-replica list.
@@ -99,8 +99,8 @@ class RemoteEngine:
                 f"Model {spec.name} is not available here (no replica).",
             )
         try:
-            return await handle.embed.remote(req, request_id_var.get())
-        except RayTaskError as exc:  # the replica raised: its ApiError is the answer
+            answer = await handle.embed.remote(req, request_id_var.get())
+        except RayTaskError as exc:  # the replica raised: an ApiError in it is the answer
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ApiError):
                 raise ApiError(cause.error, cause.message, headers=cause.headers) from None
@@ -111,6 +111,9 @@ class RemoteEngine:
                 f"Too many requests are waiting for model {spec.name}; retry shortly.",
                 headers={"Retry-After": "1"},
             ) from None
+        if isinstance(answer, ApiError):  # the backend's refusal, pickled whole
+            raise answer
+        return answer
 
     # -- what /health and /metrics read --------------------------------------------------------
     def status(self) -> dict[str, str]:
