@@ -45,8 +45,8 @@ def catalog(tmp: Path, replicas: int) -> str:
     path = tmp / f"catalog-{replicas}.toml"
     ray = f"\n[backends.offline.ray]\nnum_replicas = {replicas}\nnum_cpus = {cpus:g}\n"
     text = OFFLINE.read_text(encoding="utf-8")
-    head, sep, rest = text.partition("[models.")  # the ray table right after the backend's
-    path.write_text(head + ray + "\n" + sep + rest, encoding="utf-8")
+    head, sep, rest = text.partition('\n[models."')  # the ray table after the backend's
+    path.write_text(head + ray + sep + rest, encoding="utf-8")
     return str(path)
 
 
@@ -155,7 +155,11 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
         for replicas in (1, 2):  # the cache: same 32 images, 4 passes
-            cached = {**env, "MMEMBED_EMBED_CACHE_MB": "64", "MMEMBED_CATALOG": catalog(tmp, replicas)}
+            cached = {
+                **env,
+                "MMEMBED_EMBED_CACHE_MB": "64",
+                "MMEMBED_CATALOG": catalog(tmp, replicas),
+            }
             proc, url = start_ray_serve(cached)
             try:
                 wait_replicas(url, replicas)
