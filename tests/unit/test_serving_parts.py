@@ -125,3 +125,62 @@ def test_incoming_request_ids_are_adopted_only_when_safe(value, adopted):
     scope = {"headers": [(b"host", b"x"), (b"x-request-id", value)]}
     assert adopted_request_id(scope) == (value.decode() if adopted else None)
     assert adopted_request_id({"headers": []}) is None
+
+
+def test_deployment_options_follow_the_catalog(tmp_path: Path):
+    from mmembed.config import Settings
+    from mmembed.serving.app import backend_options
+
+    raw = _catalog({"num_replicas": 3, "num_cpus": 2.0, "num_gpus": 0.5})
+    spec = parse_catalog(raw).backends["h"]
+    opts = backend_options(spec, Settings(queue_max_items=300))
+    assert opts["name"] == "backend-h" and opts["num_replicas"] == 3
+    assert opts["max_ongoing_requests"] == 300  # never Serve's 5: the batcher needs company
+    actor = opts["ray_actor_options"]
+    assert (actor["num_cpus"], actor["num_gpus"]) == (2.0, 0.5)
+    assert actor["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    auto = parse_catalog(_catalog({"max_replicas": 4, "target_ongoing_requests": 8}))
+    opts = backend_options(auto.backends["h"], Settings())
+    assert "num_replicas" not in opts
+    assert opts["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 8,
+    }
+
+
+def test_backend_replicas_get_their_own_catalog_and_threads():
+    from mmembed.serving.deployments import backend_catalog, with_threads
+
+    raw = {
+        "backends": {
+            "a": {"family": "hash", "dim": 8},
+            "c": {"family": "conse", "ray": {"num_cpus": 3}},
+            "d": {"family": "conse", "threads": 1, "ray": {"num_cpus": 4}},
+        },
+        "models": {
+            "ma": {"backend": "a", "dimensions": [8], "aliases": ["ma-old"]},
+            "mc": {"backend": "c", "dimensions": [8]},
+            "md": {"backend": "d", "dimensions": [8]},
+        },
+    }
+    cat = parse_catalog(raw)
+    only_c = with_threads(backend_catalog(cat, "c"), "c")
+    assert list(only_c.backends) == ["c"] and list(only_c.models) == ["mc"]
+    assert only_c.backends["c"].options["threads"] == 3  # its CPU share
+    assert with_threads(backend_catalog(cat, "d"), "d").backends["d"].options["threads"] == 1
+    only_a = with_threads(backend_catalog(cat, "a"), "a")  # the hash family takes no threads
+    assert "threads" not in only_a.backends["a"].options and only_a.aliases == {"ma-old": "ma"}
+
+
+def test_the_serve_run_builder_takes_settings_by_name(tmp_path: Path):
+    from ray.serve import Application
+
+    from mmembed.serving import app_builder
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('[backends.h]\nfamily = "hash"\n[models.m]\nbackend = "h"\ndimensions = [64]\n')
+    app = app_builder({"catalog": str(toml), "api_keys": "k1,k2", "ray_ingress_replicas": "2"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="unknown settings \\['catalogue'\\]"):
+        app_builder({"catalogue": str(toml)})

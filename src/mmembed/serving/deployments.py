@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 from mmembed.config import Settings
@@ -19,6 +21,7 @@ from mmembed.logs import request_id_var, setup_logging
 from mmembed.media.fetch import Fetcher
 from mmembed.media.store import UploadStore
 from mmembed.models.catalog import Catalog
+from mmembed.models.registry import backend_class
 from mmembed.serving.board import REPORT_S
 from mmembed.serving.remote import RemoteEngine, identity
 from mmembed.types import EmbedRequest, EmbedResult
@@ -48,13 +51,7 @@ def backend_catalog(catalog: Catalog, backend: str) -> Catalog:
 def with_threads(catalog: Catalog, backend: str) -> Catalog:
     """The backend's model threads set to its replica's CPU share, unless the catalog sets
     them (Ray would otherwise leave each model to use every core of the node)."""
-    from dataclasses import replace
-
-    from mmembed.models.registry import backend_class
-
     spec = catalog.backends[backend]
-    import inspect
-
     takes = "threads" in inspect.signature(backend_class(spec.family).__init__).parameters
     if not takes or "threads" in spec.options:
         return catalog
