@@ -31,6 +31,9 @@ log = logging.getLogger("mmembed.serving")
 APP_NAME = "mmembed"
 INGRESS_MAX_ONGOING = 1024  # requests per ingress replica; the engine's queues bound the rest
 BOARD_MAX_ONGOING = 1024
+# No Serve access log line per call: the ingress logs each request with its id (and the
+# board gets a report per replica every 0.5 s).
+QUIET = {"enable_access_log": False}
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "mmembed.serving.proxy:middlewares"  # one x-request-id (serving.proxy)
 
@@ -51,6 +54,7 @@ def backend_options(spec: BackendSpec, settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": f"backend-{spec.name}",
         "max_ongoing_requests": max_ongoing,
+        "logging_config": QUIET,
         "ray_actor_options": {
             "num_cpus": o.num_cpus,
             "num_gpus": o.num_gpus,
@@ -85,7 +89,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Any:
         num_replicas=1,
         max_ongoing_requests=BOARD_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0},
-        logging_config={"enable_access_log": False},  # a report per replica per 0.5 s
+        logging_config=QUIET,
     ).bind()
     backends = {
         name: serve.deployment(BackendReplica, **backend_options(spec, settings)).bind(
@@ -100,6 +104,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Any:
         num_replicas=settings.ray_ingress_replicas,
         max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0},  # light work; the backends hold the CPUs
+        logging_config=QUIET,
     )
     return ingress.bind(settings, catalog, backends, board)
 
