@@ -8,7 +8,9 @@ catalog, or checked across replicas.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -265,3 +267,23 @@ def test_an_upload_is_resolved_in_another_process(server, tmp_path, shared):
     assert len(ingress) == 2
     assert {pid for pid, n in readers.items() if n} - ingress  # read by a backend process
     assert not {pid for pid, n in readers.items() if n} & ingress
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--host", "0.0.0.0"), "refusing to bind '0.0.0.0' without API keys"),
+        (("--ssl-certfile", "/nonexistent.pem"), "TLS needs both"),
+    ],
+)
+def test_start_up_rules_of_plain_serve_apply(args, says, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMEMBED_")}
+    env["MMEMBED_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmembed.cli", "serve", "--ray", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and says in proc.stderr
