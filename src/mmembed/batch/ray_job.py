@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,17 @@ from mmembed.config import Settings
 log = logging.getLogger("mmembed.batch")
 
 ACTOR_CPUS = 0.5  # per actor, as Ray accounts it: leaves room for Ray Data's own tasks
+
+
+def _require_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise SystemExit(
+            "mmembed embed --ray needs the [ray] extra: pip install 'mmembed[ray]'"
+        ) from None
+    return ray
 
 
 class EmbedActor:
@@ -84,9 +96,23 @@ class EmbedActor:
 
 
 def start_ray(address: str, num_cpus: int | None = None) -> Any:
-    from mmembed.raylocal import start_ray as connect  # shared with `mmembed serve --ray`
-
-    return connect(address, num_cpus, command="mmembed embed --ray")
+    ray = _require_ray()
+    if ray.is_initialized():
+        return ray
+    quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if address == "local":
+        # address="local": always a new cluster, never one that happens to run on this machine
+        # (RAY_ADDRESS, or the last one started here). Every connection on loopback: without
+        # the pin Ray advertises the node's address.
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            _node_ip_address="127.0.0.1",
+            **quiet,
+        )
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    return ray
 
 
 def run_ray(
