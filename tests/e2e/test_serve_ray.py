@@ -287,3 +287,67 @@ def test_start_up_rules_of_plain_serve_apply(args, says, tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and says in proc.stderr
+
+
+def _process_tree(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, todo = {root}, [root]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, p in parents.items() if p == parent]
+        tree.update(kids)
+        todo += kids
+    return tree
+
+
+def _sockets(pids: set[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    return inodes
+
+
+def _tcp(inodes: set[str]) -> list[tuple[str, str, str]]:
+    """(state, local ip, remote ip) of the TCP sockets with these inodes (hex as in /proc)."""
+    rows = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[9] in inodes:
+                    rows.append((cols[3], cols[1].split(":")[0], cols[2].split(":")[0]))
+    return rows
+
+
+def _is_loopback_hex(ip: str) -> bool:
+    if len(ip) == 8:  # IPv4, little-endian: 0100007F is 127.0.0.1
+        return ip.endswith("7F")
+    v4_mapped = ip.startswith("0000000000000000FFFF0000")
+    return (v4_mapped and ip.endswith("7F")) or ip == "00000000000000000000000001000000"
+
+
+def test_ray_stays_on_loopback(server):
+    """Every connection of the server's processes (driver, GCS, raylet, proxy, replicas) is
+    between loopback addresses; listeners are on loopback, except the one each Serve replica
+    opens on every interface itself (Ray hard-codes it; nothing connects to it here)."""
+    h = eventually(lambda: health(server)["replicas"], "replicas")
+    rows = _tcp(_sockets(_process_tree(server.proc.pid)))
+    assert len(rows) > 20  # the cluster's sockets were found
+    connected = [r for r in rows if r[0] == "01"]  # ESTABLISHED
+    assert connected and all(_is_loopback_hex(r[1]) and _is_loopback_hex(r[2]) for r in connected)
+    wide = [r for r in rows if r[0] == "0A" and not _is_loopback_hex(r[1])]  # LISTEN
+    assert len(wide) <= len(h) + 1  # one per replica (and the board) at most
+    assert "proxy 127.0.0.1" in server.logs()
