@@ -184,3 +184,16 @@ def test_the_serve_run_builder_takes_settings_by_name(tmp_path: Path):
     assert isinstance(app, Application)
     with pytest.raises(ValueError, match="unknown settings \\['catalogue'\\]"):
         app_builder({"catalogue": str(toml)})
+
+
+def test_files_deleted_by_another_process_free_the_quota(tmp_path: Path):
+    """This process's count is refreshed before it refuses: another replica's sweep (or an
+    expiry) may have freed the room."""
+    store = UploadStore(tmp_path / "s", ttl_s=3600, owner_max_bytes=10_000)
+    put(store, ALICE, "a", os.urandom(4000))
+    put(store, ALICE, "b", os.urandom(4000))
+    assert store.usage(ALICE) == 8000
+    for path in (tmp_path / "s" / ALICE).iterdir():  # as another process's sweep would
+        path.unlink()
+    put(store, ALICE, "c", os.urandom(4000))
+    assert store.usage(ALICE) == 4000

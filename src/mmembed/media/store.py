@@ -16,9 +16,10 @@ The SDK asks for an upload policy, POSTs the file with the policy's form fields,
   touched and by a sweep that runs at most every ``sweep_interval_s`` (started by uploads).
 - Each owner's total is capped; bytes being written count at once, so parallel uploads cannot
   overshoot. Several processes may share one store (Ray Serve replicas, on shared storage):
-  each upload starts from a scan of its owner's directory, and is linked into place under the
-  owner's lock (``flock`` on that directory) only after a fresh scan shows it still fits, so
-  the cap holds across processes (uploads still being written elsewhere count once finished).
+  each upload is checked as it streams against the owner's bytes as last counted here (counted
+  again before a refusal), and linked into place under the owner's lock (``flock`` on that
+  directory) only after a fresh count shows it still fits, so the cap holds across processes
+  (uploads still being written elsewhere count once they are finished).
 """
 
 from __future__ import annotations
@@ -219,13 +220,25 @@ class UploadStore:
         self.check_key(key, terms)
         owner = terms.owner
         await self.maybe_sweep()
-        self._disk[owner] = await asyncio.to_thread(self._scan_owner, owner)
+        # The owner's bytes as this process last counted them (the commit counts afresh);
+        # before refusing on that count, count once more: another process may have deleted.
+        recounted = owner not in self._disk
+        if recounted:
+            self._disk[owner] = await asyncio.to_thread(self._scan_owner, owner)
+
+        async def check_quota(extra: int) -> None:
+            nonlocal recounted
+            if not recounted and self.usage(owner) + extra > self.owner_max_bytes:
+                self._disk[owner] = await asyncio.to_thread(self._scan_owner, owner)
+                recounted = True
+            self._check_quota(owner, extra)
+
         final = self._path(owner, key)
         if final.exists():
             raise _exists(key)
         if declared is not None:  # refuse before reading anything when the size is known
             self._check_file_size(declared, terms.max_bytes)
-            self._check_quota(owner, declared)
+            await check_quota(declared)
         tmp_dir = self.root / "tmp"
         tmp = tmp_dir / f"{secrets.token_hex(16)}.part"
         size = 0
@@ -236,15 +249,17 @@ class UploadStore:
             with os.fdopen(fd, "wb") as out:
                 async for chunk in chunks:
                     self._check_file_size(size + len(chunk), terms.max_bytes)
-                    self._check_quota(owner, len(chunk))
+                    await check_quota(len(chunk))
                     self._inflight[owner] = self._inflight.get(owner, 0) + len(chunk)
                     size += len(chunk)
                     out.write(chunk)  # page-cache writes: cheap enough on the event loop
             if size == 0:
                 raise ApiError(ErrorCode.INVALID_PARAMETER, "the uploaded file is empty")
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            held = await asyncio.to_thread(self._commit, tmp, final, key, owner, size)
+            held, linked = await asyncio.to_thread(self._commit, tmp, final, key, owner, size)
             self._disk[owner] = held  # no await until `finally` uncounts it as in flight
+            if not linked:
+                raise self._quota_error(held + size)
         except OSError as exc:  # a full disk, a read-only or vanished directory
             raise _storage_error("store an upload", exc) from None
         finally:
@@ -256,19 +271,19 @@ class UploadStore:
         log.info("stored an upload of %d bytes for owner %s", size, owner[:8])
         return size
 
-    def _commit(self, tmp: Path, final: Path, key: str, owner: str, size: int) -> int:
+    def _commit(self, tmp: Path, final: Path, key: str, owner: str, size: int) -> tuple[int, bool]:
         """Link a finished upload into place if the owner's files, counted afresh under the
-        owner's lock, leave room for it (other processes' uploads count too); returns the
-        owner's bytes on disk after it."""
+        owner's lock, leave room for it (other processes' uploads count too). Returns the
+        owner's bytes on disk after, and whether it was linked (False: over the quota)."""
         with self._owner_lock(owner):
             used = self._scan_owner(owner)
             if used + size > self.owner_max_bytes:
-                raise self._quota_error(used + size)
+                return used, False
             try:
                 os.link(tmp, final)  # atomic, and never replaces an existing upload
             except FileExistsError:
                 raise _exists(key) from None
-            return used + size
+            return used + size, True
 
     @contextlib.contextmanager
     def _owner_lock(self, owner: str) -> Iterator[None]:
