@@ -32,7 +32,7 @@ def is_loopback_bind(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, ray: str | None = None) -> int:
     # Idle OpenMP threads (the e5 text engine, torch) sleep instead of spinning, so they leave
     # the cores to the event loop and media decoding between passes. Must precede the first
     # load of libgomp; a value the user set wins.
@@ -60,6 +60,10 @@ def serve(settings: Settings) -> int:
             return 2
     if not keyed:
         log.warning("no API keys configured; accepting any key on loopback only")
+    if ray is not None:  # the same app on Ray Serve: a local cluster or the one at ADDRESS
+        from mmembed.serving.app import run as run_on_ray
+
+        return run_on_ray(settings, ray)
     scheme = "https" if settings.ssl_certfile else "http"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
@@ -184,7 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"mmembed {mmembed.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_help = "Run the HTTP API (DashScope and OpenAI-compatible routes, playground at /)."
-    Settings.add_arguments(sub.add_parser("serve", help=serve_help, description=serve_help))
+    serve_parser = sub.add_parser("serve", help=serve_help, description=serve_help)
+    serve_parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="Serve on Ray Serve: on a local single-node cluster on 127.0.0.1, or on the "
+        "cluster at ADDRESS (e.g. auto or HOST:6379); replicas per backend from the "
+        "catalog's [backends.NAME.ray] tables. Needs the [ray] extra.",
+    )
+    Settings.add_arguments(serve_parser)
     models_help = "List the served API names, their dimensions and backends."
     models_parser = sub.add_parser("models", help=models_help, description=models_help)
     models_parser.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             return verify(settings, args.name)
         if args.command == "models":
             return models(settings, as_json=args.json)
-        return serve(settings)
+        return serve(settings, getattr(args, "ray", None))
     except (OSError, ValueError) as exc:  # a catalog file that is missing or malformed
         print(f"mmembed: error: {exc}", file=sys.stderr)
         return 1

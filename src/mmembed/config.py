@@ -189,6 +189,11 @@ class Settings:
     metrics: bool = _setting(
         True, "Serve Prometheus metrics at GET /metrics (no key needed) and count requests."
     )
+    ray_ingress_replicas: int = _setting(
+        1,
+        "serve --ray: replicas of the HTTP layer (auth, parsing, uploads, metering); backend "
+        "replicas are set per backend in the catalog's [backends.NAME.ray] table.",
+    )
 
     def __post_init__(self) -> None:
         for entry in self.api_keys:

@@ -64,6 +64,16 @@ class ApiError(Exception):
     def __repr__(self) -> str:
         return f"ApiError({self.error.code}, {self.message!r})"
 
+    def __reduce__(self) -> tuple:
+        # Pickled by code, message and headers (Exception's default rebuilds from ``args``,
+        # which lacks the code), so an ApiError raised in a Ray replica reaches the ingress
+        # whole.
+        return (_rebuild_api_error, (self.error.name, self.message, dict(self.headers)))
+
+
+def _rebuild_api_error(code: str, message: str, headers: dict[str, str]) -> ApiError:
+    return ApiError(ErrorCode[code], message, headers=headers)
+
 
 _REPR = reprlib.Repr()  # (keyword arguments need Python 3.12)
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 2, 4, 4

@@ -47,7 +47,9 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(tmp: Path, env_extra: dict[str, str]) -> Server:
+def start_server(
+    tmp: Path, env_extra: dict[str, str], args: tuple[str, ...] = (), start_s: float = 180
+) -> Server:
     port = free_port()
     log = tmp / "server.log"
     env = {
@@ -60,10 +62,10 @@ def start_server(tmp: Path, env_extra: dict[str, str]) -> Server:
     }
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mmembed.cli", "serve"], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "mmembed.cli", "serve", *args], env=env, stdout=out, stderr=out
         )
     server = Server(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + start_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()}")

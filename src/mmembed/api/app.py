@@ -69,9 +69,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(code, f"{request.method} {request.url.path}: {exc.detail}"))
 
 
+MAX_REQUEST_ID_CHARS = 128
+
+
+def adopted_request_id(scope: Scope) -> str | None:
+    """The client's (or a proxy's) ``x-request-id`` when it is usable as ours: 1-128 printable
+    ASCII characters without spaces (it lands in headers, JSON bodies and log lines)."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == b"x-request-id":
+            if 0 < len(value) <= MAX_REQUEST_ID_CHARS and all(33 <= b < 127 for b in value):
+                return value.decode("ascii")
+            return None
+    return None
+
+
 class RequestIdMiddleware:
     """Give every HTTP request an id, visible in logs, error bodies and ``x-request-id``; turn
-    anything unexpected into a DashScope 500 body that carries that id."""
+    anything unexpected into a DashScope 500 body that carries that id. An incoming
+    ``x-request-id`` is adopted when usable, so one id follows a request through proxies."""
 
     def __init__(self, app: ASGIApp, inflight: set[asyncio.Task] | None = None) -> None:
         self.app = app
@@ -81,7 +96,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = str(uuid.uuid4())
+        rid = adopted_request_id(scope)
+        if rid is None:
+            rid = str(uuid.uuid4())
+        else:  # the ledger's request ids are unique: a client may send one id many times
+            scope.setdefault("state", {})["ledger_id"] = f"{uuid.uuid4().hex[:12]}:{rid[:51]}"
         token = request_id_var.set(rid)
         task = asyncio.current_task()
         if task is not None:

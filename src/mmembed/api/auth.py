@@ -151,7 +151,8 @@ class Meter:
         p = self.principal
         entry = Entry(
             ts=self.ts,
-            request_id=request_id_var.get(),
+            # (an adopted x-request-id is not unique: the ledger keeps it behind a random part)
+            request_id=getattr(self.request.state, "ledger_id", None) or request_id_var.get(),
             key_id=p.key_id if p else None,
             key_name=p.name if p else "-",
             model=self.model or "-",

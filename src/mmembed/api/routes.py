@@ -143,6 +143,9 @@ async def health(request: Request) -> Response:
     if cache is not None:
         body["cache"] = cache.stats()
         body["batching"] = engine.batch_stats()
+    replicas = getattr(engine, "replicas", None)  # on Ray Serve: one entry per replica
+    if replicas is not None:
+        body["replicas"] = replicas()
     return JSONResponse(body)
 
 

@@ -165,13 +165,7 @@ class Engine:
 
     # -- one request ---------------------------------------------------------------------------
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        spec = self.catalog.get(req.model)
-        if spec is None:
-            served = ", ".join(self.catalog.models)
-            raise ApiError(
-                ErrorCode.INVALID_PARAMETER,
-                f"Model not exist: {echo(req.model)}. This server serves: {served}.",
-            )
+        spec = resolve_model(self.catalog, req.model)
         spec, req.items = apply_request_options(spec, req)
         loaded = self._loaded(spec)
         backend = loaded.backend
@@ -302,6 +296,18 @@ class Engine:
         if any(s.videos for s in stats):
             usage["duration"] = math.ceil(sum(s.seconds for s in stats))
         return usage
+
+
+def resolve_model(catalog: Catalog, name: str) -> ModelSpec:
+    """The spec serving ``name`` (aliases and snapshots included), or the client's 400."""
+    spec = catalog.get(name)
+    if spec is None:
+        served = ", ".join(catalog.models)
+        raise ApiError(
+            ErrorCode.INVALID_PARAMETER,
+            f"Model not exist: {echo(name)}. This server serves: {served}.",
+        )
+    return spec
 
 
 async def _maybe_in_thread(heavy: bool, fn: Callable[[], T]) -> T:

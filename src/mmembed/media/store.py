@@ -15,8 +15,11 @@ The SDK asks for an upload policy, POSTs the file with the policy's form fields,
 - A file expires ``ttl_s`` after it was written (its mtime). Expired files are deleted when
   touched and by a sweep that runs at most every ``sweep_interval_s`` (started by uploads).
 - Each owner's total is capped; bytes being written count at once, so parallel uploads cannot
-  overshoot. Usage is counted in memory from one scan at first use (one server process per
-  store directory is assumed; other processes' uploads are not counted).
+  overshoot. Several processes may share one store (Ray Serve replicas, on shared storage):
+  each upload is checked as it streams against the owner's bytes as last counted here (counted
+  again before a refusal), and linked into place under the owner's lock (``flock`` on that
+  directory) only after a fresh count shows it still fits, so the cap holds across processes
+  (uploads still being written elsewhere count once they are finished).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import base64
 import binascii
 import contextlib
 import errno
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -96,8 +100,9 @@ class UploadStore:
         self.sweep_interval_s = sweep_interval_s
         self._clock = clock
         self._secret: bytes | None = None
-        # Accounting, touched on the event loop only (sweeps report back what they deleted).
-        self._disk: dict[str, int] | None = None  # owner -> bytes of finished uploads
+        # Accounting: per owner, bytes of finished uploads as last scanned (then kept up to
+        # date here), and bytes of this process's uploads being written.
+        self._disk: dict[str, int] = {}
         self._inflight: dict[str, int] = {}  # owner -> bytes of uploads being written
         self._last_sweep = -float("inf")
 
@@ -214,14 +219,26 @@ class UploadStore:
         per-owner caps are enforced as bytes arrive; nothing is kept on failure."""
         self.check_key(key, terms)
         owner = terms.owner
-        await self._ensure_usage()
         await self.maybe_sweep()
+        # The owner's bytes as this process last counted them (the commit counts afresh);
+        # before refusing on that count, count once more: another process may have deleted.
+        recounted = owner not in self._disk
+        if recounted:
+            self._disk[owner] = await asyncio.to_thread(self._scan_owner, owner)
+
+        async def check_quota(extra: int) -> None:
+            nonlocal recounted
+            if not recounted and self.usage(owner) + extra > self.owner_max_bytes:
+                self._disk[owner] = await asyncio.to_thread(self._scan_owner, owner)
+                recounted = True
+            self._check_quota(owner, extra)
+
         final = self._path(owner, key)
         if final.exists():
             raise _exists(key)
         if declared is not None:  # refuse before reading anything when the size is known
             self._check_file_size(declared, terms.max_bytes)
-            self._check_quota(owner, declared)
+            await check_quota(declared)
         tmp_dir = self.root / "tmp"
         tmp = tmp_dir / f"{secrets.token_hex(16)}.part"
         size = 0
@@ -232,18 +249,17 @@ class UploadStore:
             with os.fdopen(fd, "wb") as out:
                 async for chunk in chunks:
                     self._check_file_size(size + len(chunk), terms.max_bytes)
-                    self._check_quota(owner, len(chunk))
+                    await check_quota(len(chunk))
                     self._inflight[owner] = self._inflight.get(owner, 0) + len(chunk)
                     size += len(chunk)
                     out.write(chunk)  # page-cache writes: cheap enough on the event loop
             if size == 0:
                 raise ApiError(ErrorCode.INVALID_PARAMETER, "the uploaded file is empty")
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            try:
-                os.link(tmp, final)  # atomic, and never replaces an existing upload
-            except FileExistsError:
-                raise _exists(key) from None
-            self._add_disk(owner, size)
+            held, linked = await asyncio.to_thread(self._commit, tmp, final, key, owner, size)
+            self._disk[owner] = held  # no await until `finally` uncounts it as in flight
+            if not linked:
+                raise self._quota_error(held + size)
         except OSError as exc:  # a full disk, a read-only or vanished directory
             raise _storage_error("store an upload", exc) from None
         finally:
@@ -255,9 +271,34 @@ class UploadStore:
         log.info("stored an upload of %d bytes for owner %s", size, owner[:8])
         return size
 
+    def _commit(self, tmp: Path, final: Path, key: str, owner: str, size: int) -> tuple[int, bool]:
+        """Link a finished upload into place if the owner's files, counted afresh under the
+        owner's lock, leave room for it (other processes' uploads count too). Returns the
+        owner's bytes on disk after, and whether it was linked (False: over the quota)."""
+        with self._owner_lock(owner):
+            used = self._scan_owner(owner)
+            if used + size > self.owner_max_bytes:
+                return used, False
+            try:
+                os.link(tmp, final)  # atomic, and never replaces an existing upload
+            except FileExistsError:
+                raise _exists(key) from None
+            return used + size, True
+
+    @contextlib.contextmanager
+    def _owner_lock(self, owner: str) -> Iterator[None]:
+        """An exclusive ``flock`` on the owner's directory (blocks; call off the event loop).
+        The directory itself is the lock: no lock files to sweep or to mistake for uploads."""
+        fd = os.open(self.root / owner, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def usage(self, owner: str) -> int:
         """Bytes this owner has stored (not expired) or is uploading right now."""
-        return (self._disk or {}).get(owner, 0) + self._inflight.get(owner, 0)
+        return self._disk.get(owner, 0) + self._inflight.get(owner, 0)
 
     def _check_file_size(self, size: int, max_bytes: int) -> None:
         if size > max_bytes:
@@ -269,16 +310,19 @@ class UploadStore:
     def _check_quota(self, owner: str, extra: int) -> None:
         used = self.usage(owner)
         if used + extra > self.owner_max_bytes:
-            total, limit = format_mb_pair(used + extra, self.owner_max_bytes)
-            raise ApiError(
-                ErrorCode.TOO_LARGE,
-                f"uploads of this API key would take {total}, over the limit of {limit}; "
-                f"uploads expire after {self.ttl_s / 3600:g} h",
-            )
+            raise self._quota_error(used + extra)
+
+    def _quota_error(self, total_bytes: int) -> ApiError:
+        total, limit = format_mb_pair(total_bytes, self.owner_max_bytes)
+        return ApiError(
+            ErrorCode.TOO_LARGE,
+            f"uploads of this API key would take {total}, over the limit of {limit}; "
+            f"uploads expire after {self.ttl_s / 3600:g} h",
+        )
 
     def _add_disk(self, owner: str, size: int) -> None:
-        if self._disk is not None:
-            self._disk[owner] = max(0, self._disk.get(owner, 0) + size)
+        if owner in self._disk:
+            self._disk[owner] = max(0, self._disk[owner] + size)
 
     # -- reading -------------------------------------------------------------------------------
     async def read(self, ref: str, owner: str, max_bytes: int) -> bytes:
@@ -345,18 +389,18 @@ class UploadStore:
             path.unlink()
             self._add_disk(owner, -size)
 
-    async def _ensure_usage(self) -> None:
-        if self._disk is None:
-            scanned = await asyncio.to_thread(self._scan)
-            if self._disk is None:
-                self._disk = scanned
-
-    def _scan(self) -> dict[str, int]:
-        """Bytes per owner on disk, expired files excluded."""
-        used: dict[str, int] = {}
-        for owner, _, st in self._entries():
-            if owner != "tmp" and not self._expired(st.st_mtime):
-                used[owner] = used.get(owner, 0) + st.st_size
+    def _scan_owner(self, owner: str) -> int:
+        """Bytes of the owner's unexpired uploads on disk."""
+        used = 0
+        try:
+            entries = list(os.scandir(self.root / owner))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat(follow_symlinks=False)
+                if not self._expired(st.st_mtime):
+                    used += st.st_size
         return used
 
     def _entries(self) -> Iterator[tuple[str, os.DirEntry[str], os.stat_result]]:

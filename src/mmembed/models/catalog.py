@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mmembed.models.ray_options import RayOptions, parse_ray_options
 from mmembed.models.registry import check_options
 
 PACKAGED_PROFILES = {
@@ -65,6 +66,7 @@ class BackendSpec:
     name: str
     family: str
     options: dict[str, Any] = field(default_factory=dict)
+    ray: RayOptions = field(default_factory=RayOptions)  # `mmembed serve --ray` only
 
 
 _SNAPSHOT = re.compile(r"^(?P<base>.+)-\d{4}-\d{2}-\d{2}$")
@@ -102,11 +104,12 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
             raise ValueError(f"{source}: backends.{name} has no 'family'")
         family = body.pop("family")
         try:
+            ray = parse_ray_options(body.pop("ray", {}))
             _check_common_options(body)
             check_options(family, body)  # typed per-family options: a typo is an error
         except ValueError as exc:
             raise ValueError(f"{source}: backends.{name}: {exc}") from None
-        backends[name] = BackendSpec(name=name, family=family, options=body)
+        backends[name] = BackendSpec(name=name, family=family, options=body, ray=ray)
 
     known = {f.name for f in fields(ModelSpec)} - {"name"}
     models = {}

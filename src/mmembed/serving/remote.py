@@ -1,0 +1,226 @@
+"""``RemoteEngine``: what the API layer needs of an ``Engine``, answered by backend deployments.
+
+The ingress replica's Starlette app (auth, parsing, limits per key, uploads, metering, /models,
+/openapi, the playground) is the one ``mmembed serve`` runs; only its engine differs. ``embed``
+checks the model name here (the same 400 as ``Engine``) and forwards the ``EmbedRequest`` to
+the deployment of the model's backend, which runs the whole ``Engine.embed`` (limits,
+admission, media, cache, batcher, worker) and returns its ``EmbedResult``, or the ``ApiError``
+it refused with, which arrives here whole (it pickles) and is raised as it was.
+
+Status and counters come from the stats board (``serving.board``), refreshed in the background,
+summed over replicas for the existing /health and /metrics code, with a per-replica list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+from mmembed.config import Settings
+from mmembed.engine.engine import resolve_model
+from mmembed.errors import ApiError, ErrorCode
+from mmembed.logs import request_id_var
+from mmembed.models.catalog import Catalog
+from mmembed.serving.board import REPORT_S
+from mmembed.types import EmbedRequest, EmbedResult
+
+log = logging.getLogger("mmembed.serving")
+
+_MAXED = {"largest_batch", "largest_images"}  # per-replica maxima; every other count sums
+
+
+class RemoteEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        backends: dict[str, Any],
+        board: Any,
+        identity: dict[str, Any],
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self._handles = backends  # backend name -> DeploymentHandle
+        self._board = board
+        self._identity = identity  # this ingress replica's entry on the board
+        self._entries: list[dict[str, Any]] = []
+        self._reported = threading.Event()  # every backend has reported at least once
+        self._closed = threading.Event()
+        self.cache = _CacheTotals(self)
+        self.fetcher = _FetchTotals(self)
+
+    # -- board ---------------------------------------------------------------------------------
+    async def poll(self) -> None:
+        """Report this replica and read everyone's entries, every ``REPORT_S`` (a task on the
+        replica's loop, started by the ingress)."""
+        while not self._closed.is_set():
+            try:
+                self._entries = await self._board.report.remote(self._identity)
+                if not self._waiting_for():
+                    self._reported.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the board restarting: keep the last view
+                log.warning("stats board unreachable: %s", exc)
+            await asyncio.sleep(REPORT_S)
+
+    def _waiting_for(self) -> list[str]:
+        reported = {e.get("backend") for e in self._entries if e["role"] == "backend"}
+        return [name for name in self._handles if name not in reported]
+
+    def _backend_entries(self) -> list[dict[str, Any]]:
+        return [e for e in self._entries if e["role"] == "backend"]
+
+    # -- lifecycle (the app's Loader calls load on a thread) -----------------------------------
+    def load(self) -> None:
+        """Wait until every backend deployment has a replica that reported (loaded or failed)."""
+        while not self._reported.wait(1.0):
+            if self._closed.is_set():
+                return
+            log.info("waiting for backends: %s", ", ".join(self._waiting_for()))
+
+    async def aclose(self) -> None:
+        self._closed.set()
+
+    # -- one request ---------------------------------------------------------------------------
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        from ray.exceptions import RayTaskError
+        from ray.serve.exceptions import BackPressureError
+
+        spec = resolve_model(self.catalog, req.model)
+        handle = self._handles.get(spec.backend)
+        if handle is None:
+            raise ApiError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"Model {spec.name} is not available here (no replica).",
+            )
+        try:
+            answer = await handle.embed.remote(req, request_id_var.get())
+        except RayTaskError as exc:  # the replica raised: an ApiError in it is the answer
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ApiError):
+                raise ApiError(cause.error, cause.message, headers=cause.headers) from None
+            raise
+        except BackPressureError:
+            raise ApiError(
+                ErrorCode.THROTTLING,
+                f"Too many requests are waiting for model {spec.name}; retry shortly.",
+                headers={"Retry-After": "1"},
+            ) from None
+        if isinstance(answer, ApiError):  # the backend's refusal, pickled whole
+            raise answer
+        return answer
+
+    # -- what /health and /metrics read --------------------------------------------------------
+    def status(self) -> dict[str, str]:
+        """Per backend that has reported: "ready" if any replica is, else a replica's error."""
+        out: dict[str, str] = {}
+        for entry in self._backend_entries():
+            name = entry["backend"]
+            state = entry["status"].get(name, "not loaded")
+            if out.get(name) != "ready":
+                out[name] = state
+        return out
+
+    def batch_stats(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for entry in self._backend_entries():
+            for name, stats in entry["batching"].items():
+                total = out.setdefault(name, {"replicas": 0})
+                total["replicas"] += 1
+                for key, value in stats.items():
+                    if key == "mean_batch":
+                        continue
+                    if key in _MAXED:
+                        total[key] = max(total.get(key, 0), value)
+                    else:
+                        total[key] = total.get(key, 0) + value
+        for total in out.values():
+            batches = total.get("batches", 0)
+            total["mean_batch"] = round(total.get("inputs", 0) / batches, 2) if batches else 0.0
+        return out
+
+    def batch_sizes(self) -> dict[str, dict[int, int]]:
+        out: dict[str, Counter[int]] = {}
+        for entry in self._backend_entries():
+            for name, sizes in entry["batch_sizes"].items():
+                out.setdefault(name, Counter()).update(sizes)
+        return {name: dict(sizes) for name, sizes in out.items()}
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """One line per live replica (for /health): role, backend, process, node, counters."""
+        out = []
+        for entry in self._entries:
+            row = {k: entry[k] for k in ("replica", "role", "pid", "node") if k in entry}
+            if entry["role"] == "backend":
+                name = entry["backend"]
+                stats = entry["batching"].get(name, {})
+                row |= {
+                    "backend": name,
+                    "status": entry["status"].get(name, "not loaded"),
+                    "threads": entry.get("threads"),
+                    "requests": stats.get("requests", 0),
+                    "batches": stats.get("batches", 0),
+                    "cache_hits": entry["cache"].get("hits", 0),
+                    "media_bytes": entry["media_bytes"],
+                }
+            out.append(row)
+        return out
+
+
+class _CacheTotals:
+    """``engine.cache.stats()``: the replicas' caches summed (each replica has its own)."""
+
+    def __init__(self, engine: RemoteEngine) -> None:
+        self.engine = engine
+
+    def stats(self) -> dict[str, int | float]:
+        total: Counter[str] = Counter()
+        for entry in self.engine._backend_entries():
+            total.update({k: v for k, v in entry["cache"].items() if k != "hit_rate"})
+        lookups = total["hits"] + total["misses"]
+        keys = ("entries", "bytes", "max_bytes", "hits", "misses", "evictions")
+        return {k: total[k] for k in keys} | {
+            "hit_rate": round(total["hits"] / lookups, 4) if lookups else 0.0
+        }
+
+
+class _FetchTotals:
+    """``engine.fetcher``'s counters (media bytes by source, failures by code), summed."""
+
+    def __init__(self, engine: RemoteEngine) -> None:
+        self.engine = engine
+
+    def _sum(self, key: str) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for entry in self.engine._backend_entries():
+            total.update(entry.get(key, {}))
+        return total
+
+    @property
+    def bytes_loaded(self) -> Counter[str]:
+        return self._sum("media_bytes")
+
+    @property
+    def failures(self) -> Counter[str]:
+        return self._sum("fetch_failures")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def identity(role: str) -> dict[str, Any]:
+    """This replica's id, process and node, as the board lists it."""
+    import ray
+    from ray import serve
+
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (unit tests)
+        replica = f"pid-{os.getpid()}"
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return {"replica": replica, "role": role, "pid": os.getpid(), "node": node[:12]}

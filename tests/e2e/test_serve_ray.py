@@ -1,0 +1,353 @@
+"""``mmembed serve --ray`` as a real process: a local Ray cluster on 127.0.0.1, Serve's proxy on a
+loopback port, two ingress replicas, the offline backend plus a second backend at 2 replicas.
+
+The dashscope SDK's core cases run against it unchanged (imported from test_sdk); errors,
+request ids, uploads, /health and /metrics are compared with plain ``mmembed serve`` on the same
+catalog, or checked across replicas.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dashscope
+import httpx
+import pytest
+
+from mmembed.models.catalog import PACKAGED_PROFILES
+from tests.e2e.conftest import API_KEY, EMBED_PATH, Server, start_server, stop_server
+from tests.e2e.test_sdk import (  # noqa: F401  (the SDK's core cases, run against Serve)
+    media,
+    test_async_client,
+    test_dimension,
+    test_fused,
+    test_image_url,
+    test_independent_items_keep_order_and_types,
+    test_local_image_as_base64_matches_the_url,
+    test_text,
+    test_video_url,
+    test_wrong_key_is_reported_not_raised,
+)
+from tests.media_util import make_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.usefixtures("sdk")]
+
+HASH = "hash-embed"  # the second backend's model (deterministic, no weights)
+HASH_CATALOG = """
+[backends.hash]
+family = "hash"
+dim = 64
+
+[backends.hash.ray]
+num_replicas = 2
+num_cpus = 0.25
+
+[models."hash-embed"]
+backend = "hash"
+dimensions = [64, 32]
+"""
+ENV = {
+    "MMEMBED_MAX_BODY_BYTES": str(8 * 1024 * 1024),
+    "MMEMBED_FETCH_READ_TIMEOUT_S": "1.5",
+    "MMEMBED_FETCH_TOTAL_TIMEOUT_S": "3",
+    "MMEMBED_RAY_INGRESS_REPLICAS": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A catalog of two backends, and the cache and upload directories both servers use."""
+    tmp = tmp_path_factory.mktemp("serve-ray")
+    catalog = tmp / "catalog.toml"
+    offline = Path(PACKAGED_PROFILES["offline"]).read_text(encoding="utf-8")
+    catalog.write_text(offline + HASH_CATALOG, encoding="utf-8")
+    return {
+        **ENV,
+        "MMEMBED_CATALOG": str(catalog),
+        "MMEMBED_CACHE_DIR": str(tmp / "cache"),
+        "MMEMBED_UPLOAD_DIR": str(tmp / "uploads"),
+    }
+
+
+def stop_ray_server(srv: Server) -> int | None:
+    srv.proc.terminate()  # SIGTERM: Serve shuts down, then the local cluster
+    try:
+        return srv.proc.wait(90)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        return None
+
+
+@pytest.fixture(scope="module")
+def server(shared, tmp_path_factory) -> Iterator[Server]:
+    """``mmembed serve --ray`` (overrides the session's plain server for this module)."""
+    srv = start_server(tmp_path_factory.mktemp("ray-log"), shared, ("--ray",), start_s=420)
+    yield srv
+    assert stop_ray_server(srv) == 0, srv.logs()[-3000:]
+    assert "Traceback" not in srv.logs(), srv.logs()
+
+
+@pytest.fixture(scope="module")
+def plain(shared, server, tmp_path_factory) -> Iterator[Server]:
+    """Plain ``mmembed serve`` on the same catalog and directories (started after the Serve
+    one, so the offline model's exports are cached)."""
+    srv = start_server(tmp_path_factory.mktemp("plain-log"), shared)
+    yield srv
+    stop_server(srv)
+
+
+def body(model: str, contents: list, **parameters) -> dict:
+    return {"model": model, "input": {"contents": contents}, "parameters": parameters}
+
+
+def post(srv: Server, data: dict, **headers: str) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {API_KEY}", **headers}
+    return httpx.post(srv.url + EMBED_PATH, json=data, headers=headers, timeout=60)
+
+
+def health(srv: Server) -> dict:
+    resp = httpx.get(srv.url + "/health", timeout=10)
+    assert resp.status_code == 200
+    return resp.json()
+
+
+def eventually(probe, what: str, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    """``probe()`` once it is truthy: the replicas report to the board every 0.5 s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value or time.monotonic() > deadline:
+            assert value, f"never true: {what}"
+            return value
+        time.sleep(0.25)
+
+
+# -- errors and request ids: as plain serve answers them -------------------------------------
+ERRORS = {
+    "unknown model": body("no-such-model", [{"text": "x"}]),
+    "bad image url": body("tongyi-embedding-vision-plus", [{"image": "http://10.1.2.3/cat.png"}]),
+    "too many items": body("multimodal-embedding-v1", [{"text": f"t{i}"} for i in range(21)]),
+    "bad dimension": body(HASH, [{"text": "x"}], dimension=7),
+    "empty input": body(HASH, []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_errors_are_those_of_plain_serve(server, plain, case):
+    got, want = post(server, ERRORS[case]), post(plain, ERRORS[case])
+    assert want.status_code == 400  # a client error, not our fault
+    assert got.status_code == want.status_code
+    g, w = got.json(), want.json()
+    assert (g["code"], g["message"]) == (w["code"], w["message"])
+    assert g["request_id"] == got.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("which", ["serve", "plain"])
+def test_an_incoming_request_id_is_adopted_end_to_end(server, plain, which):
+    srv = server if which == "serve" else plain
+    ok = post(srv, body(HASH, [{"text": "hello"}]), **{"x-request-id": "trace-42.a"})
+    assert ok.status_code == 200, ok.text
+    assert ok.headers.get_list("x-request-id") == ["trace-42.a"]
+    assert ok.json()["request_id"] == "trace-42.a"
+    again = post(srv, body(HASH, [{"text": "hello"}]), **{"x-request-id": "trace-42.a"})
+    assert again.status_code == 200, again.text  # a repeated id is recorded in the ledger too
+    bad = post(srv, ERRORS["bad image url"], **{"x-request-id": "trace-43"})
+    assert bad.headers.get_list("x-request-id") == ["trace-43"]
+    assert bad.json()["request_id"] == "trace-43"
+    # unusable (a space, or too long): replaced by a fresh id, the same in header and body
+    for sent in ("has a space", "x" * 129):
+        resp = post(srv, body(HASH, [{"text": "hello"}]), **{"x-request-id": sent})
+        (rid,) = resp.headers.get_list("x-request-id")
+        assert rid != sent and resp.json()["request_id"] == rid and len(rid) == 36
+
+
+def test_backend_log_lines_carry_the_request_id(server):
+    resp = post(server, ERRORS["bad image url"], **{"x-request-id": "find-me-in-the-backend"})
+    assert resp.status_code == 400
+    # the fetch refusal is logged by the backend replica's fetcher, under the same id
+    eventually(
+        lambda: any(
+            "find-me-in-the-backend" in line and "ServeReplica:mmembed:backend-" in line
+            for line in server.logs().splitlines()
+        ),
+        "a backend replica's log line with the request id",
+    )
+
+
+# -- replicas: /health lists them, /metrics sums them -----------------------------------------
+def test_health_lists_every_replica(server):
+    def complete() -> dict | None:
+        h = health(server)
+        roles = [(r["role"], r.get("backend")) for r in h["replicas"]]
+        want = [("backend", "hash")] * 2 + [("backend", "offline")] + [("ingress", None)] * 2
+        return h if sorted(roles, key=str) == sorted(want, key=str) else None
+
+    h = eventually(complete, "2 hash, 1 offline and 2 ingress replicas in /health")
+    assert h["status"] == "ok" and h["backends"] == {"hash": "ready", "offline": "ready"}
+    pids = [r["pid"] for r in h["replicas"]]
+    assert len(set(pids)) == 5  # five processes
+    assert all(r["status"] == "ready" for r in h["replicas"] if r["role"] == "backend")
+    offline = next(r for r in h["replicas"] if r.get("backend") == "offline")
+    assert offline["threads"] == 1  # its CPU share (num_cpus = 1 by default)
+    assert h["batching"]["hash"]["replicas"] == 2
+
+
+def _metric(text: str, name: str, label: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_sum_over_replicas(server):
+    def hash_counts() -> tuple[float, float]:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        label = 'backend="hash"'
+        return (
+            _metric(text, "mmembed_batch_size_sum", label),
+            _metric(text, "mmembed_forward_passes_total", label),
+        )
+
+    eventually(lambda: health(server)["replicas"], "replicas reported")
+    time.sleep(1.5)  # the board is current
+    before_items, before_passes = hash_counts()
+    n = 24
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(
+            pool.map(
+                lambda i: post(server, body(HASH, [{"text": f"metrics {i}"}])).status_code,
+                range(n),
+            )
+        )
+    assert codes == [200] * n
+    items = eventually(
+        lambda: hash_counts()[0] >= before_items + n and hash_counts(), f"{n} more items"
+    )[0]
+    assert items == before_items + n  # texts are not cached: every item went through a pass
+    h = health(server)
+    per_replica = [r for r in h["replicas"] if r.get("backend") == "hash"]
+    assert sum(r["batches"] for r in per_replica) == h["batching"]["hash"]["batches"]
+    assert hash_counts()[1] == h["batching"]["hash"]["batches"] >= before_passes + 1
+
+
+# -- uploads: stored by an ingress replica, resolved by a backend replica ---------------------
+def test_an_upload_is_resolved_in_another_process(server, tmp_path, shared):
+    pictures = []
+    for i in range(4):  # several: the policy and the upload POST may meet different ingresses
+        path = tmp_path / f"picture-{i}.png"
+        path.write_bytes(make_image("PNG", (48 + i, 40)))
+        pictures.append(path)
+    before = health(server)
+    for path in pictures:
+        resp = dashscope.MultiModalEmbedding.call(model=HASH, input=[{"image": path.as_uri()}])
+        assert resp.status_code == 200, (resp.code, resp.message)
+        assert resp.output["embeddings"][0]["type"] == "image"
+    stored = list(Path(shared["MMEMBED_UPLOAD_DIR"]).glob("*/*"))
+    assert len([p for p in stored if p.parent.name != "tmp"]) >= len(pictures)
+
+    def oss_bytes() -> dict[int, int]:
+        return {
+            r["pid"]: r["media_bytes"].get("oss", 0)
+            for r in health(server)["replicas"]
+            if r["role"] == "backend"
+        }
+
+    was = sum(r["media_bytes"].get("oss", 0) for r in before["replicas"] if r["role"] == "backend")
+    total = sum(p.stat().st_size for p in pictures)
+    readers = eventually(
+        lambda: sum(oss_bytes().values()) >= was + total and oss_bytes(), "oss bytes read"
+    )
+    ingress = {r["pid"] for r in health(server)["replicas"] if r["role"] == "ingress"}
+    assert len(ingress) == 2
+    assert {pid for pid, n in readers.items() if n} - ingress  # read by a backend process
+    assert not {pid for pid, n in readers.items() if n} & ingress
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--host", "0.0.0.0"), "refusing to bind '0.0.0.0' without API keys"),
+        (("--ssl-certfile", "/nonexistent.pem"), "TLS needs both"),
+    ],
+)
+def test_start_up_rules_of_plain_serve_apply(args, says, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMEMBED_")}
+    env["MMEMBED_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmembed.cli", "serve", "--ray", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and says in proc.stderr
+
+
+def _process_tree(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, todo = {root}, [root]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, p in parents.items() if p == parent]
+        tree.update(kids)
+        todo += kids
+    return tree
+
+
+def _sockets(pids: set[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    return inodes
+
+
+def _tcp(inodes: set[str]) -> list[tuple[str, str, str]]:
+    """(state, local ip, remote ip) of the TCP sockets with these inodes (hex as in /proc)."""
+    rows = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[9] in inodes:
+                    rows.append((cols[3], cols[1].split(":")[0], cols[2].split(":")[0]))
+    return rows
+
+
+def _is_loopback_hex(ip: str) -> bool:
+    if len(ip) == 8:  # IPv4, little-endian: 0100007F is 127.0.0.1
+        return ip.endswith("7F")
+    v4_mapped = ip.startswith("0000000000000000FFFF0000")
+    return (v4_mapped and ip.endswith("7F")) or ip == "00000000000000000000000001000000"
+
+
+def test_ray_stays_on_loopback(server):
+    """Every connection of the server's processes (driver, GCS, raylet, proxy, replicas) is
+    between loopback addresses; listeners are on loopback, except the one each Serve replica
+    opens on every interface itself (Ray hard-codes it; nothing connects to it here)."""
+    h = eventually(lambda: health(server)["replicas"], "replicas")
+    rows = _tcp(_sockets(_process_tree(server.proc.pid)))
+    assert len(rows) > 20  # the cluster's sockets were found
+    connected = [r for r in rows if r[0] == "01"]  # ESTABLISHED
+    assert connected and all(_is_loopback_hex(r[1]) and _is_loopback_hex(r[2]) for r in connected)
+    wide = [r for r in rows if r[0] == "0A" and not _is_loopback_hex(r[1])]  # LISTEN
+    assert len(wide) <= len(h) + 1  # one per replica (and the board) at most
+    assert "proxy 127.0.0.1" in server.logs()
