@@ -31,6 +31,15 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def prepare(address: str) -> None:
+    """The environment for a driver of ``address`` (``local``: a cluster of its own). A value
+    the user set wins; no effect once Ray is imported."""
+    if address == LOCAL or is_loopback(address):
+        os.environ.setdefault(_SINGLE_HOST, "0")
+    if address == LOCAL:  # a cluster of our own: no usage report (nor its cloud probes)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
 def require_ray(command: str, *, serve: bool = False) -> Any:
     """The ``ray`` module, or an exit naming the extra that provides it."""
     try:
@@ -53,10 +62,7 @@ def start_ray(
     serve: bool = False,
 ) -> Any:
     """Connect this process to Ray (see the module doc); a no-op when it already is."""
-    if address == LOCAL or is_loopback(address):
-        os.environ.setdefault(_SINGLE_HOST, "0")  # (no effect once Ray is imported)
-    if address == LOCAL:  # a cluster of our own: no usage report (nor its cloud probes)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    prepare(address)
     ray = require_ray(command, serve=serve)
     if ray.is_initialized():
         return ray

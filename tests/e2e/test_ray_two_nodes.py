@@ -2,9 +2,6 @@
 replicas, one GPU each (one declared GPU per node), gets one replica on each node; requests
 are served through them with the plain server's vectors, and nothing leaves loopback (but
 the listeners Ray Serve opens on every interface, see the test).
-
-Skipped only while this branch has no ``mmembed serve --ray`` (it comes from the Ray Serve
-work); never skipped otherwise.
 """
 
 from __future__ import annotations
@@ -26,18 +23,6 @@ from tests.ray_cluster import node_table, non_loopback_sockets, start_cluster, s
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 MODEL, DIM = "tongyi-embedding-vision-plus", 256
-HAS_SERVE_RAY = (
-    "--ray"
-    in subprocess.run(
-        [sys.executable, "-m", "mmembed.cli", "serve", "--help"], capture_output=True, text=True
-    ).stdout
-)
-if not HAS_SERVE_RAY:
-    pytest.skip(
-        "mmembed serve --ray does not exist on this branch yet (the Ray Serve work adds it)",
-        allow_module_level=True,
-    )
-
 # The offline profile, its backend deployed as two replicas of one GPU each.
 REPLICAS = """
 [backends.offline.ray]

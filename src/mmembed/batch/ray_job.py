@@ -19,7 +19,7 @@
 ``local`` starts a single-node cluster for this job on 127.0.0.1, without the dashboard or
 usage stats; any other value is passed to ``ray.init(address=...)``. Local paths in INPUT must
 be readable at the same path on every node of a cluster (a shared mount), or be URLs.
-Both stay on loopback when the cluster is (see ``mmembed.rayloopback``).
+Both stay on loopback when the cluster is (see ``mmembed.raylocal``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import collections
 import json
 import logging
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -38,22 +37,12 @@ from mmembed.batch.job import JobConfig, Summary, embed_task
 from mmembed.batch.output import PartWriter, Row
 from mmembed.batch.progress import Progress
 from mmembed.config import Settings
+from mmembed.raylocal import LOCAL, start_ray
 
 log = logging.getLogger("mmembed.batch")
 
 ACTOR_CPUS = 0.5  # per actor, as Ray accounts it: leaves room for Ray Data's own tasks
 ACTORS_START_S = 600  # for the whole pool to be up (models loaded) before any block is sent
-
-
-def _require_ray() -> Any:
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise SystemExit(
-            "mmembed embed --ray needs the [ray] extra: pip install 'mmembed[ray]'"
-        ) from None
-    return ray
 
 
 class EmbedActor:
@@ -106,28 +95,6 @@ class EmbedActor:
         }
 
 
-def start_ray(address: str, num_cpus: int | None = None) -> Any:
-    from mmembed import rayloopback
-
-    rayloopback.prepare(address)
-    ray = _require_ray()
-    if ray.is_initialized():
-        return ray
-    quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if address == "local":
-        # address="local": always a new cluster, never one that happens to run on this machine
-        # (RAY_ADDRESS, or the last one started here).
-        ray.init(
-            address="local",
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            _node_ip_address="127.0.0.1",
-            **quiet,
-        )
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
-    return ray
-
-
 def run_ray(
     settings: Settings,
     cfg: JobConfig,
@@ -140,7 +107,7 @@ def run_ray(
 
     import pyarrow as pa
 
-    ray = start_ray(cfg.ray or "local")
+    ray = start_ray(cfg.ray or LOCAL, command="mmembed embed --ray")
     try:
         cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
         actors = cfg.ray_actors or max(1, int(cpus // 2))

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mmembed import rayloopback
+from mmembed import raylocal
 
 
 @pytest.mark.parametrize(
@@ -23,19 +23,19 @@ from mmembed import rayloopback
     ],
 )
 def test_is_loopback(address, loopback):
-    assert rayloopback.is_loopback(address) is loopback
+    assert raylocal.is_loopback(address) is loopback
 
 
 def test_prepare_sets_only_what_the_address_needs(monkeypatch):
     for var in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"):
         monkeypatch.delenv(var, raising=False)
-    rayloopback.prepare("10.0.0.5:6379")
+    raylocal.prepare("10.0.0.5:6379")
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
-    rayloopback.prepare("127.0.0.1:6379")
+    raylocal.prepare("127.0.0.1:6379")
     env = os.environ
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and "RAY_USAGE_STATS_ENABLED" not in env
-    rayloopback.prepare("local")
+    raylocal.prepare("local")
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")  # the user's choice wins
-    rayloopback.prepare("local")
+    raylocal.prepare("local")
     assert env["RAY_USAGE_STATS_ENABLED"] == "1"
