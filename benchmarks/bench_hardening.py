@@ -4,9 +4,10 @@ throughput at concurrency 32 before and after the change, in one invocation.
     .venv/bin/python benchmarks/bench_hardening.py --baseline /path/to/checkout-of-50a6aa0
 
 1. Throughput: a server running the ``--baseline`` checkout's code and one running this
-   checkout's code (each via PYTHONPATH), both started, then short bursts alternating between
-   them ``--rounds`` times: 32 clients sending one text per request, then one image (fetched
-   from a loopback origin). Totals per side; read the ratio after / before.
+   checkout's code (each via PYTHONPATH; ``--variant`` adds more of this checkout with other
+   settings), all started, then short bursts alternating between them ``--rounds`` times, in
+   turn forward and backward: 32 clients sending one text per request, then one image
+   (fetched from a loopback origin). Totals per side and each round's ratio to the baseline.
 2. Attacks, against this checkout's server (default settings, offline model), each for
    ``--seconds``, while ONE probe client sends one short text at a time:
    - long text: 4 clients, each request 20 texts of ~30,000 tokens (qwen3-vl-embedding);
@@ -57,14 +58,18 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def throughput(
-    srcs: dict[str, str], texts: list[str], origin: StaticOrigin, n_images: int, rounds: int
+    sides: dict[str, tuple[str, dict[str, str]]],
+    texts: list[str],
+    origin: StaticOrigin,
+    n_images: int,
+    rounds: int,
 ) -> tuple[dict[tuple[str, str], Result], dict[tuple[str, str], list[float]]]:
     """Both servers up at once (an idle one costs nothing); bursts alternate between them,
     ``rounds`` times, in turn A B then B A, so the machine's changing load falls on both
     alike. Totals per side, and each side's rate per round."""
     servers = {
-        label: start_mmembed({"PYTHONPATH": src, "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1"})
-        for label, src in srcs.items()
+        label: start_mmembed({"PYTHONPATH": src, "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1", **env})
+        for label, (src, env) in sides.items()
     }
     totals: dict[tuple[str, str], Result] = {}
     per_round: dict[tuple[str, str], list[float]] = {}
@@ -189,36 +194,49 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-attacks", action="store_true")
     ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE,...",
+        help="also measure this checkout with these environment settings, e.g. "
+        "'bare:MMEMBED_DATABASE_URL=none,MMEMBED_METRICS=false' (repeatable)",
+    )
+    ap.add_argument(
         "--hammer", action="store_true", help="attackers retry a 429 at once (default: after 1 s)"
     )
     args = ap.parse_args()
     new_src, old_src = os.path.join(HERE, "src"), os.path.join(args.baseline, "src")
+    sides = {"before": (old_src, {}), "defaults": (new_src, {})}
+    for variant in args.variant:
+        label, _, settings = variant.partition(":")
+        sides[label] = (new_src, dict(kv.split("=", 1) for kv in settings.split(",") if kv))
 
     if not args.skip_throughput:
         texts = sentences(args.texts)
         files = photos(args.images * args.rounds)
         origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(files)}, "image/jpeg")
         try:
-            totals, per_round = throughput(
-                {"before": old_src, "after": new_src}, texts, origin, args.images, args.rounds
-            )
+            totals, per_round = throughput(sides, texts, origin, args.images, args.rounds)
         finally:
             origin.close()
         rows = []
         for what in ("texts", "images"):
-            b, a = totals[("before", what)], totals[("after", what)]
-            pairs = zip(per_round[("after", what)], per_round[("before", what)], strict=True)
-            ratios = sorted(x / y for x, y in pairs)
-            rows.append([
-                what, f"{b.rate:.1f}", f"{a.rate:.1f}", f"{a.rate / b.rate:.2f}",
-                f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
-                f"{b.pct(50):.0f} / {b.pct(99):.0f}", f"{a.pct(50):.0f} / {a.pct(99):.0f}",
-            ])  # fmt: skip
+            b = totals[("before", what)]
+            for label in list(sides)[1:]:
+                a = totals[(label, what)]
+                pairs = zip(per_round[(label, what)], per_round[("before", what)], strict=True)
+                ratios = sorted(x / y for x, y in pairs)
+                rows.append([
+                    what, label, f"{b.rate:.1f}", f"{a.rate:.1f}", f"{a.rate / b.rate:.2f}",
+                    f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
+                    f"{b.pct(50):.0f} / {b.pct(99):.0f}", f"{a.pct(50):.0f} / {a.pct(99):.0f}",
+                ])  # fmt: skip
         print(
             f"\nthroughput, 32 clients, 1 item per request, {args.rounds} alternating rounds, "
             f"{os.cpu_count()} cores (shared)"
         )
-        header = ["what", "before /s", "after /s", "after / before", "per round: median (range)",
+        header = ["what", "after =", "before /s", "after /s", "after / before",
+                  "per round: median (range)",
                   "before p50/p99 ms", "after p50/p99 ms"]  # fmt: skip
         print(table(header, rows))
 
