@@ -100,6 +100,7 @@ def test_catalog_ray_table_is_typed_and_checked():
         ({"num_cpus": -1}, "ray.num_cpus must be a number >= 0"),
         ({"num_gpus": True}, "ray.num_gpus must be a number"),
         ({"min_replicas": 3, "max_replicas": 2}, "above ray.max_replicas"),
+        ({"min_replicas": 0, "max_replicas": 2}, "scaling to zero"),
         ({"num_replicas": 2, "max_replicas": 3}, "not both"),
         ({"max_ongoing_requests": 0}, "at least 1"),
     ],

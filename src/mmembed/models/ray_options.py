@@ -48,6 +48,8 @@ def parse_ray_options(raw: Any) -> RayOptions:
     opts = RayOptions(**raw)
     if opts.num_replicas < 1 or (opts.max_replicas is not None and opts.max_replicas < 1):
         raise ValueError("ray: a backend needs at least one replica")
+    if opts.min_replicas == 0:  # (its replicas' reports are what tell the ingress it is up)
+        raise ValueError("ray.min_replicas must be at least 1: scaling to zero is not supported")
     lo, hi = opts.min_replicas or 0, opts.max_replicas
     if hi is not None and lo > hi:
         raise ValueError(f"ray.min_replicas ({lo}) is above ray.max_replicas ({hi})")
