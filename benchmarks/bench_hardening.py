@@ -37,6 +37,7 @@ from loadgen import (
     StaticOrigin,
     client_session,
     closed_loop,
+    cpu_seconds,
     photos,
     post,
     rss_mb,
@@ -63,16 +64,18 @@ def throughput(
     origin: StaticOrigin,
     n_images: int,
     rounds: int,
-) -> tuple[dict[tuple[str, str], Result], dict[tuple[str, str], list[float]]]:
+) -> tuple[dict, dict, dict]:
     """Both servers up at once (an idle one costs nothing); bursts alternate between them,
     ``rounds`` times, in turn A B then B A, so the machine's changing load falls on both
-    alike. Totals per side, and each side's rate per round."""
+    alike. Totals per side, each side's rate per round, and the CPU seconds its server and
+    worker processes used."""
     servers = {
         label: start_mmembed({"PYTHONPATH": src, "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1", **env})
         for label, (src, env) in sides.items()
     }
     totals: dict[tuple[str, str], Result] = {}
     per_round: dict[tuple[str, str], list[float]] = {}
+    cpu_used: dict[tuple[str, str], float] = {}
     try:
 
         def text_body(i: int) -> dict:
@@ -88,14 +91,18 @@ def throughput(
                 ("images", image_body, n_images),
             ):
                 order = list(servers.items())
-                for label, (_, url) in order if r % 2 == 0 else order[::-1]:  # ABBA: no drift
+                for label, (proc, url) in order if r % 2 == 0 else order[::-1]:  # ABBA
+                    cpu = cpu_seconds(proc.pid)
                     res = asyncio.run(closed_loop(url + EMBED_PATH, body, 1, 32, n))
+                    cpu_used[(label, what)] = cpu_used.get((label, what), 0.0) + (
+                        cpu_seconds(proc.pid) - cpu
+                    )
                     total = totals.setdefault((label, what), Result())
                     total.items += res.items
                     total.seconds += res.seconds
                     total.latencies += res.latencies
                     per_round.setdefault((label, what), []).append(res.rate)
-        return totals, per_round
+        return totals, per_round, cpu_used
     finally:
         for proc, _ in servers.values():
             stop(proc)
@@ -216,7 +223,7 @@ def main() -> None:
         files = photos(args.images * args.rounds)
         origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(files)}, "image/jpeg")
         try:
-            totals, per_round = throughput(sides, texts, origin, args.images, args.rounds)
+            totals, per_round, cpu_used = throughput(sides, texts, origin, args.images, args.rounds)
         finally:
             origin.close()
         rows = []
@@ -226,9 +233,12 @@ def main() -> None:
                 a = totals[(label, what)]
                 pairs = zip(per_round[(label, what)], per_round[("before", what)], strict=True)
                 ratios = sorted(x / y for x, y in pairs)
+                cpu_b = cpu_used[("before", what)] / b.items * 1000
+                cpu_a = cpu_used[(label, what)] / a.items * 1000
                 rows.append([
                     what, label, f"{b.rate:.1f}", f"{a.rate:.1f}", f"{a.rate / b.rate:.2f}",
                     f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
+                    f"{cpu_b:.1f} / {cpu_a:.1f}",
                     f"{b.pct(50):.0f} / {b.pct(99):.0f}", f"{a.pct(50):.0f} / {a.pct(99):.0f}",
                 ])  # fmt: skip
         print(
@@ -236,7 +246,7 @@ def main() -> None:
             f"{os.cpu_count()} cores (shared)"
         )
         header = ["what", "after =", "before /s", "after /s", "after / before",
-                  "per round: median (range)",
+                  "per round: median (range)", "CPU ms per item before / after",
                   "before p50/p99 ms", "after p50/p99 ms"]  # fmt: skip
         print(table(header, rows))
 

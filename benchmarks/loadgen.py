@@ -91,6 +91,19 @@ def process_tree(pid: int) -> set[int]:
     return tree
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by the process and its worker processes."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except OSError:
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(current RSS, peak RSS) in MiB, from /proc, summed over the process and its worker
     processes (the peak is the sum of each one's peak: an upper bound)."""
