@@ -35,7 +35,6 @@ from tests.e2e.test_sdk import (  # noqa: F401  (the SDK's core cases, run again
     test_wrong_key_is_reported_not_raised,
 )
 from tests.media_util import make_image
-from tests.ray_cluster import process_tree
 
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.usefixtures("sdk")]
 
@@ -122,12 +121,7 @@ def eventually(probe, what: str, timeout: float = 60.0):  # type: ignore[no-unty
     """``probe()`` once it is truthy: the replicas report to the board every 0.5 s."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            value = probe()
-        except AssertionError:  # e.g. /health still 503 while a replica starts
-            if time.monotonic() > deadline:
-                raise
-            value = None
+        value = probe()
         if value or time.monotonic() > deadline:
             assert value, f"never true: {what}"
             return value
@@ -302,7 +296,25 @@ def test_start_up_rules_of_plain_serve_apply(args, says, tmp_path):
     assert proc.returncode == 2 and says in proc.stderr
 
 
-def _sockets(pids: list[int]) -> set[str]:
+def _process_tree(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, todo = {root}, [root]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, p in parents.items() if p == parent]
+        tree.update(kids)
+        todo += kids
+    return tree
+
+
+def _sockets(pids: set[int]) -> set[str]:
     inodes = set()
     for pid in pids:
         try:
@@ -339,7 +351,7 @@ def test_ray_stays_on_loopback(server):
     between loopback addresses; listeners are on loopback, except the one each Serve replica
     opens on every interface itself (Ray hard-codes it; nothing connects to it here)."""
     h = eventually(lambda: health(server)["replicas"], "replicas")
-    rows = _tcp(_sockets(process_tree(server.proc.pid)))
+    rows = _tcp(_sockets(_process_tree(server.proc.pid)))
     assert len(rows) > 20  # the cluster's sockets were found
     connected = [r for r in rows if r[0] == "01"]  # ESTABLISHED
     assert connected and all(_is_loopback_hex(r[1]) and _is_loopback_hex(r[2]) for r in connected)
