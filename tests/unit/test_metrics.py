@@ -40,13 +40,13 @@ def test_throttled_and_crashed_requests_are_counted_per_app():
     crashing = create_app(Settings(), engine=BrokenEngine("bug"))  # type: ignore[arg-type]
     a = run(throttling, [("POST", EMBED_PATH)] * 3)
     b = run(crashing, [("POST", EMBED_PATH), ("GET", "/nowhere")])
-    # the stand-in engine has no catalog: its model name is not a served one
-    assert requests(a, EMBED_PATH, "other", "429") == 3
-    assert a[("mmembed_throttled_requests_total", ("model", "other"))] == 3
-    assert requests(b, EMBED_PATH, "other", "500") == 1
+    # the stand-in engine's catalog serves "m"
+    assert requests(a, EMBED_PATH, "m", "429") == 3
+    assert a[("mmembed_throttled_requests_total", ("model", "m"))] == 3
+    assert requests(b, EMBED_PATH, "m", "500") == 1
     assert requests(b, "other", "none", "404") == 1  # unknown paths share one label
-    assert requests(a, EMBED_PATH, "other", "500") == 0  # registries are not shared
-    assert requests(b, EMBED_PATH, "other", "429") == 0
+    assert requests(a, EMBED_PATH, "m", "500") == 0  # registries are not shared
+    assert requests(b, EMBED_PATH, "m", "429") == 0
 
 
 def test_metrics_can_be_switched_off():

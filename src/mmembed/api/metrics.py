@@ -25,6 +25,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mmembed.api.door import CONTEXT_STATE
+from mmembed.request import UNKNOWN_MODEL, RequestContext
+
 PATH = "/metrics"
 OTHER = "other"
 NONE = "none"  # requests that name no model (health, listings, bad bodies)
@@ -72,16 +75,16 @@ class Metrics:
         self.app_state: Any = None  # the Starlette app's state, for the engine at scrape time
         r.register(_EngineCollector(self))
 
-    def model_label(self, name: object) -> str:
-        if not name:
+    @staticmethod
+    def model_label(ctx: RequestContext | None) -> str:
+        """The request's canonical model (resolved once, at the door): aliases and snapshots
+        count under the served name, names the catalog does not serve as ``other``."""
+        if ctx is None or not ctx.model:
             return NONE
-        engine = getattr(self.app_state, "engine", None)
-        catalog = getattr(engine, "catalog", None)
-        spec = catalog.get(name) if catalog is not None and isinstance(name, str) else None
-        return spec.name if spec is not None else OTHER  # aliases count under the served name
+        return OTHER if ctx.model == UNKNOWN_MODEL else ctx.model
 
     def observe(self, route: str, state: dict[str, Any], status: int, seconds: float) -> None:
-        model = self.model_label(state.get("model"))
+        model = self.model_label(state.get(CONTEXT_STATE))
         self.requests.labels(route, model, str(status)).inc()
         if status == 429:
             self.throttled.labels(model).inc()
@@ -94,15 +97,11 @@ class Metrics:
         for kind, n in Tally(result.kinds).items():
             self.items.labels(model, kind).inc(n)
         usage = result.usage
-        self.tokens.labels(model, "text").inc(usage.get("input_tokens", 0))
-        per_image = self._image_tokens(model)
-        image = usage.get("image_count", 0) * per_image
+        self.tokens.labels(model, "text").inc(usage.input_tokens)
+        spec = state[CONTEXT_STATE].spec
+        image = usage.image_count * (spec.image_tokens if spec is not None else 0)
         self.tokens.labels(model, "image").inc(image)
-        self.tokens.labels(model, "video_frame").inc(max(0, usage.get("image_tokens", 0) - image))
-
-    def _image_tokens(self, model: str) -> int:
-        spec = self.app_state.engine.catalog.models.get(model)
-        return getattr(spec, "image_tokens", 0)
+        self.tokens.labels(model, "video_frame").inc(max(0, usage.image_tokens - image))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

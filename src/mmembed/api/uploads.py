@@ -25,7 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from mmembed.api.routes import check_api_key, upload_owner
+from mmembed.api.auth import authenticate, upload_owner
 from mmembed.config import Settings
 from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.logs import request_id_var
@@ -63,20 +63,21 @@ def _file_cap(request: Request, model: str | None) -> int:
 # -- 1. the policy -------------------------------------------------------------------------------
 async def get_policy(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    allowed = check_api_key(request, settings)
+    principal = authenticate(request)
     action = request.query_params.get("action")
     if action != "getPolicy":
         raise _bad(f"action must be 'getPolicy', got {echo(action)}.")
     model = request.query_params.get("model") or None
     if model is not None:
-        if request.app.state.catalog.get(model) is None:
+        spec = request.app.state.catalog.get(model)
+        if spec is None:
             raise _bad(f"Model not exist: {echo(model)}.")
-        if allowed is not None and model not in allowed:
+        if not principal.may_use(spec.name):
             raise ApiError(
-                ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(model)}."
+                ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(spec.name)}."
             )
     store = _store(request)
-    owner = upload_owner(request, settings)
+    owner = upload_owner(request, principal)
     max_bytes = _file_cap(request, model)
     terms = store.new_policy(owner, max_bytes)
     base = settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")

@@ -25,6 +25,7 @@ from mmembed.engine.engine import resolve_model
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.logs import request_id_var
 from mmembed.models.catalog import Catalog
+from mmembed.request import RequestContext
 from mmembed.serving.board import REPORT_S
 from mmembed.types import EmbedRequest, EmbedResult
 
@@ -87,11 +88,11 @@ class RemoteEngine:
         self._closed.set()
 
     # -- one request ---------------------------------------------------------------------------
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
+    async def embed(self, req: EmbedRequest, ctx: RequestContext | None = None) -> EmbedResult:
         from ray.exceptions import RayTaskError
         from ray.serve.exceptions import BackPressureError
 
-        spec = resolve_model(self.catalog, req.model)
+        spec = ctx.spec if ctx and ctx.spec else resolve_model(self.catalog, req.model)
         handle = self._handles.get(spec.backend)
         if handle is None:
             raise ApiError(
@@ -99,7 +100,7 @@ class RemoteEngine:
                 f"Model {spec.name} is not available here (no replica).",
             )
         try:
-            answer = await handle.embed.remote(req, request_id_var.get())
+            answer = await handle.embed.remote(req, request_id_var.get(), ctx)
         except RayTaskError as exc:  # the replica raised: an ApiError in it is the answer
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ApiError):
