@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -151,12 +152,13 @@ def create_app(
     upload_store: UploadStore | None = None,
     load_in_background: bool = False,
     announce: str = "",
+    clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The composition root: builds the parts (catalog, upload store, fetcher, engine) once and
     hands them to the handlers through ``app.state``. Tests may pass their own engine (and the
     upload store its fetcher reads). ``load_in_background``: serve at once and load models
     behind 503s (the CLI); otherwise start-up waits for them. ``announce``: the base URL for
-    the ready log line."""
+    the ready log line. ``clock``: the wall clock of the key limits' windows (tests)."""
     store = upload_store or UploadStore.from_settings(settings)
     if engine is None:
         fetcher = Fetcher(settings, uploads=store)
@@ -173,7 +175,7 @@ def create_app(
         problem = await asyncio.to_thread(store.check)
         if problem:
             log.error("uploads unavailable: %s", problem)
-        app.state.accounts = Accounts(settings, eng.catalog)  # keys, limits, usage ledger
+        app.state.accounts = Accounts(settings, eng.catalog, clock)  # keys, limits, usage ledger
         await app.state.accounts.start()
         loader = None
         if load_in_background:
