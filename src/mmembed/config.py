@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -209,7 +210,7 @@ class Settings:
         return "MMEMBED_" + name.upper()
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -270,7 +271,7 @@ class Settings:
 
 
 def _type_of(name: str) -> str:
-    return next(f.type for f in fields(Settings) if f.name == name)
+    return str(next(f.type for f in fields(Settings) if f.name == name))
 
 
 def _parse(type_name: Any, raw: str) -> Any:

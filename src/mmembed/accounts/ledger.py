@@ -24,6 +24,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from mmembed.accounts import limits, schema
 from mmembed.accounts.keys import Limits
+from mmembed.accounts.limits import Refusal
 from mmembed.accounts.store import Store, explain
 from mmembed.types import Usage
 
@@ -51,7 +52,7 @@ class Entry:
     def tokens(self) -> int:
         return self.usage.total_tokens
 
-    def row(self, refusal: limits.Refusal | None) -> dict[str, Any]:
+    def row(self, refusal: Refusal | None) -> dict[str, Any]:
         ok = self.status == 200 and refusal is None
         usage = self.usage if ok else Usage()
         return {

@@ -219,10 +219,9 @@ def charge(
 
 
 def _ensure_rows(conn: Connection, dialect: str, slots: list[tuple[int, str, int]]) -> None:
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     rows = [{"key_id": k, "kind": kind, "period": p, "used": 0} for k, kind, p in slots]
     conn.execute(insert(schema.counters).on_conflict_do_nothing(), rows)
 

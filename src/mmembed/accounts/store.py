@@ -136,7 +136,7 @@ def _sqlite_engine(url: str, timeout_s: float, sync: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": timeout_s, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_conn, _record) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")

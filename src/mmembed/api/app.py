@@ -7,7 +7,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -109,7 +110,7 @@ class RequestIdMiddleware:
 
         started = False
 
-        async def send_with_id(message: dict) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -142,7 +143,7 @@ class RequestIdMiddleware:
                 await error_response(error)(scope, receive, send)
         finally:
             request_id_var.reset(token)
-            self.inflight.discard(task)  # type: ignore[arg-type]
+            self.inflight.discard(task)
 
 
 def create_app(

@@ -235,6 +235,10 @@ class Batcher:
     def queued_items(self) -> int:
         return self._queued_items
 
+    def _wake(self, _: object = None) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
     async def _work(self) -> None:
         assert self._wakeup is not None
         while True:
@@ -258,7 +262,7 @@ class Batcher:
             elif self._express is not None and self._is_heavy(batch):
                 # Run it beside the loop: short passes go on the express lane meanwhile.
                 self._long = asyncio.ensure_future(self._run_batch(batch))
-                self._long.add_done_callback(lambda _: self._wakeup and self._wakeup.set())
+                self._long.add_done_callback(self._wake)
             else:
                 await self._run_batch(batch)
 

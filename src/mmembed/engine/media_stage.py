@@ -250,7 +250,7 @@ class MediaStage:
         except ApiError as exc:
             raise exc.at(at) from None
 
-    async def _decode(self, fn, at: str):  # type: ignore[no-untyped-def]
+    async def _decode(self, fn, at: str):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, fn)
