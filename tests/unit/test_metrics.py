@@ -17,7 +17,9 @@ def run(app, calls: list[tuple[str, str]]) -> dict[tuple, float]:
     async def go() -> str:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 for method, path in calls:
                     body = {"model": "m", "input": {"contents": ["x"]}}
                     await client.request(method, path, json=body if method == "POST" else None)
@@ -55,7 +57,9 @@ def test_metrics_can_be_switched_off():
     async def go() -> int:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 return (await client.get("/metrics")).status_code
 
     assert asyncio.run(go()) == 404
