@@ -239,7 +239,8 @@ def create_app(
     )
     app.add_middleware(RequestIdMiddleware, inflight=inflight)  # outside the guard: ids for all
     if settings.metrics:
-        app.state.metrics = metrics.Metrics()  # per app, so tests can build several
+        # per app, so tests can build several
+        app.state.metrics = metrics.Metrics(settings.metrics_interval_ms / 1000)
         app.state.metrics.app_state = app.state
         paths = frozenset(getattr(r, "path", "") for r in app.routes)
         app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics, paths=paths)
