@@ -100,12 +100,21 @@ class RemoteEngine:
                 ErrorCode.MODEL_UNAVAILABLE,
                 f"Model {spec.name} is not available here (no replica).",
             )
+        lost = ApiError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"The replica serving model {spec.name} stopped while answering; it is being "
+            "replaced: retry shortly.",
+            headers={"Retry-After": "1"},
+        )
         try:
             answer = await handle.embed.remote(req, request_id_var.get())
         except RayTaskError as exc:  # the replica raised: an ApiError in it is the answer
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ApiError):
                 raise ApiError(cause.error, cause.message, headers=cause.headers) from None
+            if isinstance(cause, gone):
+                log.warning("backend %s: replica lost during a request: %s", spec.backend, cause)
+                raise lost from None
             raise
         except BackPressureError:
             raise ApiError(
@@ -116,12 +125,7 @@ class RemoteEngine:
         except gone as exc:  # the replica (or its node) died or is unreachable: Serve starts
             # another; the request did no harm and may be sent again, so 503, not a 500
             log.warning("backend %s: replica lost during a request: %s", spec.backend, exc)
-            raise ApiError(
-                ErrorCode.MODEL_UNAVAILABLE,
-                f"The replica serving model {spec.name} stopped while answering; it is being "
-                "replaced: retry shortly.",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise lost from None
         if isinstance(answer, ApiError):  # the backend's refusal, pickled whole
             raise answer
         return answer
