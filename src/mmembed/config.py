@@ -36,6 +36,13 @@ class Settings:
         "limits a key to those model names (403 otherwise). With no keys, any key is "
         "accepted and only loopback addresses may be bound.",
     )
+    allowed_hosts: tuple[str, ...] = _setting(
+        (),
+        "Host names (the Host header, any port) answered besides loopback ones (localhost, "
+        "127.0.0.1, [::1]); '*' answers any. With no API keys only loopback names and these "
+        "are answered (421 otherwise), so a web page cannot reach the server by DNS "
+        "rebinding; with keys any Host is answered unless this is set.",
+    )
     admin_keys: tuple[str, ...] = _setting(
         (), "Comma-separated admin keys: the only keys the /admin routes accept (keys, usage)."
     )
@@ -188,7 +195,19 @@ class Settings:
     )
     ssl_keyfile: str = _setting("", "TLS private key (PEM) for ssl_certfile.")
     metrics: bool = _setting(
-        True, "Serve Prometheus metrics at GET /metrics (no key needed) and count requests."
+        True,
+        "Serve Prometheus metrics at GET /metrics and count requests (no key needed unless "
+        "metrics_keys is set).",
+    )
+    metrics_keys: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated keys that GET /metrics requires ('Authorization: Bearer <key>', 401 "
+        "otherwise). Empty: /metrics needs no key.",
+    )
+    metrics_interval_ms: float = _setting(
+        1000.0,
+        "GET /metrics renders the metrics at most this often and answers scrapes in between "
+        "with the last rendering (a scrape costs milliseconds of CPU). 0: render every scrape.",
     )
     ray_ingress_replicas: int = _setting(
         1,

@@ -57,7 +57,9 @@ def post(engine: BrokenEngine, **settings) -> tuple[int, dict, dict]:
     async def go() -> httpx.Response:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 body = {"model": "m", "input": {"contents": ["x"]}}
                 return await client.post(EMBED_PATH, json=body)
 
@@ -90,7 +92,9 @@ def get(engine: BrokenEngine, path: str, **settings) -> tuple[int, dict]:
     async def go() -> httpx.Response:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 return await client.get(path)
 
     r = asyncio.run(go())

@@ -24,6 +24,7 @@ from mmembed.api import (
     openai_compat,
     openapi,
     playground,
+    request_guard,
     routes,
     startup,
     uploads,
@@ -69,6 +70,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         exc.status_code, ErrorCode.INVALID_PARAMETER
     )
     return error_response(ApiError(code, f"{request.method} {request.url.path}: {exc.detail}"))
+
+
+def _render_for_route(path: str, error: ApiError) -> Response:
+    """An error in the wire format of the route at ``path`` (OpenAI's or DashScope's)."""
+    if path in openai_compat.PATHS:
+        return openai_compat.render_openai_error(error)
+    return error_response(error)
 
 
 MAX_REQUEST_ID_CHARS = 128
@@ -220,9 +228,22 @@ def create_app(
     app.state.engine = eng
     app.state.catalog = eng.catalog
     app.state.uploads = store
-    app.add_middleware(RequestIdMiddleware, inflight=inflight)
+
+    def keyed() -> bool:
+        accounts = getattr(app.state, "accounts", None)
+        return bool(settings.api_keys) or bool(accounts is not None and accounts.has_managed)
+
+    app.add_middleware(
+        request_guard.RequestGuard,
+        settings=settings,
+        keyed=keyed,
+        render=_render_for_route,
+        form_paths=frozenset({uploads.UPLOAD_PATH}),
+    )
+    app.add_middleware(RequestIdMiddleware, inflight=inflight)  # outside the guard: ids for all
     if settings.metrics:
-        app.state.metrics = metrics.Metrics()  # per app, so tests can build several
+        # per app, so tests can build several
+        app.state.metrics = metrics.Metrics(settings.metrics_interval_ms / 1000)
         app.state.metrics.app_state = app.state
         paths = frozenset(getattr(r, "path", "") for r in app.routes)
         app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics, paths=paths)

@@ -4,13 +4,19 @@ Request counts and latencies are observed by a middleware; everything the engine
 counts (batching, queue depth, cache, media fetching) is read from its stats when scraped, so
 the request path pays for a few counter increments only. Label values are bounded: routes are
 the app's own paths, models the catalog's names ("other" for anything else), kinds a fixed set.
+
+A rendering costs milliseconds of CPU on the event loop, and ``/metrics`` needs no key by
+default: so it is rendered at most every ``metrics_interval_ms`` and scrapes in between get
+that rendering (a flood of scrapers then costs what any small request costs, not a rendering
+each). ``metrics_keys`` closes it to all but holders of those keys.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -26,6 +32,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mmembed.api.door import CONTEXT_STATE
+from mmembed.errors import ApiError, ErrorCode
 from mmembed.request import UNKNOWN_MODEL, RequestContext
 
 PATH = "/metrics"
@@ -38,7 +45,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     """The per-app registry and its request-side instruments."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, interval_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self.renders = 0
+        self._rendered = b""
+        self._rendered_at = -float("inf")
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -105,6 +119,15 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def scrape(self) -> bytes:
+        """The latest rendering, rendered afresh when older than ``interval_s``."""
+        now = self.clock()
+        if self.renders == 0 or now - self._rendered_at >= self.interval_s:
+            self._rendered = self.render()
+            self._rendered_at = now
+            self.renders += 1
+        return self._rendered
 
 
 class MetricsMiddleware:
@@ -222,6 +245,22 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else str(float(bound))
 
 
+def check_metrics_key(authorization: str | None, keys: tuple[str, ...]) -> None:
+    """401 unless ``keys`` is empty or the Bearer key is one of them (constant-time)."""
+    if not keys:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    token = given.strip().encode("utf-8", "surrogatepass")
+    found = False
+    for key in keys:  # every key compared, so timing tells nothing about which
+        found |= hmac.compare_digest(token, key.encode("utf-8", "surrogatepass"))
+    if scheme.lower() != "bearer" or not token or not found:
+        raise ApiError(
+            ErrorCode.INVALID_API_KEY, "GET /metrics needs one of the metrics_keys as Bearer key."
+        )
+
+
 async def metrics_endpoint(request: Request) -> Response:
+    check_metrics_key(request.headers.get("authorization"), request.app.state.settings.metrics_keys)
     metrics: Metrics = request.app.state.metrics
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
