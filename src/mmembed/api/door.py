@@ -28,6 +28,7 @@ import time
 from starlette.requests import ClientDisconnect, Request
 
 from mmembed.accounts.ledger import Entry
+from mmembed.accounts.limits import Refusal
 from mmembed.accounts.pricing import cost
 from mmembed.accounts.store import explain
 from mmembed.api.auth import (
@@ -161,7 +162,7 @@ def _entry(ctx: RequestContext, status: int, code: str | None, price_factor: flo
 
 async def _record(
     request: Request, ctx: RequestContext, status: int, code: str | None, price_factor: float
-):
+) -> Refusal | None:
     _release(request, ctx)
     try:
         return await accounts_of(request).record(_entry(ctx, status, code, price_factor))
