@@ -343,11 +343,12 @@ def build_qwen3vl(folder: Path, seed: int = 3) -> Path:
 # The words of the Qwen3-VL-Reranker prompt (system turn, <Instruct>/<Query>/<Document>, the
 # default instruction) and the answer pair, so that a changed template or token pair changes
 # the token ids and is seen by the parity tests, not hidden behind <unk>.
-RERANK_WORDS = tuple(
+_RERANK_TEXT = (
     "Judge whether Document meets requirements based Query Instruct provided Note answer can "
     'only be yes no Given search query retrieve relevant candidates answer NULL " ". >: '
-    "Yes No Question Passage web passages".split(" ")
+    "Yes No Question Passage web passages"
 )
+RERANK_WORDS = tuple(_RERANK_TEXT.split())
 
 
 def build_qwen3vl_reranker(folder: Path, seed: int = 4, tied: bool = False) -> Path:
