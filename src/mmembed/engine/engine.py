@@ -44,7 +44,7 @@ from mmembed.models.base import (
     prepare_image_fn,
     score_pairs,
 )
-from mmembed.models.catalog import RERANK, Catalog, ModelSpec
+from mmembed.models.catalog import RERANK, BackendSpec, Catalog, ModelSpec
 from mmembed.models.registry import create_backend
 from mmembed.models.weights import explain_load_error
 from mmembed.request import RequestContext
@@ -93,45 +93,16 @@ class Engine:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load(self) -> None:
-        """Load every backend the catalog uses; one that fails is reported, not fatal."""
-        for name, spec in self.catalog.backends.items():
-            if not any(m.backend == name for m in self.catalog.models.values()):
-                continue
+        """Load every backend the catalog uses; one that fails is reported, not fatal. A
+        reranker that scores with another backend's embeddings (``cosine`` with ``backend``)
+        is attached to that backend once it is loaded: no second copy of the model."""
+        used = {m.backend for m in self.catalog.models.values()}
+        names = [name for name in self.catalog.backends if name in used]
+        attached = [n for n in names if _embedder_backend(self.catalog.backends[n])]
+        for name in [n for n in names if n not in attached] + attached:
+            spec = self.catalog.backends[name]
             try:
-                options = {"cache_dir": self.settings.cache_path, **spec.options}
-                backend: Any
-                if self._contained:
-                    backend = ContainedBackend(name, spec.family, options)
-                    executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
-                    backend.load()
-                else:
-                    backend = create_backend(spec.family, options)
-                    executor = ThreadPoolExecutor(
-                        1, thread_name_prefix=f"model-{name}", initializer=_lower_priority
-                    )
-                    # Loaded on the model thread, so the threads its libraries start (ORT,
-                    # OpenMP) inherit that thread's lower priority.
-                    executor.submit(backend.load).result()
-                reranker = is_reranker(backend)
-                mapper = None if reranker else _mapper(backend)
-                batcher = Batcher(
-                    partial(_score_column, backend) if reranker else backend.embed,
-                    executor,
-                    max_items=self.settings.batch_max_items,
-                    max_tokens=self.settings.batch_max_tokens,
-                    max_images=self.settings.batch_max_images,
-                    max_wait_s=self.settings.batch_max_wait_ms / 1000,
-                    max_queue=self.settings.queue_max_items,
-                    abort=getattr(backend, "abort", None),
-                    express=None if reranker else getattr(backend, "embed_express", None),
-                    isolation=getattr(backend, "isolation", None),
-                )
-                admission = Admission(self.settings.admit_max_units)
-                self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)
-                if reranker:
-                    log.info("backend %s (%s) ready, reranker", name, spec.family)
-                else:
-                    log.info("backend %s (%s) ready, %d-d", name, spec.family, backend.native_dim)
+                self._load_backend(name, spec)
             except Exception as exc:  # keep serving the other models
                 hint = explain_load_error(exc)  # setup problems: one line, no traceback
                 if hint:
@@ -139,6 +110,51 @@ class Engine:
                 else:
                     log.exception("backend %s failed to load", name)
                 self._load_errors[name] = hint or f"{type(exc).__name__}: {exc}"
+
+    def _load_backend(self, name: str, spec: BackendSpec) -> None:
+        options = {"cache_dir": self.settings.cache_path, **spec.options}
+        backend: Any
+        embedder = _embedder_backend(spec)
+        if embedder:
+            if embedder not in self._backends:
+                why = self._load_errors.get(embedder, "not in the catalog's loaded backends")
+                raise RuntimeError(f"its embedding backend {embedder!r} is unavailable ({why})")
+            # In this process: the work is the embedding backend's (in its worker, if any).
+            backend = create_backend(spec.family, options)
+            backend.attach(self._backends[embedder].backend)
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
+        elif self._contained:
+            backend = ContainedBackend(name, spec.family, options)
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
+            backend.load()
+        else:
+            backend = create_backend(spec.family, options)
+            executor = ThreadPoolExecutor(
+                1, thread_name_prefix=f"model-{name}", initializer=_lower_priority
+            )
+            # Loaded on the model thread, so the threads its libraries start (ORT,
+            # OpenMP) inherit that thread's lower priority.
+            executor.submit(backend.load).result()
+        reranker = is_reranker(backend)
+        mapper = None if reranker else _mapper(backend)
+        batcher = Batcher(
+            partial(_score_column, backend) if reranker else backend.embed,
+            executor,
+            max_items=self.settings.batch_max_items,
+            max_tokens=self.settings.batch_max_tokens,
+            max_images=self.settings.batch_max_images,
+            max_wait_s=self.settings.batch_max_wait_ms / 1000,
+            max_queue=self.settings.queue_max_items,
+            abort=None if embedder else getattr(backend, "abort", None),
+            express=None if reranker else getattr(backend, "embed_express", None),
+            isolation=getattr(backend, "isolation", None),
+        )
+        admission = Admission(self.settings.admit_max_units)
+        self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)
+        if reranker:
+            log.info("backend %s (%s) ready, reranker", name, spec.family)
+        else:
+            log.info("backend %s (%s) ready, %d-d", name, spec.family, backend.native_dim)
 
     async def aclose(self) -> None:
         await self.fetcher.aclose()
@@ -203,14 +219,14 @@ class Engine:
         limits.check_forms(
             spec, backend.modalities, items, self.catalog, self.settings.max_items_per_request
         )
+        text_type = req.text_type or spec.default_text_type
         records = [
-            Prepared(item, EmbedInput(instruct=req.instruct, text_type=req.text_type))
-            for item in items
+            Prepared(item, EmbedInput(instruct=req.instruct, text_type=text_type)) for item in items
         ]
         # The cache key's instruction part: the text type changes a text's vector too.
         key_instruct = req.instruct
-        if req.text_type is not None:
-            key_instruct = f"{req.instruct or ''}\x1ftext_type={req.text_type}"
+        if text_type is not None:
+            key_instruct = f"{req.instruct or ''}\x1ftext_type={text_type}"
         for r in records:
             if r.item.text is not None and r.item.text.lstrip()[:6].lower() != "oss://":
                 limits.check_text_length(spec, f"{r.where}.text", r.item.text)
@@ -468,6 +484,11 @@ def _mapper(backend: Any) -> DimensionMapper:
     samples = None if backend.matryoshka else backend.basis_samples()
     basis = None if samples is None else fit_basis(samples)
     return DimensionMapper(backend.native_dim, matryoshka=backend.matryoshka, basis=basis)
+
+
+def _embedder_backend(spec: BackendSpec) -> str:
+    """The catalog backend a reranker scores with (``cosine``'s ``backend`` option), or ""."""
+    return str(spec.options.get("backend") or "") if spec.family == "cosine" else ""
 
 
 def _score_column(backend: Any, pairs: list[RerankPair]) -> np.ndarray:

@@ -30,6 +30,8 @@ class ModelSpec:
     # rerank: query tokens x documents + document tokens, at most (0: no limit)
     max_request_tokens: int = 0
     text_only: bool = False  # images and videos are refused (the text embedding/rerank names)
+    # the text-embedding API's text_type when a request sends none ("document", as hosted)
+    default_text_type: str | None = None
     dimension_param: bool = True
     text_max_tokens: int = 512
     image_max_bytes: int = 3 * 1024 * 1024
@@ -135,6 +137,15 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
             raise ValueError(f"{source}: backends.{name}: {exc}") from None
         backends[name] = BackendSpec(name=name, family=family, options=body, ray=ray)
 
+    for name, entry in backends.items():
+        target = entry.options.get("backend") if entry.family == "cosine" else None
+        if target is not None and (
+            target not in backends or is_reranker_family(backends[target].family)
+        ):
+            raise ValueError(
+                f"{source}: backends.{name}: backend {target!r} is not an embedding backend "
+                "of this catalog"
+            )
     known = {f.name for f in fields(ModelSpec)} - {"name"}
     models = {}
     for name, body in raw.get("models", {}).items():

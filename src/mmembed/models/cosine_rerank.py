@@ -15,8 +15,10 @@ dev set's pairs (``benchmarks/fit_rerank_calibration.py``: captions against phot
 captions against Chinese ones, relevant when they describe the same item); that script prints
 them. The request's ``instruct`` is not used (the embedding model is not instruction-tuned).
 
-Options: ``embedder`` (an embedding family), ``embedder_options`` (its options), ``scale`` and
-``center`` (the curve).
+Options: ``backend`` (a catalog backend whose embedding model it uses - the engine attaches
+it, so the model is loaded once and the scores come from the very vectors the embedding routes
+serve), or ``embedder`` (an embedding family) with ``embedder_options`` (its options) for a
+model of its own; ``scale`` and ``center`` (the curve).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class CosineReranker:
 
     def __init__(
         self,
+        backend: str = "",
         embedder: str = "conse",
         embedder_options: dict[str, Any] | None = None,
         scale: float = SCALE,
@@ -52,23 +55,38 @@ class CosineReranker:
     ) -> None:
         if embedder == "cosine":
             raise ValueError("the cosine reranker needs an embedding family as its embedder")
-        self.embedder = create_backend(
-            embedder, {"cache_dir": cache_dir, **(embedder_options or {})}
-        )
-        self.modalities = frozenset(self.embedder.modalities)
-        self.image_size = self.embedder.image_size
         if float(scale) <= 0:
             raise ValueError("scale must be positive (the curve must keep the order)")
         self.scale, self.center = float(scale), float(center)
+        self.backend = backend
+        self.embedder: Any = None
+        self.modalities: frozenset[str] = frozenset()
+        self.image_size: int | None = None
+        if not backend:
+            options = {"cache_dir": cache_dir, **(embedder_options or {})}
+            self._use(create_backend(embedder, options))
+
+    def _use(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self.modalities = frozenset(embedder.modalities)
+        self.image_size = embedder.image_size
+
+    def attach(self, embedder: Any) -> None:
+        """Score with an embedding backend that is loaded already (the catalog's ``backend``)."""
+        self._use(embedder)
 
     def load(self) -> None:
+        if self.embedder is None:
+            raise RuntimeError(
+                f"the cosine reranker over backend {self.backend!r} is attached by the engine"
+            )
         self.embedder.load()
 
     def count_tokens(self, text: str) -> int:
         return self.embedder.count_tokens(text)
 
     def prepare_image(self, image: Image.Image) -> Any:
-        prepare = getattr(self.embedder, "prepare_image", None)
+        prepare = getattr(self.embedder, "prepare_image", None) if self.embedder else None
         return prepare(image) if prepare is not None else image
 
     def score(self, query: EmbedInput, documents: list[EmbedInput]) -> np.ndarray:
