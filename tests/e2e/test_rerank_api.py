@@ -41,6 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
             "MMEMBED_ADMIN_KEYS": ADMIN,
             "MMEMBED_METRICS_INTERVAL_MS": "0",
         },
+        start_s=600,  # a first start exports the classifier and embeds its class prompts
     )
     yield srv
     stop_server(srv)
