@@ -8,6 +8,7 @@ import pytest
 
 from tests.e2e.conftest import API_KEY
 from tests.e2e.test_playground import browser, pictures  # noqa: F401 (fixtures)
+from tests.e2e.test_rerank_api import server  # noqa: F401 (this module's server: keys, ledger)
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 

@@ -416,7 +416,7 @@ def test_ledger_prices_and_metrics(server):
     assert r.status_code == 200, r.text
     after = _usage(server)
     row, old = after["qwen3-vl-rerank"], before.get("qwen3-vl-rerank", {})
-    text = row["text_tokens"] - old.get("text_tokens", 0)
+    text = row["input_tokens"] - old.get("input_tokens", 0)
     image = row["image_tokens"] - old.get("image_tokens", 0)
     assert image == 2 * 64  # the query image, once per document
     assert text + image == r.json()["usage"]["total_tokens"]

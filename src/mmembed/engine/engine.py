@@ -97,6 +97,7 @@ class Engine:
         reranker that scores with another backend's embeddings (``cosine`` with ``backend``)
         is attached to that backend once it is loaded: no second copy of the model."""
         used = {m.backend for m in self.catalog.models.values()}
+        used |= {_embedder_backend(self.catalog.backends[n]) for n in used} - {""}
         names = [name for name in self.catalog.backends if name in used]
         attached = [n for n in names if _embedder_backend(self.catalog.backends[n])]
         for name in [n for n in names if n not in attached] + attached:
