@@ -55,6 +55,11 @@ def parse(body: bytes) -> tuple[EmbedRequest, str]:
         params = {}
     if not isinstance(params, dict):
         raise _bad("parameters must be a JSON object.")
+    for nested in ("parameters", "kwargs"):
+        # TextEmbedding.call(..., kwargs={"text_type": "query"}), as LlamaIndex's
+        # DashScopeEmbedding calls it, sends {"parameters": {"kwargs": {...}}}.
+        if isinstance(params.get(nested), dict):
+            params = {**params, **params[nested]}
     text_type = params.get("text_type")
     if text_type is not None and text_type not in TEXT_TYPES:
         raise _bad(f"parameters.text_type: must be 'query' or 'document', got {echo(text_type)}.")
