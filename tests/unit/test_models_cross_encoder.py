@@ -82,6 +82,7 @@ def test_served_scores_equal_sentence_transformers(engine, folder):
     assert served.scores.shape == (len(DOCS),)
     np.testing.assert_allclose(served.scores, ref, atol=TOL)
     assert len(set(np.round(ref, 4))) == len(DOCS)  # the scores differ: the order is tested
+
     # Concurrent requests share passes (batch size 2 across requests): same scores.
     async def both():
         reqs = [
@@ -167,9 +168,7 @@ def test_parity_fails_when_the_recipe_changes(folder, monkeypatch, mutation):
 
 
 def _raw_scores(self, pairs):
-    return np.concatenate(
-        [self._logits([p.query.texts[0]], [p.document.texts[0]]) for p in pairs]
-    )
+    return np.concatenate([self._logits([p.query.texts[0]], [p.document.texts[0]]) for p in pairs])
 
 
 def _tanh_scores(self, pairs):
