@@ -113,12 +113,14 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=256, help="text requests per burst")
     ap.add_argument("--images", type=int, default=96, help="image requests per burst")
     ap.add_argument("--skip-before", action="store_true", help="attack only this checkout")
+    ap.add_argument("--skip-attacks", action="store_true", help="throughput only")
     args = ap.parse_args()
     new_src, old_src = os.path.join(HERE, "src"), os.path.join(args.baseline, "src")
-    texts = [long_text(args.tokens, seed) for seed in range(4)]
-
     rows = []
     sides = [("after", new_src)] if args.skip_before else [("before", old_src), ("after", new_src)]
+    if args.skip_attacks:
+        sides = []
+    texts = [long_text(args.tokens, seed) for seed in range(4)] if sides else []
     for label, src in sides:
         for busy in (False, True):
             proc, url = start_mmembed({"PYTHONPATH": src})
@@ -138,13 +140,15 @@ def main() -> None:
                 str(dict(sorted(probe.statuses.items(), key=str))),
                 f"{probe.pct(50):.0f} / {probe.pct(99):.0f} / {worst:.0f}",
             ])  # fmt: skip
-    print(
-        f"\nprobe (5 characters, every 50 ms) while 4 clients send one ~{args.tokens}-token text "
-        f"each per request (qwen3-vl-embedding), {args.seconds:g} s, {os.cpu_count()} cores"
-    )
-    header = ["code", "machine", "input_tokens per long text", "long-text answers",
-              "probe answers", "probe p50 / p99 / max ms"]  # fmt: skip
-    print(table(header, rows))
+    if rows:
+        print(
+            f"\nprobe (5 characters, every 50 ms) while 4 clients send one ~{args.tokens}-token "
+            f"text each per request (qwen3-vl-embedding), {args.seconds:g} s, "
+            f"{os.cpu_count()} cores"
+        )
+        header = ["code", "machine", "input_tokens per long text", "long-text answers",
+                  "probe answers", "probe p50 / p99 / max ms"]  # fmt: skip
+        print(table(header, rows))
 
     if args.rounds <= 0:
         return
@@ -153,7 +157,7 @@ def main() -> None:
     files = photos(args.images * args.rounds)
     origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(files)}, "image/jpeg")
     try:
-        totals, per_round, _ = throughput(sides_tp, bursts, origin, args.images, args.rounds)
+        totals, per_round, cpu = throughput(sides_tp, bursts, origin, args.images, args.rounds)
     finally:
         origin.close()
     rows = []
@@ -164,11 +168,14 @@ def main() -> None:
         rows.append([
             what, f"{b.rate:.1f}", f"{a.rate:.1f}", f"{a.rate / b.rate:.2f}",
             f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
+            f"{cpu[('before', what)] / b.items * 1000:.1f} / "
+            f"{cpu[('after', what)] / a.items * 1000:.1f}",
             f"{b.pct(50):.0f} / {b.pct(99):.0f}", f"{a.pct(50):.0f} / {a.pct(99):.0f}",
         ])  # fmt: skip
     print(f"\nthroughput, 32 clients, 1 item per request, {args.rounds} alternating rounds")
     header = ["what", "before /s", "after /s", "after / before", "per round: median (range)",
-              "before p50/p99 ms", "after p50/p99 ms"]  # fmt: skip
+              "CPU ms per item before / after", "before p50/p99 ms",
+              "after p50/p99 ms"]  # fmt: skip
     print(table(header, rows))
 
 
