@@ -146,4 +146,4 @@ def test_a_probe_is_counted_and_embedded_while_a_long_count_is_held(tmp_path: Pa
     finally:
         close_engine(engine)
     assert held  # the probe finished while the long count was still in progress
-    assert probe.usage["input_tokens"] == 3 and long.usage["input_tokens"] == 4003
+    assert probe.usage.input_tokens == 3 and long.usage.input_tokens == 4003
