@@ -32,14 +32,16 @@ def make_tokenizer(
     lowercase: bool = False,
     max_length: int = 512,
     padding_side: str = "right",
+    extra_words: tuple[str, ...] = (),
 ):
-    """A WordLevel tokenizer whose first ids are ``specials`` (in order), then ``WORDS``."""
+    """A WordLevel tokenizer whose first ids are ``specials`` (in order), then ``WORDS`` (and
+    ``extra_words``)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for token in [*specials, *WORDS]:
+    for token in [*specials, *WORDS, *extra_words]:
         vocab.setdefault(token, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -335,6 +337,125 @@ def build_qwen3vl(folder: Path, seed: int = 3) -> Path:
         image_std=[0.5, 0.5, 0.5],
         size={"shortest_edge": 64 * 64, "longest_edge": 256 * 256},
     ).save_pretrained(folder)
+    return folder
+
+
+# The words of the Qwen3-VL-Reranker prompt (system turn, <Instruct>/<Query>/<Document>, the
+# default instruction) and the answer pair, so that a changed template or token pair changes
+# the token ids and is seen by the parity tests, not hidden behind <unk>.
+_RERANK_TEXT = (
+    "Judge whether Document meets requirements based Query Instruct provided Note answer can "
+    'only be yes no Given search query retrieve relevant candidates answer NULL " ". >: '
+    "Yes No Question Passage web passages"
+)
+RERANK_WORDS = tuple(_RERANK_TEXT.split())
+
+
+def build_qwen3vl_reranker(folder: Path, seed: int = 4, tied: bool = False) -> Path:
+    """A Qwen3-VL-Reranker as the checkpoints are saved: a ``Qwen3VLForConditionalGeneration``
+    (2-layer, 64-wide language model; 2-block vision tower) with its LM head (``tied``: the
+    2B's tied embeddings), tokenizer with "yes"/"no" and the prompt's words, chat template
+    and image processor."""
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    _seed(seed)
+    tok = make_tokenizer(
+        QWEN_SPECIALS, pad="<|endoftext|>", max_length=32768, extra_words=RERANK_WORDS
+    )
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    ids = dict(zip(QWEN_SPECIALS, tok.convert_tokens_to_ids(QWEN_SPECIALS), strict=True))
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 4096,
+            "initializer_range": 0.2,  # logits far enough apart that a changed recipe shows
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [1],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tied,
+    )
+    Qwen3VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        size={"shortest_edge": 64 * 64, "longest_edge": 256 * 256},
+    ).save_pretrained(folder)
+    return folder
+
+
+def build_cross_encoder(folder: Path, seed: int = 5, activation: str | None = None) -> Path:
+    """A sentence-transformers ``CrossEncoder`` folder written by sentence-transformers itself
+    around a 2-layer BERT with one label (``activation``: the dotted torch class it records;
+    None: its default, sigmoid)."""
+    import importlib
+
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _seed(seed)
+    tok = make_tokenizer(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]"],
+        bos="[CLS]",
+        eos="[SEP]",
+        pad="[PAD]",
+        unk="[UNK]",
+        lowercase=True,
+        max_length=128,
+    )
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        num_labels=1,
+        initializer_range=0.2,
+    )
+    base = folder.parent / f"{folder.name}-hf"
+    BertForSequenceClassification(config).eval().save_pretrained(base)
+    tok.save_pretrained(base)
+    kwargs = {}
+    if activation is not None:
+        module, _, name = activation.rpartition(".")
+        kwargs["activation_fn"] = getattr(importlib.import_module(module), name)()
+    CrossEncoder(str(base), device="cpu", max_length=48, **kwargs).save(str(folder))
     return folder
 
 

@@ -95,7 +95,10 @@ def models(settings: Settings, as_json: bool = False) -> int:
         rows.append(
             (
                 spec.name,
-                ", ".join(map(str, spec.dimensions)) + ("" if spec.dimension_param else " (fixed)"),
+                "(rerank)"
+                if spec.task == "rerank"
+                else ", ".join(map(str, spec.dimensions))
+                + ("" if spec.dimension_param else " (fixed)"),
                 f"{spec.text_max_tokens:,}",
                 " ".join(f for f in forms if f) or "-",
                 f"{spec.backend} ({backend.family})",

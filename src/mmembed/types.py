@@ -46,6 +46,9 @@ class EmbedRequest:
     instruct: str | None = None
     fuse: bool = False  # parameters.enable_fusion: the whole contents list gives one vector
     max_video_frames: int | None = None  # parameters.max_video_frames (within the model's cap)
+    # The text-embedding API's ``text_type``: "query" or "document" (asymmetric backends embed
+    # the two sides differently; None: the backend's symmetric default).
+    text_type: str | None = None
 
 
 @dataclass
@@ -84,4 +87,21 @@ class Usage:
 class EmbedResult:
     vectors: np.ndarray  # (n, dim) float32, rows L2-normalised
     kinds: list[str]
+    usage: Usage
+
+
+@dataclass
+class RerankRequest:
+    """One query against documents: each (query, document) pair gets a relevance score."""
+
+    model: str
+    query: ContentItem
+    documents: list[ContentItem]
+    instruct: str | None = None
+    fps: float | None = None
+
+
+@dataclass
+class RerankResult:
+    scores: np.ndarray  # (n,) float, in [0, 1], one per document in request order
     usage: Usage

@@ -15,7 +15,14 @@ import pytest
 from mmembed.models.catalog import PACKAGED_PROFILES
 from tests.e2e.conftest import start_server, stop_server
 from tests.media_util import image_bytes, quadrant_image, video_bytes
-from tests.tiny_models import build_clip, build_qwen3vl, build_siglip
+from tests.tiny_models import (
+    build_clip,
+    build_cross_encoder,
+    build_qwen3vl,
+    build_qwen3vl_reranker,
+    build_siglip,
+    png_uri,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.usefixtures("sdk")]
 
@@ -24,6 +31,8 @@ TINY = {
     "siglip2-base": build_siglip,
     "clip-vit-h14": build_clip,
     "qwen3-vl-embedding-2b": build_qwen3vl,
+    "qwen3-vl-reranker-2b": build_qwen3vl_reranker,
+    "bge-reranker-v2-m3": build_cross_encoder,
 }
 
 
@@ -150,4 +159,30 @@ def test_models_listing_names_the_families(server):
         "qwen3-vl-embedding": "qwen3vl",
         "multimodal-embedding-v1": "dual",
         "qwen2.5-vl-embedding": "qwen3vl",
+        "text-embedding-v4": "qwen3vl",
+        "text-embedding-v3": "qwen3vl",
+        "text-embedding-v2": "qwen3vl",
+        "text-embedding-v1": "qwen3vl",
+        "qwen3-vl-rerank": "qwen3vl-reranker",
+        "qwen3-rerank": "qwen3vl-reranker",
+        "gte-rerank-v2": "cross-encoder",
     }
+
+
+def test_rerankers_and_text_embedding(media):
+    """The open-weight rerankers behind the rerank names and the text-embedding names, with the
+    SDK: scores in [0, 1], sorted; an image document on qwen3-vl-rerank; vectors of v4."""
+    image = png_uri(quadrant_image((96, 64)))
+    for model, docs in (
+        ("qwen3-vl-rerank", ["a cat", {"image": image}, {"video": media["video"]}]),
+        ("qwen3-rerank", ["a cat", "a red car", "一只猫"]),
+        ("gte-rerank-v2", ["a cat", "a red car", "一只猫"]),
+    ):
+        resp = dashscope.TextReRank.call(model=model, query="a photo of a cat", documents=docs)
+        assert resp.status_code == HTTPStatus.OK, (model, resp.code, resp.message)
+        scores = [r["relevance_score"] for r in resp.output["results"]]
+        assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+        assert sorted(r["index"] for r in resp.output["results"]) == [0, 1, 2]
+    resp = dashscope.TextEmbedding.call(model="text-embedding-v4", input=["a cat"], dimension=64)
+    assert resp.status_code == HTTPStatus.OK, (resp.code, resp.message)
+    assert len(resp.output["embeddings"][0]["embedding"]) == 64

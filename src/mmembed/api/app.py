@@ -25,8 +25,10 @@ from mmembed.api import (
     openapi,
     playground,
     request_guard,
+    rerank,
     routes,
     startup,
+    text_embedding,
     uploads,
 )
 from mmembed.api.schemas import render_error
@@ -74,7 +76,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def _render_for_route(path: str, error: ApiError) -> Response:
     """An error in the wire format of the route at ``path`` (OpenAI's or DashScope's)."""
-    if path in openai_compat.PATHS:
+    if path in openai_compat.PATHS or path in rerank.OPENAI_STYLE_PATHS:
         return openai_compat.render_openai_error(error)
     return error_response(error)
 
@@ -206,6 +208,10 @@ def create_app(
     app = Starlette(
         routes=[
             Route(routes.EMBED_PATH, routes.embed, methods=["POST"]),
+            Route(text_embedding.PATH, text_embedding.embed, methods=["POST"]),
+            Route(rerank.NATIVE_PATH, rerank.native, methods=["POST"]),
+            Route(rerank.COMPATIBLE_PATH, rerank.compatible, methods=["POST"]),
+            Route(rerank.V1_PATH, rerank.v1, methods=["POST"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/models", routes.models, methods=["GET"]),
             Route(uploads.POLICY_PATH, uploads.get_policy, methods=["GET"]),

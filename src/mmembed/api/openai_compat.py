@@ -91,6 +91,7 @@ def parse_openai_request(body: bytes) -> tuple[EmbedRequest, str]:
             # not OpenAI's, but free to send through the SDKs' extra_body
             fps=schemas._fps(data.get("fps")),
             instruct=schemas._instruct(data.get("instruct")),
+            text_type=_text_type(data.get("text_type")),
         ),
         encoding,
     )
@@ -104,6 +105,13 @@ def _item(index: int, raw: Any, modality: str) -> ContentItem:
     # DashScope content objects are taken as they are (messages say input.contents[i], which
     # the renderer turns into input[i]).
     return schemas._item(index, raw)
+
+
+def _text_type(value: Any) -> str | None:
+    """DashScope's ``text_type`` ("query" | "document"), sent through the SDKs' extra_body."""
+    if value is None or value in ("query", "document"):
+        return value
+    raise _bad(f"text_type: must be 'query' or 'document', got {value!r}.")
 
 
 def _dimensions(value: Any) -> int | None:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 import mmembed
-from mmembed.api import metrics, openai_compat, playground, uploads
+from mmembed.api import metrics, openai_compat, playground, rerank, text_embedding, uploads
 from mmembed.api.routes import EMBED_PATH
 from mmembed.errors import ErrorCode
 
@@ -181,6 +181,114 @@ SCHEMAS: dict[str, Any] = {
         },
         ("status",),
     ),
+    "RerankItem": {
+        "description": "A query or document: a string (text) or an object with text, image "
+        "or video (what the model accepts).",
+        "oneOf": [_STR, _obj({"text": _STR, "image": _MEDIA, "video": _MEDIA})],
+    },
+    "RerankRequest": _obj(
+        {
+            "model": _STR,
+            "input": _obj(
+                {
+                    "query": _ref("RerankItem"),
+                    "documents": {"type": "array", "items": _ref("RerankItem"), "minItems": 1},
+                },
+                ("query", "documents"),
+            ),
+            "parameters": _obj(
+                {
+                    "top_n": {"type": "integer", "minimum": 1},
+                    "return_documents": {"type": "boolean"},
+                    "instruct": _STR,
+                    "fps": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+                additionalProperties=True,
+            ),
+        },
+        ("model", "input"),
+    ),
+    "RerankResult": _obj(
+        {
+            "index": _INT,
+            "relevance_score": {"type": "number", "minimum": 0, "maximum": 1},
+            "document": {"type": "object", "description": "with return_documents"},
+        },
+        ("index", "relevance_score"),
+    ),
+    "RerankResponse": _obj(
+        {
+            "output": _obj(
+                {"results": {"type": "array", "items": _ref("RerankResult")}}, ("results",)
+            ),
+            "usage": _obj({"total_tokens": _INT}, ("total_tokens",)),
+            "request_id": _STR,
+        },
+        ("output", "usage", "request_id"),
+    ),
+    "FlatRerankRequest": _obj(
+        {
+            "model": _STR,
+            "query": _ref("RerankItem"),
+            "documents": {"type": "array", "items": _ref("RerankItem"), "minItems": 1},
+            "top_n": {"type": "integer", "minimum": 1},
+            "return_documents": {"type": "boolean", "default": True},
+            "instruct": _STR,
+        },
+        ("model", "query", "documents"),
+    ),
+    "FlatRerankResponse": _obj(
+        {
+            "id": _STR,
+            "object": {"const": "list"},
+            "model": _STR,
+            "results": {"type": "array", "items": _ref("RerankResult")},
+            "usage": _obj({"total_tokens": _INT}, ("total_tokens",)),
+        },
+        ("id", "model", "results", "usage"),
+    ),
+    "TextEmbeddingRequest": _obj(
+        {
+            "model": _STR,
+            "input": _obj({"texts": {"type": "array", "items": _STR, "minItems": 1}}, ("texts",)),
+            "parameters": _obj(
+                {
+                    "text_type": {"type": "string", "enum": ["query", "document"]},
+                    "dimension": _INT,
+                    "output_type": {
+                        "type": "string",
+                        "enum": ["dense", "sparse", "dense&sparse"],
+                        "description": "sparse forms: 400 (no served backend has a sparse head)",
+                    },
+                    "instruct": _STR,
+                },
+                additionalProperties=True,
+            ),
+        },
+        ("model", "input"),
+    ),
+    "TextEmbeddingResponse": _obj(
+        {
+            "output": _obj(
+                {
+                    "embeddings": {
+                        "type": "array",
+                        "items": _obj(
+                            {
+                                "text_index": _INT,
+                                "embedding": {"type": "array", "items": {"type": "number"}},
+                            },
+                            ("text_index", "embedding"),
+                        ),
+                    }
+                },
+                ("embeddings",),
+            ),
+            "usage": _obj({"total_tokens": _INT}, ("total_tokens",)),
+            "request_id": _STR,
+        },
+        ("output", "usage", "request_id"),
+    ),
     "Models": _obj({"models": {"type": "array", "items": {"type": "object"}}}, ("models",)),
     "UploadPolicy": _obj({"request_id": _STR, "data": {"type": "object"}}, ("data",)),
     "UploadResult": _obj({"request_id": _STR, "key": _STR, "size": _INT}),
@@ -219,6 +327,24 @@ def _openai_op(path: str) -> dict[str, Any]:
     }
 
 
+def _post(
+    summary: str, op: str, tag: str, request: str, response: str, error: str
+) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "operationId": op,
+            "tags": [tag],
+            "security": _SECURE,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request)}},
+            },
+            "responses": {"200": _json(response, "the answer"), **_errors(error, *_DS_ERRORS)},
+        }
+    }
+
+
 PATHS: dict[str, Any] = {
     EMBED_PATH: {
         "post": {
@@ -237,6 +363,38 @@ PATHS: dict[str, Any] = {
         }
     },
     **{path: _openai_op(path) for path in openai_compat.PATHS},
+    text_embedding.PATH: _post(
+        "Text embeddings (DashScope API, dashscope.TextEmbedding)",
+        "text_embedding",
+        "DashScope",
+        "TextEmbeddingRequest",
+        "TextEmbeddingResponse",
+        "Error",
+    ),
+    rerank.NATIVE_PATH: _post(
+        "Rerank (DashScope API, dashscope.TextReRank)",
+        "text_rerank",
+        "DashScope",
+        "RerankRequest",
+        "RerankResponse",
+        "Error",
+    ),
+    rerank.COMPATIBLE_PATH: _post(
+        "Rerank, the hosted compatible shape (flat body)",
+        "compatible_rerank",
+        "OpenAI-compatible",
+        "FlatRerankRequest",
+        "FlatRerankResponse",
+        "OpenAIError",
+    ),
+    rerank.V1_PATH: _post(
+        "Rerank, the Cohere / Jina / vLLM shape",
+        "v1_rerank",
+        "OpenAI-compatible",
+        "FlatRerankRequest",
+        "FlatRerankResponse",
+        "OpenAIError",
+    ),
     "/health": {
         "get": {
             "summary": "Readiness, backend status, cache and batching counters",

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -47,7 +47,9 @@ from mmembed.engine.contained import crashed_on
 from mmembed.engine.memory import images_in
 from mmembed.engine.worker import WorkerCrashed
 from mmembed.errors import ApiError, ErrorCode
-from mmembed.models.base import EmbedInput
+from mmembed.models.base import EmbedInput, RerankPair
+
+Input = EmbedInput | RerankPair  # what one backend call takes (an embedder's or a reranker's)
 
 log = logging.getLogger("mmembed.batcher")
 
@@ -58,7 +60,7 @@ EXPRESS_MAX_TOKENS = 2048  # an express pass is short: at most this many tokens
 
 @dataclass(eq=False)
 class _Pending:
-    inputs: list[EmbedInput]
+    inputs: list[Input]
     tokens: list[int]  # per input
     images: list[int]  # per input: images and video frames
     where: list[str]  # per input, for error messages
@@ -107,7 +109,7 @@ class BatchStats:
 class Batcher:
     def __init__(
         self,
-        run: Callable[[list[EmbedInput]], np.ndarray],
+        run: Callable[[list[Input]], np.ndarray],
         executor: ThreadPoolExecutor,
         *,
         max_items: int,
@@ -116,7 +118,7 @@ class Batcher:
         max_queue: int,
         max_images: int = 0,
         abort: Callable[[], None] | None = None,
-        express: Callable[[list[EmbedInput]], np.ndarray] | None = None,
+        express: Callable[[list[Input]], np.ndarray] | None = None,
         isolation: asyncio.Lock | None = None,
     ) -> None:
         self._run = run
@@ -151,7 +153,7 @@ class Batcher:
 
     async def submit(
         self,
-        inputs: list[EmbedInput],
+        inputs: Sequence[Input],
         tokens: int | list[int],
         where: list[str] | None = None,
         owner: str | None = None,
@@ -176,7 +178,7 @@ class Batcher:
         if isinstance(tokens, int):
             tokens = [tokens // n + (i < tokens % n) for i in range(n)]
         pending = _Pending(
-            inputs,
+            list(inputs),
             tokens,
             [images_in(inp) for inp in inputs],
             where or [f"input {i}" for i in range(n)],
@@ -280,7 +282,7 @@ class Batcher:
             tokens > self.max_tokens or images >= EXPRESS_MIN_IMAGES or longest >= LONG_INPUT_TOKENS
         )
 
-    async def _forward(self, inputs: list[EmbedInput], express: bool = False) -> np.ndarray:
+    async def _forward(self, inputs: list[Input], express: bool = False) -> np.ndarray:
         loop = asyncio.get_running_loop()
         if express and self._express is not None:
             return await loop.run_in_executor(self._express_pool, self._express, inputs)

@@ -17,7 +17,7 @@ import numpy as np
 from mmembed.engine.memory import TRIM_AFTER_IMAGES, images_in, trim_heap
 from mmembed.engine.worker import Worker, WorkerCrashed, WorkerUnavailable
 from mmembed.errors import ApiError, ErrorCode
-from mmembed.models.base import EmbedInput
+from mmembed.models.base import RERANK, EmbedInput, RerankPair, is_reranker, score_pairs
 from mmembed.models.registry import backend_class
 
 FORWARD, EXPRESS, AUX, AUX_LONG, DECODE = "forward", "express", "aux", "aux-long", "decode"
@@ -36,6 +36,16 @@ class BackendHost:
 
     def info(self) -> dict[str, Any]:
         b = self.backend
+        if is_reranker(b):
+            return {
+                "task": RERANK,
+                "native_dim": 0,
+                "modalities": frozenset(b.modalities),
+                "matryoshka": False,
+                "image_size": b.image_size,
+                "text_window": 0,
+                "basis_samples": None,
+            }
         packaged = getattr(b, "packaged_basis", None)
         basis = None if b.matryoshka or packaged is None else packaged()
         return {
@@ -47,6 +57,16 @@ class BackendHost:
             "packaged_basis": basis,
             "basis_samples": None if b.matryoshka or basis is not None else b.basis_samples(),
         }
+
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        cut = getattr(self.backend, "truncate_text", None)
+        return cut(text, max_tokens) if cut is not None else text
+
+    def score_pairs(self, pairs: list[RerankPair]) -> np.ndarray:
+        out = score_pairs(self.backend, pairs)
+        if sum(images_in(p) for p in pairs) >= TRIM_AFTER_IMAGES:
+            trim_heap()
+        return out
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [self.backend.count_tokens(t) for t in texts]
@@ -82,6 +102,7 @@ class ContainedBackend:
         self.matryoshka = False
         self.image_size: int | None = None
         self.text_window = 0
+        self.task = getattr(cls, "task", None)  # RERANK for a reranker
         # Short token counts waiting for the group in flight (see ``_count``).
         self._waiting: list[tuple[list[str], asyncio.Future[list[int]]]] = []
         self._grouping: asyncio.Task | None = None
@@ -181,6 +202,20 @@ class ContainedBackend:
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
         try:
             return self.worker.call(FORWARD, "embed", inputs)
+        except WorkerUnavailable as exc:
+            raise unavailable(exc) from None
+
+    def score_pairs(self, pairs: list[RerankPair]) -> np.ndarray:
+        try:
+            return self.worker.call(FORWARD, "score_pairs", pairs)
+        except WorkerUnavailable as exc:
+            raise unavailable(exc) from None
+
+    async def truncate_text(self, text: str, max_tokens: int) -> str:
+        try:
+            return await asyncio.wrap_future(
+                self.worker.submit(AUX_LONG, "truncate_text", text, max_tokens)
+            )
         except WorkerUnavailable as exc:
             raise unavailable(exc) from None
 

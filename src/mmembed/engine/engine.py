@@ -9,6 +9,8 @@ supervised worker process by default) → cache → dimensions → usage.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
 import logging
 import math
 import os
@@ -16,6 +18,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,7 +27,7 @@ from mmembed.config import Settings
 from mmembed.engine import limits
 from mmembed.engine.admission import Admission, estimate
 from mmembed.engine.batcher import Batcher
-from mmembed.engine.cache import EmbeddingCache, MediaStats
+from mmembed.engine.cache import CacheEntry, EmbeddingCache, MediaStats
 from mmembed.engine.contained import ContainedBackend, VideoDecoder
 from mmembed.engine.dims import DimensionMapper, reduction_basis
 from mmembed.engine.fusion import apply_request_options
@@ -33,12 +36,19 @@ from mmembed.engine.memory import TRIM_AFTER_IMAGES, images_in, trim_heap
 from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.logs import request_id_var
 from mmembed.media.fetch import Fetcher
-from mmembed.models.base import Backend, EmbedInput, prepare_image_fn
-from mmembed.models.catalog import Catalog, ModelSpec
+from mmembed.models.base import (
+    Backend,
+    EmbedInput,
+    RerankPair,
+    is_reranker,
+    prepare_image_fn,
+    score_pairs,
+)
+from mmembed.models.catalog import RERANK, BackendSpec, Catalog, ModelSpec
 from mmembed.models.registry import create_backend
 from mmembed.models.weights import explain_load_error
 from mmembed.request import RequestContext
-from mmembed.types import EmbedRequest, EmbedResult, Usage
+from mmembed.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Usage
 
 log = logging.getLogger("mmembed.engine")
 
@@ -50,7 +60,7 @@ ISOLATIONS = ("process", "thread")
 @dataclass
 class LoadedBackend:
     backend: Backend
-    mapper: DimensionMapper
+    mapper: DimensionMapper | None  # None for a reranker (scores, not vectors)
     batcher: Batcher
     admission: Admission
     # One thread per backend: forward passes are serialised (the libraries use all cores
@@ -83,44 +93,17 @@ class Engine:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load(self) -> None:
-        """Load every backend the catalog uses; one that fails is reported, not fatal."""
-        for name, spec in self.catalog.backends.items():
-            if not any(m.backend == name for m in self.catalog.models.values()):
-                continue
+        """Load every backend the catalog uses; one that fails is reported, not fatal. A
+        reranker that scores with another backend's embeddings (``cosine`` with ``backend``)
+        is attached to that backend once it is loaded: no second copy of the model."""
+        used = {m.backend for m in self.catalog.models.values()}
+        used |= {_embedder_backend(self.catalog.backends[n]) for n in used} - {""}
+        names = [name for name in self.catalog.backends if name in used]
+        attached = [n for n in names if _embedder_backend(self.catalog.backends[n])]
+        for name in [n for n in names if n not in attached] + attached:
+            spec = self.catalog.backends[name]
             try:
-                options = {"cache_dir": self.settings.cache_path, **spec.options}
-                backend: Any
-                if self._contained:
-                    backend = ContainedBackend(name, spec.family, options)
-                    executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
-                    backend.load()
-                else:
-                    backend = create_backend(spec.family, options)
-                    executor = ThreadPoolExecutor(
-                        1, thread_name_prefix=f"model-{name}", initializer=_lower_priority
-                    )
-                    # Loaded on the model thread, so the threads its libraries start (ORT,
-                    # OpenMP) inherit that thread's lower priority.
-                    executor.submit(backend.load).result()
-                basis = reduction_basis(backend)
-                mapper = DimensionMapper(
-                    backend.native_dim, matryoshka=backend.matryoshka, basis=basis
-                )
-                batcher = Batcher(
-                    backend.embed,
-                    executor,
-                    max_items=self.settings.batch_max_items,
-                    max_tokens=self.settings.batch_max_tokens,
-                    max_images=self.settings.batch_max_images,
-                    max_wait_s=self.settings.batch_max_wait_ms / 1000,
-                    max_queue=self.settings.queue_max_items,
-                    abort=getattr(backend, "abort", None),
-                    express=getattr(backend, "embed_express", None),
-                    isolation=getattr(backend, "isolation", None),
-                )
-                admission = Admission(self.settings.admit_max_units)
-                self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)
-                log.info("backend %s (%s) ready, %d-d", name, spec.family, backend.native_dim)
+                self._load_backend(name, spec)
             except Exception as exc:  # keep serving the other models
                 hint = explain_load_error(exc)  # setup problems: one line, no traceback
                 if hint:
@@ -128,6 +111,51 @@ class Engine:
                 else:
                     log.exception("backend %s failed to load", name)
                 self._load_errors[name] = hint or f"{type(exc).__name__}: {exc}"
+
+    def _load_backend(self, name: str, spec: BackendSpec) -> None:
+        options = {"cache_dir": self.settings.cache_path, **spec.options}
+        backend: Any
+        embedder = _embedder_backend(spec)
+        if embedder:
+            if embedder not in self._backends:
+                why = self._load_errors.get(embedder, "not in the catalog's loaded backends")
+                raise RuntimeError(f"its embedding backend {embedder!r} is unavailable ({why})")
+            # In this process: the work is the embedding backend's (in its worker, if any).
+            backend = create_backend(spec.family, options)
+            backend.attach(self._backends[embedder].backend)
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
+        elif self._contained:
+            backend = ContainedBackend(name, spec.family, options)
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
+            backend.load()
+        else:
+            backend = create_backend(spec.family, options)
+            executor = ThreadPoolExecutor(
+                1, thread_name_prefix=f"model-{name}", initializer=_lower_priority
+            )
+            # Loaded on the model thread, so the threads its libraries start (ORT,
+            # OpenMP) inherit that thread's lower priority.
+            executor.submit(backend.load).result()
+        reranker = is_reranker(backend)
+        mapper = None if reranker else _mapper(backend)
+        batcher = Batcher(
+            partial(_score_column, backend) if reranker else backend.embed,
+            executor,
+            max_items=self.settings.batch_max_items,
+            max_tokens=self.settings.batch_max_tokens,
+            max_images=self.settings.batch_max_images,
+            max_wait_s=self.settings.batch_max_wait_ms / 1000,
+            max_queue=self.settings.queue_max_items,
+            abort=None if embedder else getattr(backend, "abort", None),
+            express=None if reranker else getattr(backend, "embed_express", None),
+            isolation=getattr(backend, "isolation", None),
+        )
+        admission = Admission(self.settings.admit_max_units)
+        self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)
+        if reranker:
+            log.info("backend %s (%s) ready, reranker", name, spec.family)
+        else:
+            log.info("backend %s (%s) ready, %d-d", name, spec.family, backend.native_dim)
 
     async def aclose(self) -> None:
         await self.fetcher.aclose()
@@ -178,6 +206,12 @@ class Engine:
         if ctx is None or ctx.spec is None:
             ctx = self.context(req.model)
         assert ctx.spec is not None
+        if ctx.spec.task == RERANK:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"Model {ctx.spec.name} is a rerank model: send it to the rerank API "
+                "(/api/v1/services/rerank/text-rerank/text-rerank).",
+            )
         spec, items = apply_request_options(ctx.spec, req)
         oss_owner = ctx.owner if ctx.resolve_oss else None
         loaded = self._loaded(spec)
@@ -186,7 +220,14 @@ class Engine:
         limits.check_forms(
             spec, backend.modalities, items, self.catalog, self.settings.max_items_per_request
         )
-        records = [Prepared(item, EmbedInput(instruct=req.instruct)) for item in items]
+        text_type = req.text_type or spec.default_text_type
+        records = [
+            Prepared(item, EmbedInput(instruct=req.instruct, text_type=text_type)) for item in items
+        ]
+        # The cache key's instruction part: the text type changes a text's vector too.
+        key_instruct = req.instruct
+        if text_type is not None:
+            key_instruct = f"{req.instruct or ''}\x1ftext_type={text_type}"
         for r in records:
             if r.item.text is not None and r.item.text.lstrip()[:6].lower() != "oss://":
                 limits.check_text_length(spec, f"{r.where}.text", r.item.text)
@@ -206,7 +247,7 @@ class Engine:
             await self.media.run(
                 spec,
                 backend.image_size,
-                req.instruct,
+                key_instruct,
                 oss_owner,
                 records,
                 fps,
@@ -220,13 +261,143 @@ class Engine:
             if window:
                 usage.truncated_texts = sum(r.tokens > window for r in texts)
             native = await self._embed_cached(loaded, spec, records, ctx.owner)
+            mapper = loaded.mapper
+            assert mapper is not None
             vectors = await _maybe_in_thread(
                 native.shape[0] * max(dimension, native.shape[1]) > 100_000,
-                lambda: loaded.mapper(native, dimension),
+                lambda: mapper(native, dimension),
             )
             if sum(r.stats.images + r.stats.frames for r in records) >= TRIM_AFTER_IMAGES:
                 await asyncio.to_thread(trim_heap)
         return EmbedResult(vectors=vectors, kinds=[item.kind for item in items], usage=usage)
+
+    async def rerank(self, req: RerankRequest, ctx: RequestContext | None = None) -> RerankResult:
+        """A relevance score in [0, 1] for each document of ``req`` against its query: the
+        embedding path's steps (limits, admission, token counts, media stage, cache, batcher)
+        with (query, document) pairs as the batched inputs.
+
+        Usage counts the query once per document (the model reads it in every pair), which is
+        also how the hosted API's per-request limit counts it."""
+        if ctx is None or ctx.spec is None:
+            ctx = self.context(req.model)
+        spec = ctx.spec
+        assert spec is not None
+        if spec.task != RERANK:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"Model {spec.name} is an embedding model, not a rerank model.",
+            )
+        oss_owner = ctx.owner if ctx.resolve_oss else None
+        loaded = self._loaded(spec)
+        backend = loaded.backend
+        query = Prepared(req.query, EmbedInput(instruct=req.instruct), at="input.query")
+        docs = [Prepared(d, EmbedInput(), at=f"input.documents[{d.index}]") for d in req.documents]
+        records = [query, *docs]
+        limits.check_rerank_forms(
+            spec,
+            backend.modalities,
+            req.query,
+            req.documents,
+            [r.where for r in records],
+            self.settings.max_items_per_request,
+        )
+        for r in records:
+            if r.item.text is not None and r.item.text.lstrip()[:6].lower() != "oss://":
+                limits.check_text_length(spec, f"{r.where}.text", r.item.text)
+
+        units = estimate(spec, [req.query]) * len(docs) + estimate(spec, req.documents)
+        with loaded.admission.admit(units):
+            items = [r.item for r in records]
+            if ctx.resolve_oss:
+                await self.media.resolve_text_files(items, oss_owner, [r.where for r in records])
+                for r in records:
+                    if r.item.text is not None:
+                        limits.check_text_length(spec, f"{r.where}.text", r.item.text)
+            truncated = await self._rerank_texts(spec, backend, records)
+            limits.check_request_tokens(spec, query.tokens, [d.tokens for d in docs])
+
+            fps = DEFAULT_FPS if req.fps is None else req.fps
+            media = (backend.image_size, req.instruct, oss_owner)
+            stage = (fps, prepare_image_fn(backend), getattr(backend, "frame_times", None))
+            # The query first, for its key; then each document's pair looked up by both keys.
+            await self.media.run(spec, *media, [query], *stage, lookup=_no_lookup)
+
+            def pair_hit(key: bytes) -> CacheEntry | None:
+                return None if query.key is None else self.cache.get(pair_key(query.key, key))
+
+            await self.media.run(spec, *media, docs, *stage, lookup=pair_hit)
+            for d in docs:
+                d.key = None if d.key is None or query.key is None else pair_key(query.key, d.key)
+            scores = await self._score_cached(loaded, spec, query, docs, ctx.owner)
+            usage = self._rerank_usage(spec, query, docs)
+            usage.truncated_texts = truncated
+            if sum(r.stats.images + r.stats.frames for r in records) >= TRIM_AFTER_IMAGES:
+                await asyncio.to_thread(trim_heap)
+        return RerankResult(scores=scores, usage=usage)
+
+    async def _rerank_texts(self, spec: ModelSpec, backend: Any, records: list[Prepared]) -> int:
+        """Token counts of the query's and documents' texts; a text over the name's per-item
+        limit is cut to it (as the hosted rerank API does), counted at the limit. Returns how
+        many were cut."""
+        texts = [r for r in records if r.item.text is not None]
+        if not texts:
+            return 0
+        counts = await self._tokens(
+            backend, [r.item.text or "" for r in texts], [f"{r.where}.text" for r in texts]
+        )
+        cut = 0
+        for r, n in zip(texts, counts, strict=True):
+            text = r.item.text or ""
+            if n > spec.text_max_tokens:
+                cut += 1
+                n = spec.text_max_tokens
+                truncate = getattr(backend, "truncate_text", None)
+                if truncate is not None:
+                    shorter = truncate(text, n)
+                    text = await shorter if inspect.isawaitable(shorter) else shorter
+            r.tokens = n
+            r.input.texts = [text]
+        return cut
+
+    async def _score_cached(
+        self,
+        loaded: LoadedBackend,
+        spec: ModelSpec,
+        query: Prepared,
+        docs: list[Prepared],
+        owner: str | None,
+    ) -> np.ndarray:
+        """Scores for every document: cached pairs as stored, the rest through the batcher
+        (then stored under their pair keys)."""
+        scores = np.empty(len(docs), np.float32)
+        misses = [(n, d) for n, d in enumerate(docs) if d.hit is None]
+        for n, d in enumerate(docs):
+            if d.hit is not None:
+                scores[n] = float(d.hit.vector[0])
+        if not misses:
+            return scores
+        q_tokens = query.tokens + images_in(query.input) * spec.image_tokens
+        pairs = [RerankPair(query.input, d.input) for _, d in misses]
+        tokens = [q_tokens + d.tokens + images_in(d.input) * spec.image_tokens for _, d in misses]
+        fresh = await loaded.batcher.submit(pairs, tokens, [d.where for _, d in misses], owner)
+        for (n, d), row in zip(misses, fresh, strict=True):
+            scores[n] = float(row[0])
+            if d.key is not None:
+                self.cache.put(d.key, np.asarray(row[:1], np.float32), d.stats)
+        return scores
+
+    @staticmethod
+    def _rerank_usage(spec: ModelSpec, query: Prepared, docs: list[Prepared]) -> Usage:
+        n = len(docs)
+        q, stats = query.stats, [d.stats for d in docs]
+        images = q.images * n + sum(s.images for s in stats)
+        frames = q.frames * n + sum(s.frames for s in stats)
+        return Usage(
+            input_tokens=query.tokens * n + sum(d.tokens for d in docs),
+            image_tokens=(images + frames) * spec.image_tokens,
+            image_count=images,
+            duration=math.ceil(q.seconds * n + sum(s.seconds for s in stats)),
+        )
 
     async def _count_tokens(self, spec: ModelSpec, backend: Any, records: list[Prepared]) -> None:
         """Token counts with bounded cost: long texts are counted on a prefix first, and the
@@ -313,6 +484,31 @@ class Engine:
             image_count=images,
             duration=math.ceil(sum(s.seconds for s in stats)),
         )
+
+
+def _mapper(backend: Any) -> DimensionMapper:
+    basis = reduction_basis(backend)
+    return DimensionMapper(backend.native_dim, matryoshka=backend.matryoshka, basis=basis)
+
+
+def _embedder_backend(spec: BackendSpec) -> str:
+    """The catalog backend a reranker scores with (``cosine``'s ``backend`` option), or ""."""
+    return str(spec.options.get("backend") or "") if spec.family == "cosine" else ""
+
+
+def _score_column(backend: Any, pairs: list[RerankPair]) -> np.ndarray:
+    """A reranker's scores as the batcher's (n, 1) rows."""
+    return score_pairs(backend, pairs).reshape(-1, 1)
+
+
+def _no_lookup(key: bytes) -> CacheEntry | None:
+    return None
+
+
+def pair_key(query_key: bytes, document_key: bytes) -> bytes:
+    """The cache key of a (query, document) score: both item keys (each holds the model, the
+    instruction, the video sampling and the content), hashed together."""
+    return hashlib.sha256(b"rerank\x00" + query_key + document_key).digest()
 
 
 def resolve_model(catalog: Catalog, name: str) -> ModelSpec:

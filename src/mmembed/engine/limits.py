@@ -58,6 +58,7 @@ def check_forms(
     for item in items:
         where = f"input.contents[{item.index}]"
         kind = item.kind
+        check_text_only(spec, item, where)
         if kind == "multi_images":
             if not spec.multi_images:
                 raise ApiError(
@@ -144,3 +145,77 @@ def check_tokens(spec: ModelSpec, where: str, n: int, prefix: int = 0) -> None:
         ErrorCode.INVALID_PARAMETER,
         f"{where}: {what} the limit of {spec.text_max_tokens} tokens for {spec.name}.",
     )
+
+
+def check_text_only(spec: ModelSpec, item: ContentItem, where: str) -> None:
+    if spec.text_only and item.kind != "text":
+        raise ApiError(
+            ErrorCode.INVALID_PARAMETER,
+            f"{where}: {spec.name} takes text only; send the text itself.",
+        )
+
+
+def check_rerank_forms(
+    spec: ModelSpec,
+    modalities: frozenset[str],
+    query: ContentItem,
+    documents: list[ContentItem],
+    where: list[str],
+    max_items: int,
+) -> None:
+    """What the query and documents may hold, and how many documents of each kind (a document
+    with an image counts as an image document, one with a video as a video document)."""
+    counted = spec.max_elements or spec.max_texts or spec.max_images or spec.max_videos
+    if not counted and len(documents) > max_items:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMETER,
+            f"input.documents: {len(documents)} documents exceed this server's limit of "
+            f"{max_items}.",
+        )
+    counts = {TEXT: 0, IMAGE: 0, VIDEO: 0}
+    for item, at in zip([query, *documents], where, strict=True):
+        check_text_only(spec, item, at)
+        if item.multi_images is not None:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"{at}: multi_images is not accepted in a rerank request; send one image.",
+            )
+        needed = {m for m in (TEXT, IMAGE, VIDEO) if getattr(item, m) is not None}
+        if len(needed) > 1 and FUSED not in modalities:
+            needed.add(FUSED)
+        missing = sorted(needed - modalities)
+        if missing:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"{at}: {spec.name} cannot read {' or '.join(missing)} input here.",
+            )
+        if item is not query:
+            kind = VIDEO if item.video is not None else IMAGE if item.image is not None else TEXT
+            counts[kind] += 1
+    for kind, limit in ((TEXT, spec.max_texts), (IMAGE, spec.max_images), (VIDEO, spec.max_videos)):
+        if limit and counts[kind] > limit:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"input.documents: {counts[kind]} {kind} documents in one request; "
+                f"{spec.name} accepts at most {limit}.",
+            )
+    if spec.max_elements and len(documents) > spec.max_elements:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMETER,
+            f"input.documents: {len(documents)} documents in one request; {spec.name} accepts "
+            f"at most {spec.max_elements}.",
+        )
+
+
+def check_request_tokens(spec: ModelSpec, query_tokens: int, document_tokens: list[int]) -> int:
+    """The rerank request's token total (query tokens x documents + document tokens), refused
+    over the name's ``max_request_tokens``."""
+    total = query_tokens * len(document_tokens) + sum(document_tokens)
+    if spec.max_request_tokens and total > spec.max_request_tokens:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMETER,
+            f"input: query tokens x documents + document tokens = {query_tokens} x "
+            f"{len(document_tokens)} + {sum(document_tokens)} = {total}, over the limit of "
+            f"{spec.max_request_tokens} tokens per request for {spec.name}.",
+        )
+    return total

@@ -42,10 +42,11 @@ class Prepared:
     tokens: int = 0  # text tokens (usage and batching)
     key: bytes | None = None
     hit: CacheEntry | None = None
+    at: str = ""  # where the item is in the request, when not input.contents[i] (rerank)
 
     @property
     def where(self) -> str:
-        return f"input.contents[{self.item.index}]"
+        return self.at or f"input.contents[{self.item.index}]"
 
     @property
     def stats(self) -> MediaStats:
@@ -90,6 +91,7 @@ class _ItemMedia:
     budget: _PixelBudget
     prepare: Callable[[Any], Any] | None
     frame_times: FrameTimes | None = None
+    lookup: Callable[[bytes], CacheEntry | None] | None = None
 
 
 class MediaStage:
@@ -117,14 +119,17 @@ class MediaStage:
         fps: float,
         prepare_image: Callable[[Any], Any] | None = None,
         frame_times: FrameTimes | None = None,
+        lookup: Callable[[bytes], CacheEntry | None] | None = None,
     ) -> None:
         """Fill each record's input with its decoded (and, with ``prepare_image``, prepared)
-        media, or its cache hit."""
+        media, or its cache hit. ``lookup`` finds the hit for an item's key (default: the
+        cache entry under that key; the rerank path looks up the pair's score instead)."""
         work = [r for r in records if r.item.kind != "text" or self.settings.embed_cache_text]
         if not work:
             return  # plain texts only: nothing to fetch, decode or look up
         budget = _PixelBudget(self.settings.max_request_pixels)
         media = _ItemMedia(spec, image_size, fps, budget, prepare_image, frame_times)
+        media.lookup = lookup or self.cache.get
         try:
             async with asyncio.TaskGroup() as tg:
                 for r in work:
@@ -177,7 +182,7 @@ class MediaStage:
                 max_frames=spec.max_video_frames if video else None,
                 parts=[(role, d) for (role, _), d in zip(parts, digests, strict=True)],
             )
-            hit = self.cache.get(key)
+            hit = (media.lookup or self.cache.get)(key)
             if hit is not None:
                 r.hit = hit
                 return
@@ -231,11 +236,15 @@ class MediaStage:
 
         out[0] = await self._decode(prepare, at)
 
-    async def resolve_text_files(self, items: list[ContentItem], oss_owner: str | None) -> None:
-        """Replace ``oss://`` texts (local text files the SDK uploaded) by their content."""
-        for item in items:
+    async def resolve_text_files(
+        self, items: list[ContentItem], oss_owner: str | None, where: list[str] | None = None
+    ) -> None:
+        """Replace ``oss://`` texts (local text files the SDK uploaded) by their content.
+        ``where`` names each item in messages (default ``input.contents[i]``)."""
+        for n, item in enumerate(items):
             if item.text is not None and item.text.lstrip()[:6].lower() == "oss://":
-                at = f"input.contents[{item.index}].text"
+                base = where[n] if where is not None else f"input.contents[{item.index}]"
+                at = f"{base}.text"
                 data = await self.fetch(item.text, TEXT_FILE_MAX_BYTES, at, oss_owner)
                 try:
                     item.text = data.decode("utf-8-sig")

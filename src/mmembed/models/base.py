@@ -23,6 +23,7 @@ class EmbedInput:
     images: list[Image.Image] = field(default_factory=list)
     videos: list[VideoClip] = field(default_factory=list)
     instruct: str | None = None
+    text_type: str | None = None  # "query" | "document" (text-embedding API); None: symmetric
 
 
 class Backend(Protocol):
@@ -48,6 +49,68 @@ class Backend(Protocol):
     # Optional: ``packaged_basis() -> np.ndarray | None``, a (native_dim, native_dim) basis for
     # shorter dimensions shipped with the weights, so every machine serves the same short vectors
     # (``engine/dims.py``); None, or without it, the engine fits one to ``basis_samples()``.
+
+
+RERANK = "rerank"  # the ``task`` of a reranker; embedding backends have none
+
+
+@dataclass(eq=False)
+class RerankPair:
+    """One (query, document) pair to score. The pairs of one request share their ``query``
+    object (its decoded media, its ``instruct``), so a backend can encode it once per pass."""
+
+    query: EmbedInput
+    document: EmbedInput
+
+    # What the batcher and the memory trim count (``engine.memory.images_in``).
+    @property
+    def images(self) -> list[Any]:
+        return [*self.query.images, *self.document.images]
+
+    @property
+    def videos(self) -> list[VideoClip]:
+        return [*self.query.videos, *self.document.videos]
+
+
+class Reranker(Protocol):
+    """What the engine needs from a reranker: a relevance score in [0, 1] for each document
+    of a query, higher meaning more relevant. The query's ``instruct`` is the task."""
+
+    task: str  # RERANK
+    modalities: frozenset[str]  # what queries and documents may hold
+    image_size: int | None
+
+    def load(self) -> None: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def score(self, query: EmbedInput, documents: list[EmbedInput]) -> np.ndarray: ...
+
+    # Optional: ``score_pairs(pairs) -> np.ndarray`` scores pairs of several queries in one
+    # pass (cross-attention models batch pairs, not queries); without it, ``score_pairs``
+    # below calls ``score`` once per run of pairs sharing a query.
+    # Optional: ``truncate_text(text, max_tokens) -> str`` cuts a text to the API's per-item
+    # token limit (the hosted rerank API truncates over-long items instead of refusing them).
+
+
+def is_reranker(backend: Any) -> bool:
+    return getattr(backend, "task", None) == RERANK
+
+
+def score_pairs(backend: Any, pairs: list[RerankPair]) -> np.ndarray:
+    """Scores for ``pairs`` in order, through the backend's ``score_pairs`` when it has one,
+    else ``score`` per run of consecutive pairs that share their query."""
+    batched = getattr(backend, "score_pairs", None)
+    if batched is not None:
+        return np.asarray(batched(pairs), dtype=np.float32).reshape(-1)
+    out: list[np.ndarray] = []
+    start = 0
+    for end in range(1, len(pairs) + 1):
+        if end == len(pairs) or pairs[end].query is not pairs[start].query:
+            docs = [p.document for p in pairs[start:end]]
+            out.append(np.asarray(backend.score(pairs[start].query, docs), np.float32).reshape(-1))
+            start = end
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def prepare_image_fn(backend: Any) -> Callable[[Image.Image], Any] | None:
@@ -88,19 +151,27 @@ class PooledBackend:
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         raise NotImplementedError
 
+    def embed_texts_typed(
+        self, texts: list[str], instruct: str | None, text_type: str | None
+    ) -> np.ndarray:
+        """Texts of one side of an asymmetric task (``text_type`` "query" or "document");
+        backends without such a distinction embed them as any text."""
+        return self.embed_texts(texts, instruct)
+
     def basis_samples(self) -> np.ndarray | None:
         return None
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
         # Flatten every part into two flat lists, run each tower once, then pool per input.
-        texts_by_instruct: dict[str | None, list[str]] = {}
+        texts_by_instruct: dict[tuple[str | None, str | None], list[str]] = {}
         images: list[Image.Image] = []
         plans: list[list[tuple[str, Any]]] = []
         for item in inputs:
             plan: list[tuple[str, Any]] = []
             for t in item.texts:
-                bucket = texts_by_instruct.setdefault(item.instruct, [])
-                plan.append(("text", (item.instruct, len(bucket))))
+                group = (item.instruct, item.text_type)
+                bucket = texts_by_instruct.setdefault(group, [])
+                plan.append(("text", (group, len(bucket))))
                 bucket.append(t)
             if item.images:
                 start = len(images)
@@ -112,7 +183,9 @@ class PooledBackend:
                 plan.append(("images", slice(start, len(images))))
             plans.append(plan)
 
-        text_vecs = {ins: self.embed_texts(ts, ins) for ins, ts in texts_by_instruct.items()}
+        text_vecs = {
+            group: self.embed_texts_typed(ts, *group) for group, ts in texts_by_instruct.items()
+        }
         image_vecs = self.embed_images(images) if images else np.zeros((0, self.native_dim))
 
         out = np.empty((len(inputs), self.native_dim), dtype=np.float32)

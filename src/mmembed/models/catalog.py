@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mmembed.models.ray_options import RayOptions, parse_ray_options
-from mmembed.models.registry import check_options
+from mmembed.models.registry import check_options, is_reranker_family
 
 PACKAGED_PROFILES = {
     "offline": os.path.join(os.path.dirname(__file__), "offline.toml"),
@@ -17,11 +17,21 @@ PACKAGED_PROFILES = {
 }
 
 
+EMBEDDING, RERANK = "embedding", "rerank"
+TASKS = (EMBEDDING, RERANK)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     backend: str
-    dimensions: tuple[int, ...]
+    dimensions: tuple[int, ...] = ()
+    task: str = EMBEDDING  # "rerank": served by the rerank routes, by a reranker family
+    # rerank: query tokens x documents + document tokens, at most (0: no limit)
+    max_request_tokens: int = 0
+    text_only: bool = False  # images and videos are refused (the text embedding/rerank names)
+    # the text-embedding API's text_type when a request sends none ("document", as hosted)
+    default_text_type: str | None = None
     dimension_param: bool = True
     text_max_tokens: int = 512
     image_max_bytes: int = 3 * 1024 * 1024
@@ -47,8 +57,24 @@ class ModelSpec:
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary for ``mmembed models`` and ``GET /models``."""
+        if self.task == RERANK:
+            return {
+                "name": self.name,
+                "task": self.task,
+                "backend": self.backend,
+                "text_max_tokens": self.text_max_tokens,
+                "image": {"max_bytes": self.image_max_bytes, "formats": sorted(self.image_formats)},
+                "video": {"max_bytes": self.video_max_bytes, "formats": sorted(self.video_formats)},
+                "max_documents": {
+                    "text": self.max_texts,
+                    "image": self.max_images,
+                    "video": self.max_videos,
+                },
+                "max_request_tokens": self.max_request_tokens,
+            }
         return {
             "name": self.name,
+            "task": self.task,
             "backend": self.backend,
             "dimensions": list(self.dimensions),
             "default_dimension": self.default_dimension,
@@ -111,6 +137,15 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
             raise ValueError(f"{source}: backends.{name}: {exc}") from None
         backends[name] = BackendSpec(name=name, family=family, options=body, ray=ray)
 
+    for name, entry in backends.items():
+        target = entry.options.get("backend") if entry.family == "cosine" else None
+        if target is not None and (
+            target not in backends or is_reranker_family(backends[target].family)
+        ):
+            raise ValueError(
+                f"{source}: backends.{name}: backend {target!r} is not an embedding backend "
+                "of this catalog"
+            )
     known = {f.name for f in fields(ModelSpec)} - {"name"}
     models = {}
     for name, body in raw.get("models", {}).items():
@@ -121,10 +156,19 @@ def parse_catalog(raw: dict[str, Any], source: str = "") -> Catalog:
             raise ValueError(
                 f"{source}: models.{name!r} names unknown backend {body.get('backend')!r}"
             )
-        if not body.get("dimensions"):
+        task = body.get("task", EMBEDDING)
+        if task not in TASKS:
+            raise ValueError(f"{source}: models.{name!r}: task must be one of {list(TASKS)}")
+        reranker = is_reranker_family(backends[body["backend"]].family)
+        if reranker != (task == RERANK):
+            raise ValueError(
+                f"{source}: models.{name!r} (task {task!r}) names backend {body['backend']!r}, "
+                f"{'a reranker' if reranker else 'an embedding model'}"
+            )
+        if task == EMBEDDING and not body.get("dimensions"):
             raise ValueError(f"{source}: models.{name!r} lists no dimensions")
         values = dict(body)
-        values["dimensions"] = tuple(int(d) for d in body["dimensions"])
+        values["dimensions"] = tuple(int(d) for d in body.get("dimensions", ()))
         for key in ("image_formats", "video_formats"):
             if key in values:
                 values[key] = frozenset(str(v).upper() for v in values[key])

@@ -142,6 +142,16 @@ class ConSEBackend(PooledBackend):
         word = max(safe.rfind(" ", near, cut + 1), safe.rfind("\n", near, cut + 1))
         return safe[: word if word > 0 else cut]
 
+    def embed_texts_typed(
+        self, texts: list[str], instruct: str | None, text_type: str | None
+    ) -> np.ndarray:
+        """The text-embedding API's asymmetric sides: a "document" gets e5's "passage: "
+        prefix, a "query" (and any text without a type) its "query: " prefix."""
+        if text_type != "document":
+            return self.embed_texts(texts, instruct)
+        safe = [self.fit_window(e5text.safe_text(t, self._safe)) for t in texts]
+        return l2_normalize(np.asarray(self._e5.passage(safe), dtype=np.float32))
+
     def embed_images(self, images: list[Image.Image | np.ndarray]) -> np.ndarray:
         logits = self._classify(np.stack([self.preprocess(im) for im in images]))
         logits = logits - logits.max(axis=1, keepdims=True)

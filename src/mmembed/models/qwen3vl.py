@@ -167,12 +167,7 @@ class Qwen3VLBackend:
                 f"transformers {transformers.__version__} does not know Qwen3-VL "
                 "(4.57 or newer needed): pip install -U 'mmembed[open-weights]'"
             )
-        model = load_pretrained(
-            transformers.Qwen3VLModel,
-            self.path,
-            dtype=self.dtype,
-            attn_implementation=self.attn_implementation,
-        )
+        model = self._load_model(transformers)
         self.model = model.to(self.device).eval()
         config = model.config
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
@@ -193,6 +188,15 @@ class Qwen3VLBackend:
         self.vision_start = token(config.vision_start_token_id)
         self.vision_end = token(config.vision_end_token_id)
         self.native_dim = int(config.text_config.hidden_size)
+
+    def _load_model(self, transformers: Any) -> Any:
+        """The ``Qwen3VLModel`` (language model and vision tower, no LM head)."""
+        return load_pretrained(
+            transformers.Qwen3VLModel,
+            self.path,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+        )
 
     def count_tokens(self, text: str) -> int:
         return self._count(text)

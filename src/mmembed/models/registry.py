@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any
 
-from mmembed.models.base import Backend
+from mmembed.models.base import RERANK, Backend
 
 FAMILIES: dict[str, str] = {
     "conse": "mmembed.models.conse:ConSEBackend",
@@ -23,6 +23,10 @@ FAMILIES: dict[str, str] = {
     "sentence": "mmembed.models.sentence:SentenceBackend",
     "dual": "mmembed.models.dual:DualBackend",
     "qwen3vl": "mmembed.models.qwen3vl:Qwen3VLBackend",
+    # Rerankers (models.base.Reranker): a relevance score per (query, document) pair.
+    "cosine": "mmembed.models.cosine_rerank:CosineReranker",
+    "cross-encoder": "mmembed.models.cross_encoder:CrossEncoderReranker",
+    "qwen3vl-reranker": "mmembed.models.qwen3vl_reranker:Qwen3VLReranker",
 }
 INJECTED = {"cache_dir"}  # options the engine passes itself
 
@@ -35,6 +39,10 @@ def backend_class(family: str) -> type:
         raise ValueError(f"unknown backend family {family!r} (known: {known})") from None
     module_name, _, class_name = target.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def is_reranker_family(family: str) -> bool:
+    return getattr(backend_class(family), "task", None) == RERANK
 
 
 def create_backend(family: str, options: dict[str, Any]) -> Backend:

@@ -191,22 +191,55 @@ def dual_reference(backend: Any) -> Callable[[Sample], np.ndarray]:
 def qwen3vl_reference(backend: Any) -> Callable[[Sample], np.ndarray]:
     import torch
     import transformers
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    from mmembed.models.qwen3vl import (
-        DEFAULT_INSTRUCTION,
-        VIDEO_TOTAL_PIXELS,
-        reference_frame_indices,
-    )
+    from mmembed.models.qwen3vl import DEFAULT_INSTRUCTION
 
     path = backend.path
     model = transformers.Qwen3VLModel.from_pretrained(path, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     if not getattr(tok, "chat_template", None):
         tok.chat_template = backend.tokenizer.chat_template
-    images = transformers.AutoImageProcessor.from_pretrained(path)
+    expand = qwen3vl_reference_parts(backend, model, tok)
+
+    def embed(s: Sample) -> np.ndarray:
+        content: list[dict[str, Any]] = []
+        if s.video is not None:
+            content.append({"type": "video"})
+        if s.image is not None:
+            content.append({"type": "image"})
+        if s.text is not None:
+            content.append({"type": "text", "text": s.text})
+        conversation = [
+            {"role": "system", "content": [{"type": "text", "text": DEFAULT_INSTRUCTION}]},
+            {"role": "user", "content": content},
+        ]
+        prompt = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        prompt, inputs = expand(prompt, [s])
+        ids = tok([prompt], return_tensors="pt")["input_ids"]
+        cfg = model.config
+        mm = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
+        with torch.no_grad():
+            hidden = model(input_ids=ids, mm_token_type_ids=mm, **inputs).last_hidden_state
+        return torch.nn.functional.normalize(hidden[0, -1].float(), dim=-1).numpy()
+
+    return embed
+
+
+def qwen3vl_reference_parts(
+    backend: Any, model: Any, tok: Any
+) -> Callable[[str, list[Sample]], tuple[str, dict[str, Any]]]:
+    """The reference's media steps for a rendered prompt and the samples it holds, in order:
+    the image processor's patches and pad counts, qwen-vl-utils' frames and per-frame budget,
+    transformers' video patch layout and timestamps. Returns (expanded prompt, model inputs)."""
+    import torch
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from mmembed.models.qwen3vl import VIDEO_TOTAL_PIXELS, reference_frame_indices
+
+    images = transformers.AutoImageProcessor.from_pretrained(backend.path)
     vision = model.config.vision_config
     patch, merge, temporal = (
         vision.patch_size,
@@ -227,31 +260,27 @@ def qwen3vl_reference(backend: Any) -> Callable[[Sample], np.ndarray]:
         idx = reference_frame_indices(len(frames), rate, 1.0, 64)
         return [frames[i] for i in idx], [i / rate for i in idx]
 
-    def embed(s: Sample) -> np.ndarray:
-        content: list[dict[str, Any]] = []
-        if s.video is not None:
-            content.append({"type": "video"})
-        if s.image is not None:
-            content.append({"type": "image"})
-        if s.text is not None:
-            content.append({"type": "text", "text": s.text})
-        conversation = [
-            {"role": "system", "content": [{"type": "text", "text": DEFAULT_INSTRUCTION}]},
-            {"role": "user", "content": content},
-        ]
-        prompt = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    def expand(prompt: str, held: list[Sample]) -> tuple[str, dict[str, Any]]:
         inputs: dict[str, Any] = {}
-        if s.image is not None:
+        pictures = [s.image for s in held if s.image is not None]
+        if pictures:
             enc = images(
-                images=[s.image],
+                images=pictures,
                 size={"shortest_edge": 4 * factor**2, "longest_edge": 1800 * factor**2},
                 return_tensors="pt",
             )
-            n = int(enc["image_grid_thw"][0].prod()) // merge**2
-            prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * n)
+            mark = "<|vision_start|><|image_pad|><|vision_end|>"
+            pieces = prompt.split(mark)
+            prompt = pieces[0]
+            for grid, rest in zip(enc["image_grid_thw"], pieces[1:], strict=True):
+                n = int(grid.prod()) // merge**2
+                prompt += "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + rest
             inputs |= {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
-        if s.video is not None:
-            frames, stamps = reference_frames(s.video)
+        videos = [s.video for s in held if s.video is not None]
+        if len(videos) > 1:
+            raise ValueError("the reference steps take one video per sequence")
+        if videos:
+            frames, stamps = reference_frames(videos[0])
             lo = 128 * factor**2
             hi = max(min(768 * factor**2, VIDEO_TOTAL_PIXELS / len(frames) * 2), int(lo * 1.05))
             w, h = frames[0].size
@@ -278,14 +307,118 @@ def qwen3vl_reference(backend: Any) -> Callable[[Sample], np.ndarray]:
                 "pixel_values_videos": patches[0],
                 "video_grid_thw": torch.tensor([[gt, gh, gw]]),
             }
+        return prompt, inputs
+
+    return expand
+
+
+# -- rerankers -------------------------------------------------------------------------------------
+SAMPLE_QUERIES = ["a photo of a cat", "一只在草地上奔跑的狗"]
+RERANK_TOLERANCE, HALF_RERANK_TOLERANCE = 1e-3, 2e-2
+
+
+@dataclass
+class RerankSample:
+    label: str
+    query: Sample
+    document: Sample
+
+
+def rerank_samples(family: str, spec: Any, backend: Any, max_image_pixels: int) -> list[Any]:
+    """Every sample query against every sample document (texts, and for multimodal rerankers
+    the pictures and the video, decoded by the engine's own media functions)."""
+    from mmembed.models.base import IMAGE
+
+    documents = samples("sentence", spec, backend, max_image_pixels)  # the texts
+    if IMAGE in backend.modalities:
+        documents = samples("qwen3vl", spec, backend, max_image_pixels)
+    queries = [Sample(f"q {q[:16]!r}", EmbedInput(texts=[q]), text=q) for q in SAMPLE_QUERIES]
+    return [RerankSample(f"{q.label} x {d.label}"[:52], q, d) for q in queries for d in documents]
+
+
+def cross_encoder_reference(backend: Any) -> Callable[[RerankSample], float]:
+    from sentence_transformers import CrossEncoder
+
+    from mmembed.models.cross_encoder import folder_activation
+
+    model = CrossEncoder(backend.path, device="cpu")
+    raw = folder_activation(backend.path) == "identity"
+
+    def score(s: RerankSample) -> float:
+        value = float(model.predict([(s.query.text, s.document.text)])[0])
+        return 1 / (1 + np.exp(-value)) if raw else value
+
+    return score
+
+
+def cosine_reference(backend: Any) -> Callable[[RerankSample], float]:
+    from mmembed.models.cosine_rerank import calibrate
+
+    def score(s: RerankSample) -> float:
+        q = backend.embedder.embed([s.query.served])[0]
+        d = backend.embedder.embed([s.document.served])[0]
+        return float(calibrate(np.dot(q, d), backend.scale, backend.center))
+
+    return score
+
+
+def qwen3vl_reranker_reference(backend: Any) -> Callable[[RerankSample], float]:
+    """The reference code's recipe with transformers' own model and LM head: the chat below,
+    the image processor, qwen-vl-utils' frames, sigmoid(logit("yes") - logit("no"))."""
+    import torch
+    import transformers
+
+    path = backend.path
+    model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32
+    ).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = backend.tokenizer.chat_template
+    vocab = tok.get_vocab()
+    yes, no = vocab["yes"], vocab["no"]
+    embed_side = qwen3vl_reference_parts(backend, model, tok)
+    system = (
+        "Judge whether the Document meets the requirements based on the Query and the Instruct "
+        'provided. Note that the answer can only be "yes" or "no".'
+    )
+    instruction = "Given a search query, retrieve relevant candidates that answer the query."
+
+    def side(prefix: str, s: Sample) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": prefix}]
+        if s.video is not None:
+            parts.append({"type": "video"})
+        if s.image is not None:
+            parts.append({"type": "image"})
+        if s.text is not None:
+            parts.append({"type": "text", "text": s.text})
+        return parts
+
+    def score(s: RerankSample) -> float:
+        user = [{"type": "text", "text": f"<Instruct>: {instruction}"}]
+        user += side("<Query>:", s.query) + side("\n<Document>:", s.document)
+        conversation = [
+            {"role": "system", "content": [{"type": "text", "text": system}]},
+            {"role": "user", "content": user},
+        ]
+        prompt = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        media = [x for x in (s.query, s.document)]
+        prompt, inputs = embed_side(prompt, media)
         ids = tok([prompt], return_tensors="pt")["input_ids"]
         cfg = model.config
         mm = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
         with torch.no_grad():
-            hidden = model(input_ids=ids, mm_token_type_ids=mm, **inputs).last_hidden_state
-        return torch.nn.functional.normalize(hidden[0, -1].float(), dim=-1).numpy()
+            logits = model(input_ids=ids, mm_token_type_ids=mm, **inputs).logits[0, -1]
+        return float(torch.sigmoid(logits[yes] - logits[no]))
 
-    return embed
+    return score
+
+
+RERANK_REFERENCES: dict[str, Callable[[Any], Callable[[RerankSample], float]]] = {
+    "cross-encoder": cross_encoder_reference,
+    "qwen3vl-reranker": qwen3vl_reranker_reference,
+    "cosine": cosine_reference,
+}
 
 
 REFERENCES: dict[str, Callable[[Any], Callable[[Sample], np.ndarray]]] = {
@@ -308,10 +441,13 @@ def run(catalog: Any, name: str, settings: Any, out: Callable[[str], None] = pri
             f"{name!r} is neither a model nor a backend of {catalog.source} (known: {known})"
         )
     entry = catalog.backends[backend_name]
+    if entry.family in RERANK_REFERENCES:
+        return run_rerank(catalog, name, backend_name, spec, settings, out)
     if entry.family not in REFERENCES:
+        known = [*REFERENCES, *RERANK_REFERENCES]
         raise ValueError(
             f"family {entry.family!r} has no reference recipe to verify against "
-            f"(known: {', '.join(REFERENCES)})"
+            f"(known: {', '.join(known)})"
         )
     if spec is None:
         spec = next((m for m in catalog.models.values() if m.backend == backend_name), None)
@@ -340,3 +476,53 @@ def run(catalog: Any, name: str, settings: Any, out: Callable[[str], None] = pri
     verdict = "ok" if worst >= threshold else "FAILED"
     out(f"{verdict}: lowest cosine {worst:.6f} (threshold {threshold})")
     return 0 if worst >= threshold else 1
+
+
+def run_rerank(
+    catalog: Any,
+    name: str,
+    backend_name: str,
+    spec: Any,
+    settings: Any,
+    out: Callable[[str], None] = print,
+) -> int:
+    """Verify a reranker: every sample pair's served score against the family's reference;
+    0 when every difference is within the tolerance, 1 otherwise."""
+    from mmembed.models.base import RerankPair
+    from mmembed.models.registry import create_backend
+
+    entry = catalog.backends[backend_name]
+    if spec is None:
+        spec = next((m for m in catalog.models.values() if m.backend == backend_name), None)
+    options = {"cache_dir": settings.cache_path, **entry.options}
+    backend = create_backend(entry.family, options)
+    embedder_name = options.get("backend") if entry.family == "cosine" else None
+    if embedder_name:
+        embedder_entry = catalog.backends[embedder_name]
+        embedder = create_backend(
+            embedder_entry.family, {"cache_dir": settings.cache_path, **embedder_entry.options}
+        )
+        embedder.load()
+        backend.attach(embedder)
+    else:
+        backend.load()
+    half = "16" in str(getattr(backend, "dtype", ""))
+    tolerance = HALF_RERANK_TOLERANCE if half else RERANK_TOLERANCE
+    pairs = rerank_samples(entry.family, spec, backend, settings.max_image_pixels)
+    served = backend.score_pairs([RerankPair(p.query.served, p.document.served) for p in pairs])
+    reference = RERANK_REFERENCES[entry.family](backend)
+    where = getattr(backend, "path", None) or f"backend {embedder_name}"
+    out(
+        f"verify {name} (backend {backend_name}, family {entry.family}, {where}, "
+        f"{getattr(backend, 'dtype', '')})"
+    )
+    worst = 0.0
+    for p, got in zip(pairs, served, strict=True):
+        want = reference(p)
+        diff = abs(float(got) - want)
+        worst = max(worst, diff)
+        verdict = "ok" if diff <= tolerance else "FAIL"
+        out(f"  {p.label:52s} score {got:.6f} reference {want:.6f}  {verdict}")
+    ok = worst <= tolerance
+    out(f"{'ok' if ok else 'FAILED'}: largest difference {worst:.2e} (tolerance {tolerance})")
+    return 0 if ok else 1

@@ -25,7 +25,7 @@ from mmembed.models.registry import backend_class
 from mmembed.request import RequestContext
 from mmembed.serving.board import REPORT_S
 from mmembed.serving.remote import RemoteEngine, identity
-from mmembed.types import EmbedRequest, EmbedResult
+from mmembed.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult
 
 log = logging.getLogger("mmembed.serving")
 
@@ -40,9 +40,14 @@ class SharedUploadStore(UploadStore):
 
 
 def backend_catalog(catalog: Catalog, backend: str) -> Catalog:
-    """The catalog restricted to one backend and its models: a replica loads only its model."""
+    """The catalog restricted to one backend and its models: a replica loads only its model
+    (and, for a reranker scoring with an embedding backend's vectors, that backend too)."""
+    spec = catalog.backends[backend]
+    keep = [backend]
+    if spec.family == "cosine" and spec.options.get("backend"):
+        keep.append(str(spec.options["backend"]))
     return Catalog(
-        backends={backend: catalog.backends[backend]},
+        backends={name: catalog.backends[name] for name in keep},
         models={n: m for n, m in catalog.models.items() if m.backend == backend},
         source=catalog.source,
         aliases={a: n for a, n in catalog.aliases.items() if catalog.models[n].backend == backend},
@@ -85,6 +90,20 @@ class BackendReplica:
         token = request_id_var.set(request_id)  # this replica's log lines carry the id
         try:
             return await self.engine.embed(req, ctx)
+        except ApiError as exc:
+            level = logging.ERROR if exc.error.status >= 500 else logging.INFO
+            log.log(level, "refused %s: %s", exc.error.code, exc.message)
+            return exc
+        finally:
+            request_id_var.reset(token)
+
+    async def rerank(
+        self, req: RerankRequest, request_id: str, ctx: RequestContext | None = None
+    ) -> RerankResult | ApiError:
+        """As ``embed``, for a rerank request."""
+        token = request_id_var.set(request_id)
+        try:
+            return await self.engine.rerank(req, ctx)
         except ApiError as exc:
             level = logging.ERROR if exc.error.status >= 500 else logging.INFO
             log.log(level, "refused %s: %s", exc.error.code, exc.message)

@@ -27,7 +27,7 @@ from mmembed.logs import request_id_var
 from mmembed.models.catalog import Catalog
 from mmembed.request import RequestContext
 from mmembed.serving.board import REPORT_S
-from mmembed.types import EmbedRequest, EmbedResult
+from mmembed.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult
 
 log = logging.getLogger("mmembed.serving")
 
@@ -89,6 +89,14 @@ class RemoteEngine:
 
     # -- one request ---------------------------------------------------------------------------
     async def embed(self, req: EmbedRequest, ctx: RequestContext | None = None) -> EmbedResult:
+        result: EmbedResult = await self._forward("embed", req, ctx)
+        return result
+
+    async def rerank(self, req: RerankRequest, ctx: RequestContext | None = None) -> RerankResult:
+        result: RerankResult = await self._forward("rerank", req, ctx)
+        return result
+
+    async def _forward(self, method: str, req: Any, ctx: RequestContext | None) -> Any:
         from ray.exceptions import RayTaskError
         from ray.serve.exceptions import BackPressureError
 
@@ -108,7 +116,7 @@ class RemoteEngine:
             headers={"Retry-After": "1"},
         )
         try:
-            answer = await handle.embed.remote(req, request_id_var.get(), ctx)
+            answer = await getattr(handle, method).remote(req, request_id_var.get(), ctx)
         except RayTaskError as exc:  # the replica raised: an ApiError in it is the answer
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ApiError):

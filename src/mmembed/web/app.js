@@ -4,6 +4,10 @@
 // The API key stays in this browser (localStorage); it is sent only to this server.
 
 const EMBED = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding";
+// Rerank mode: the query and every item go to the rerank route in one request; the scores
+// are its relevance scores (0..1), one per item.
+const RERANK = "/api/v1/services/rerank/text-rerank/text-rerank";
+const mode = () => $("mode").value;
 const $ = (id) => document.getElementById(id);
 const state = { models: [], items: [], nextId: 1, query: null, vectors: new Map() };
 
@@ -40,7 +44,8 @@ const dot = (a, b) => a.reduce((sum, x, i) => sum + x * b[i], 0);
 async function loadModels() {
   try {
     const data = await api("/models");
-    state.models = data.models;
+    const task = mode() === "rerank" ? "rerank" : "embedding";
+    state.models = data.models.filter((m) => (m.task || "embedding") === task);
     const select = $("model");
     const previous = select.value || localStorage.getItem("mmembed.model");
     select.replaceChildren(...state.models.map((m) => new Option(m.name, m.name)));
@@ -56,6 +61,8 @@ function fillDimensions() {
   const model = state.models.find((m) => m.name === $("model").value);
   if (!model) return;
   const select = $("dimension");
+  select.disabled = mode() === "rerank";  // scores, not vectors
+  if (!model.dimensions) { select.replaceChildren(); localStorage.setItem("mmembed.model", model.name); return; }
   const previous = select.dataset.model === model.name ? select.value : null;
   select.replaceChildren(...model.dimensions.map((d) => new Option(String(d), String(d))));
   select.value = model.dimensions.includes(Number(previous)) ? previous : String(model.default_dimension);
@@ -174,9 +181,15 @@ async function rank() {
   if (!query) { setStatus("Type a query or choose a query image.", true); return; }
   if (!state.items.length) { setStatus("Add some items first.", true); return; }
   $("rank").disabled = true;
-  setStatus("Embedding…");
+  setStatus(mode() === "rerank" ? "Reranking…" : "Embedding…");
   const started = performance.now();
   try {
+    if (mode() === "rerank") {
+      await rerankItems(query);
+      render();
+      setStatus(`Reranked ${state.items.length} items in ${Math.round(performance.now() - started)} ms`);
+      return;
+    }
     const q = await embed(query);
     // a few requests at a time; the server batches them
     const queue = [...state.items];
@@ -193,6 +206,16 @@ async function rank() {
   } finally {
     $("rank").disabled = false;
   }
+}
+
+async function rerankItems(query) {
+  const items = [...state.items];
+  const body = {
+    model: $("model").value,
+    input: { query: query.value, documents: items.map((item) => item.content.value) },
+  };
+  const data = await api(RERANK, body);
+  for (const result of data.output.results) items[result.index].score = result.relevance_score;
 }
 
 function setStatus(text, error = false) {
@@ -216,6 +239,7 @@ function init() {
   $("key").value = localStorage.getItem("mmembed.key") || "";
   $("key").addEventListener("change", () => { localStorage.setItem("mmembed.key", $("key").value.trim()); loadModels(); });
   $("model").addEventListener("change", () => { fillDimensions(); resetScores(); });
+  $("mode").addEventListener("change", () => { resetScores(); loadModels(); });
   $("dimension").addEventListener("change", resetScores);
   $("files").addEventListener("change", (e) => { addFiles([...e.target.files]); e.target.value = ""; });
   $("add-texts").addEventListener("click", () => { addTexts($("texts").value.split("\n")); $("texts").value = ""; });
