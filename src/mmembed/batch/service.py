@@ -581,6 +581,7 @@ class JobRun:
         whether it must stop (cancelled, window over, key revoked)."""
         async with self.flush_lock:
             batch, self.results = self.results, []
+            batch.sort(key=lambda done: done[0].number)  # results in input order within a part
             if batch:
                 try:
                     batch = await self.charge(batch)
