@@ -189,10 +189,12 @@ async def create_file(request: Request) -> Response:
     now = service.clock()
     held = await db(request, jobs.bytes_held, service.store, who.principal.name, now)
     room = settings.batch_max_bytes_per_key - held
-    cap = min(settings.batch_max_file_bytes, room)
+    cap = settings.batch_max_file_bytes
     declared = request.headers.get("content-length", "")
-    if cap <= 0 or (declared.isdigit() and int(declared) > cap + FORM_OVERHEAD):
-        raise _too_large(settings, held, int(declared) if declared.isdigit() else 1)
+    if declared.isdigit() and int(declared) > cap + FORM_OVERHEAD:
+        raise _too_large(settings, held, per_file=True)
+    if room <= 0 or (declared.isdigit() and int(declared) > room + FORM_OVERHEAD):
+        raise _too_large(settings, held, per_file=False)
     boundary = _boundary(request.headers.get("content-type", ""))
     form = FormReader(request.stream(), boundary, cap + FORM_OVERHEAD)
     file_id = jobs.new_file_id()
@@ -204,12 +206,15 @@ async def create_file(request: Request) -> Response:
             raise _bad(f"purpose: only 'batch' files are accepted here, got {echo(purpose)}.")
         size = await store.save(file_id, form.file_data(), cap)
     except FileTooLarge:
-        raise _too_large(settings, held, cap + 1) from None
+        raise _too_large(settings, held, per_file=True) from None
     except ClientDisconnect:
         raise _bad("the client disconnected during the upload") from None
     except OSError as exc:
         log.error("batch file %s could not be stored: %s", file_id, exc)
         raise ApiError(ErrorCode.SERVICE_UNAVAILABLE, "The file could not be stored.") from None
+    if size > room:  # (checked on the bytes received: the declared length may be absent)
+        await asyncio.to_thread(store.delete, file_id)
+        raise _too_large(settings, held, per_file=False)
     ttl = settings.batch_file_ttl_s
     record = FileRecord(
         id=file_id,
@@ -229,8 +234,8 @@ async def create_file(request: Request) -> Response:
     return _json(file_object(record))
 
 
-def _too_large(settings: Settings, held: int, size: int) -> ApiError:
-    if held + min(size, settings.batch_max_file_bytes) > settings.batch_max_bytes_per_key:
+def _too_large(settings: Settings, held: int, per_file: bool) -> ApiError:
+    if not per_file:
         return ApiError(
             ErrorCode.TOO_LARGE,
             f"file: this key holds {held} bytes of batch files; with this one it would be over "
