@@ -406,7 +406,7 @@ def update_job_in(
             values[name] = json.dumps(values[name], ensure_ascii=False)
     row = conn.execute(select(t).where(t.c.id == job_id)).first()
     if row is None or row.runner != runner:
-        raise LostLease(job_id)
+        raise LostLease(f"now held by {row.runner if row else None}")
     if values and (expect is None or row.status in expect):
         conn.execute(update(t).where(t.c.id == job_id, t.c.runner == runner).values(**values))
         row = conn.execute(select(t).where(t.c.id == job_id)).one()

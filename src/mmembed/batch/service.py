@@ -260,8 +260,8 @@ class JobService:
     async def _run(self, job: JobRecord) -> None:
         try:
             await JobRun(self, job).run()
-        except LostLease:
-            log.warning("batch job %s: lost to another process; stopped here", job.id)
+        except LostLease as exc:
+            log.warning("batch job %s: held by another process (%s); stopped here", job.id, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -280,6 +280,9 @@ class JobService:
         finally:
             self.running.pop(job.id, None)
             self.quick.discard(job.id)
+            if self._task is not None and not self._task.done():  # (not shutting down)
+                with contextlib.suppress(Exception):  # unfinished: let a later tick retry
+                    await asyncio.to_thread(jobs.release, self.store, self.runner, [job.id])
             self.wake()
 
     async def sweep(self, now: float) -> None:
@@ -452,10 +455,12 @@ class JobRun:
         parts = self.s.files.job_dir(self.job.id) / "parts"
         try:
             self.writer = await asyncio.to_thread(
-                PartWriter, parts, "", 0, part_schema(self.job.id)
+                PartWriter, parts, f"job:{self.job.id}", 0, part_schema(self.job.id)
             )
-        except OutputError as exc:  # a process of ours still writes there: not ours yet
-            raise LostLease(str(exc)) from None
+        except OutputError as exc:
+            if "writing here" in str(exc):  # a process of ours still writes there: not yet
+                raise LostLease(f"its parts are locked: {exc}") from None
+            raise
         try:
             return await self._process(lines, self.writer)
         finally:
