@@ -52,7 +52,7 @@ Scenario = Callable[[Any, httpx.AsyncClient], Awaitable[Any]]
 
 
 def run(settings: Settings, scenario: Scenario, clock: Clock | None = None) -> Any:
-    app = create_app(settings, clock=clock or Clock())
+    app = create_app(settings, clock=clock or time.time)
 
     async def go() -> Any:
         async with app.router.lifespan_context(app):
@@ -398,3 +398,34 @@ def test_results_expire_and_windows_end_under_an_injected_clock(tmp_path, db_url
     assert {m["error"]["code"] for m in missing} == {"batch_expired"} and len(missing) == 8
     assert queued["in_progress_at"] is None and queued["output_file_id"] is None
     assert gone.status_code == 404 and not on_disk
+
+
+def test_mmembed_jobs_list_show_cancel(tmp_path, db_url, hash_catalog, capsys):
+    from mmembed.cli import main
+
+    lines = [request_line(f"r{i}", f"text {i}") for i in range(6)]
+
+    def jobs(*args: str) -> Any:
+        flags = ["--database-url", db_url, "--cache-dir", str(tmp_path / "cache")]
+        assert main(["jobs", *args, *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    async def scenario(app, client):
+        finished = await create(client, K2, await upload(client, K2, lines[:2]))
+        await wait(client, K2, finished["id"])
+        gate = Gate(app, free=0)  # this one stays in progress until cancelled
+        running = await create(client, K1, await upload(client, K1, lines))
+        await wait(client, K1, running["id"], "in_progress")
+        listed = await asyncio.to_thread(jobs, "list", "--json")
+        shown = await asyncio.to_thread(jobs, "show", running["id"], "--json")
+        cancelled = await asyncio.to_thread(jobs, "cancel", running["id"], "--json")
+        ended = await wait(client, K1, running["id"], "cancelled")
+        gate.open.set()
+        return listed, shown, cancelled, ended
+
+    listed, shown, cancelled, ended = run(settings_for(tmp_path, db_url, hash_catalog), scenario)
+    assert [j["status"] for j in listed] == ["in_progress", "completed"]  # newest first
+    assert shown["status"] == "in_progress" and shown["progress"] == "0/6"
+    assert "runner" not in shown  # (internal)
+    assert cancelled["status"] == "cancelling" and ended["status"] == "cancelled"
+    assert ended["request_counts"]["completed"] == 0
