@@ -1,6 +1,7 @@
-"""``mmembed keys create|list|revoke|update`` and ``mmembed usage``: managed keys and usage
-reports, straight on the accounts database (``database_url``), so they work whether or not a
-server is running. Errors are one line on stderr and exit status 1 (2 for bad arguments)."""
+"""``mmembed keys create|list|revoke|update``, ``mmembed usage`` and ``mmembed jobs``: managed
+keys, usage reports and batch jobs, straight on the accounts database (``database_url``), so
+they work whether or not a server is running. Errors are one line on stderr and exit status 1
+(2 for bad arguments)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from mmembed.accounts import keys, reports
+from mmembed.accounts import jobs_cli, keys, reports
 from mmembed.accounts.keys import AccountsError, Limits
 from mmembed.accounts.store import Store, database_url, explain, is_transient
 from mmembed.config import Settings
@@ -90,6 +91,7 @@ def add_parsers(sub: Any) -> None:
     usage_help = "Usage report from the ledger: requests, tokens by kind and cost per group."
     up = sub.add_parser("usage", help=usage_help, description=usage_help)
     up.add_argument("--key", help="only this key's requests")
+    up.add_argument("--route", help="only this route's requests (dashscope, openai, batch, ...)")
     up.add_argument("--since", type=_date_arg(False), help="YYYY-MM-DD or ISO time (inclusive)")
     up.add_argument("--until", type=_date_arg(True), help="YYYY-MM-DD (inclusive) or ISO time")
     up.add_argument("--by", choices=reports.GROUPS, default="key")
@@ -99,6 +101,7 @@ def add_parsers(sub: Any) -> None:
 
     for p in (create, lst, revoke, update, up):
         Settings.add_arguments(p, SETTINGS)
+    jobs_cli.add_parsers(sub, SETTINGS)
     for p in (kp, create, lst, revoke, update, up):
         _one_line_errors(p)
 
@@ -112,7 +115,7 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
     parser.error = error  # type: ignore[method-assign]
 
 
-COMMANDS = ("keys", "usage")
+COMMANDS = ("keys", "usage", "jobs")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -129,6 +132,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         store.migrate()
         if args.command == "usage":
             return _usage(store, args)
+        if args.command == "jobs":
+            return jobs_cli.run(args, store)
         return _keys(store, args, settings)
     except AccountsError as exc:
         return _fail(str(exc))
@@ -207,7 +212,9 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
 
 
 def _usage(store: Store, args: argparse.Namespace) -> int:
-    rows = reports.usage(store, key=args.key, since=args.since, until=args.until, by=args.by)
+    rows = reports.usage(
+        store, key=args.key, route=args.route, since=args.since, until=args.until, by=args.by
+    )
     fmt = "json" if args.json else "csv" if args.csv else "table"
     print(reports.render(rows, args.by, fmt))
     return 0

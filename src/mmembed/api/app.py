@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mmembed.accounts.service import Accounts
 from mmembed.api import (
     admin,
+    batch_kinds,
+    batches,
     metrics,
     openai_compat,
     openapi,
@@ -28,10 +30,13 @@ from mmembed.api import (
     rerank,
     routes,
     startup,
+    tasks,
     text_embedding,
     uploads,
 )
 from mmembed.api.schemas import render_error
+from mmembed.batch.lines import JobKind
+from mmembed.batch.service import JobService
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode, redact_paths
@@ -194,7 +199,22 @@ def create_app(
             loader.start()
         else:
             await asyncio.to_thread(eng.load)
+        if app.state.accounts.enabled:  # batch jobs are records in the accounts database
+            fetcher = getattr(eng, "fetcher", None)
+            if not isinstance(fetcher, Fetcher):  # (on Ray Serve the engine is remote)
+                fetcher = Fetcher(settings, uploads=store)
+            kinds: dict[str, JobKind] = {
+                "openai": batch_kinds.OpenAIBatches(eng),
+                "dashscope": batch_kinds.DashScopeTasks(eng, fetcher, settings),
+            }
+            ready = loader.ready.wait if loader is not None else None
+            app.state.jobs = JobService(
+                settings, app.state.accounts, kinds, clock=clock, ready=ready
+            )
+            await app.state.jobs.start()
         yield
+        if app.state.jobs is not None:  # jobs keep what they finished, and are released
+            await app.state.jobs.close()
         if loader is not None:
             await loader.aclose()
         # Requests the server cancelled after the grace period are answering 503 right now;
@@ -207,7 +227,7 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route(routes.EMBED_PATH, routes.embed, methods=["POST"]),
+            Route(routes.EMBED_PATH, tasks.embed_or_submit, methods=["POST"]),
             Route(text_embedding.PATH, text_embedding.embed, methods=["POST"]),
             Route(rerank.NATIVE_PATH, rerank.native, methods=["POST"]),
             Route(rerank.COMPATIBLE_PATH, rerank.compatible, methods=["POST"]),
@@ -223,6 +243,8 @@ def create_app(
             Route(playground.INDEX_PATH, playground.index, methods=["GET"]),
             Route(playground.ASSET_PATH, playground.asset, methods=["GET"]),
             *admin.ROUTES,
+            *batches.ROUTES,
+            *tasks.ROUTES,
         ],
         exception_handlers={
             ApiError: _api_error,
@@ -234,6 +256,7 @@ def create_app(
     app.state.engine = eng
     app.state.catalog = eng.catalog
     app.state.uploads = store
+    app.state.jobs = None  # the job service, once started (accounts enabled)
 
     def keyed() -> bool:
         accounts = getattr(app.state, "accounts", None)

@@ -53,6 +53,11 @@ def parse_openai_request(body: bytes) -> tuple[EmbedRequest, str]:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise _bad(f"The request body is not valid JSON: {exc}.") from None
+    return openai_request_from_data(data)
+
+
+def openai_request_from_data(data: Any) -> tuple[EmbedRequest, str]:
+    """``parse_openai_request`` for an already decoded body (a batch job's line)."""
     if not isinstance(data, dict):
         raise _bad("The request body must be a JSON object.")
 
@@ -153,12 +158,13 @@ def openai_message(message: str) -> str:
     )
 
 
-def render_openai_error(error: ApiError) -> Response:
+def openai_error_body(error: ApiError) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}`` for ``error``."""
     message = openai_message(error.message)
     status = error.error.status
     match = _PARAM.match(message)
     param = match.group(1) if match else ("model" if message.startswith("Model ") else None)
-    body = {
+    return {
         "error": {
             "message": message,
             "type": _TYPES.get(
@@ -168,9 +174,15 @@ def render_openai_error(error: ApiError) -> Response:
             "code": error.error.code,
         }
     }
+
+
+def render_openai_error(error: ApiError) -> Response:
     headers = {"x-request-id": request_id_var.get(), **error.headers}
     return Response(
-        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+        orjson.dumps(openai_error_body(error)),
+        status_code=error.error.status,
+        media_type="application/json",
+        headers=headers,
     )
 
 

@@ -9,6 +9,7 @@ supervised worker process by default) → cache → dimensions → usage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -149,6 +150,7 @@ class Engine:
             abort=None if embedder else getattr(backend, "abort", None),
             express=None if reranker else getattr(backend, "embed_express", None),
             isolation=getattr(backend, "isolation", None),
+            background_max_items=self.settings.batch_pass_max_items,
         )
         admission = Admission(self.settings.admit_max_units)
         self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)
@@ -232,7 +234,15 @@ class Engine:
             if r.item.text is not None and r.item.text.lstrip()[:6].lower() != "oss://":
                 limits.check_text_length(spec, f"{r.where}.text", r.item.text)
 
-        with loaded.admission.admit(estimate(spec, items)):
+        # A batch job's line is not admitted at the door (it must never crowd out online
+        # requests there): its runner bounds what it has in flight, and the batcher serves it
+        # only when no online request waits.
+        admitted = (
+            contextlib.nullcontext()
+            if ctx.background
+            else loaded.admission.admit(estimate(spec, items))
+        )
+        with admitted:
             if ctx.resolve_oss:  # the SDK uploads local text files too: embed their content
                 await self.media.resolve_text_files(items, oss_owner)
                 for r in records:
@@ -260,7 +270,7 @@ class Engine:
             texts = [r for r in records if r.item.text is not None]
             if window:
                 usage.truncated_texts = sum(r.tokens > window for r in texts)
-            native = await self._embed_cached(loaded, spec, records, ctx.owner)
+            native = await self._embed_cached(loaded, spec, records, ctx.owner, ctx.background)
             mapper = loaded.mapper
             assert mapper is not None
             vectors = await _maybe_in_thread(
@@ -439,10 +449,16 @@ class Engine:
         return loaded
 
     async def _embed_cached(
-        self, loaded: LoadedBackend, spec: ModelSpec, records: list[Prepared], owner: str | None
+        self,
+        loaded: LoadedBackend,
+        spec: ModelSpec,
+        records: list[Prepared],
+        owner: str | None,
+        background: bool = False,
     ) -> np.ndarray:
         """Native vectors for every item: cache hits as stored, the rest from the backend
-        (then stored under their keys)."""
+        (then stored under their keys; a batch job's are not, or a big job would push out
+        what online clients send again)."""
         misses = [r for r in records if r.hit is None]
         fresh = None
         if misses:
@@ -453,10 +469,15 @@ class Engine:
                 for r in misses
             ]
             fresh = await loaded.batcher.submit(
-                [r.input for r in misses], tokens, [r.where for r in misses], owner
+                [r.input for r in misses],
+                tokens,
+                [r.where for r in misses],
+                # (its own share in the fair turns: a key's job must not slow its online calls)
+                f"batch:{owner}" if background else owner,
+                background=background,
             )
             for r, row in zip(misses, fresh, strict=True):
-                if r.key is not None:
+                if r.key is not None and not background:
                     self.cache.put(r.key, row, r.stats)
             if len(misses) == len(records):
                 return fresh
