@@ -11,6 +11,8 @@ import copy
 import threading
 from typing import Any
 
+from mmembed.extras import install_hint
+
 _DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -64,7 +66,7 @@ def import_transformers() -> Any:
         import transformers
     except ImportError:
         raise RuntimeError(
-            "open-weight backends need transformers: pip install 'mmembed[open-weights]'"
+            "open-weight backends need transformers: " + install_hint("open-weights")
         ) from None
     transformers.utils.logging.disable_progress_bar()  # no bars in server logs
     return transformers

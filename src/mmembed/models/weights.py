@@ -14,12 +14,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mmembed.extras import install_hint
+
 
 class WeightsMissing(RuntimeError):
     """The weights named by a backend's ``weights`` option are not on this machine."""
 
 
-OPEN_WEIGHTS_HINT = "install the open-weights extra: pip install 'mmembed[open-weights]'"
+OPEN_WEIGHTS_HINT = "install the open-weights extra: " + install_hint("open-weights")
 
 
 def explain_load_error(exc: BaseException) -> str | None:
