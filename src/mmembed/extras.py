@@ -17,3 +17,8 @@ def install_hint(extra: str) -> str:
 def needs_extra(what: str, extra: str) -> str:
     """``mmembed serve --ray needs the ray extra: scripts/install ray (...)``."""
     return f"{what} needs the {extra} extra: {install_hint(extra)}"
+
+
+class MissingExtra(RuntimeError):
+    """An optional dependency is not installed; the message names the command that installs it
+    (reported as one line, never a traceback)."""

@@ -121,12 +121,14 @@ class Engine:
                 self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)
                 log.info("backend %s (%s) ready, %d-d", name, spec.family, backend.native_dim)
             except Exception as exc:  # keep serving the other models
-                hint = explain_load_error(exc)  # setup problems: one line, no traceback
-                if hint:
-                    log.error("backend %s not loaded: %s", name, hint)
-                else:
+                hint = explain_load_error(exc)  # setup problems: one line per name, no traceback
+                if not hint:
                     log.exception("backend %s failed to load", name)
-                self._load_errors[name] = hint or f"{type(exc).__name__}: {exc}"
+                reason = hint or f"{type(exc).__name__}: {exc}"
+                for model in self.catalog.models.values():
+                    if model.backend == name:
+                        log.error("%s unavailable (backend %s): %s", model.name, name, reason)
+                self._load_errors[name] = reason
 
     async def aclose(self) -> None:
         await self.fetcher.aclose()

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mmembed.extras import install_hint
+from mmembed.extras import MissingExtra, install_hint
 
 
 class WeightsMissing(RuntimeError):
@@ -27,7 +27,7 @@ OPEN_WEIGHTS_HINT = "install the open-weights extra: " + install_hint("open-weig
 def explain_load_error(exc: BaseException) -> str | None:
     """One line saying what to do, for load failures that are the machine's setup and not a
     bug (missing weights, a missing optional dependency); None for anything else."""
-    if isinstance(exc, WeightsMissing):
+    if isinstance(exc, WeightsMissing | MissingExtra):
         return str(exc).strip().splitlines()[0]
     if isinstance(exc, ImportError):
         return f"{exc} ({OPEN_WEIGHTS_HINT})"
