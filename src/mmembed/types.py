@@ -47,6 +47,7 @@ class EmbedRequest:
     max_video_frames: int | None = None  # parameters.max_video_frames (within the model's cap)
     owner: str | None = None  # who sent it (a hash of the API key): uploads are per owner
     resolve_oss: bool = False  # X-DashScope-OssResourceResolve: enable (oss:// refs allowed)
+    max_items: int | None = None  # the wire format's item cap (None: max_items_per_request)
 
 
 @dataclass

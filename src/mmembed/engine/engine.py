@@ -172,9 +172,8 @@ class Engine:
         loaded = self._loaded(spec)
         backend = loaded.backend
         dimension = limits.resolve_dimension(spec, req.dimension)
-        limits.check_forms(
-            spec, backend.modalities, req.items, self.catalog, self.settings.max_items_per_request
-        )
+        max_items = req.max_items or self.settings.max_items_per_request
+        limits.check_forms(spec, backend.modalities, req.items, self.catalog, max_items)
         records = [Prepared(item, EmbedInput(instruct=req.instruct)) for item in req.items]
         for r in records:
             if r.item.text is not None and r.item.text.lstrip()[:6].lower() != "oss://":
