@@ -193,15 +193,19 @@ class Accounts:
             "status": "unavailable" if self.reason else "ok",
             "database": describe_url(self.url),
             "managed_keys": len(self.by_hash),
-            # whether requests need a key (static keys, managed keys, or revoked ones that
-            # still lock the server: see the 401's message)
-            "keys_required": bool(self.static) or self.has_managed or self.exposed,
+            "keys_required": self.keys_required,
         }
         if self.reason:
             body["reason"] = self.reason
         if self.ledger is not None:
             body["ledger"] = {"commits": self.ledger.commits, "rows": self.ledger.rows}
         return body
+
+    @property
+    def keys_required(self) -> bool:
+        """Whether requests need a key: static keys, managed keys, or revoked ones that still
+        lock the server (see the 401's message), or a non-loopback address."""
+        return bool(self.static) or self.has_managed or self.exposed
 
     # -- authentication --------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Principal:
