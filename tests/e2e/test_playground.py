@@ -212,4 +212,6 @@ def test_playground_errors_stay_beside_their_items(server, browser, pictures, tm
     assert status.text == "" and status.get_attribute("class") != "error"
     # only the refused embedding requests (400) are in the console: nothing on load
     logged = severe(browser)
-    assert all("400" in e["message"] and "multimodal-embedding" in e["message"] for e in logged), logged
+    assert all("400" in e["message"] and "multimodal-embedding" in e["message"] for e in logged), (
+        logged
+    )

@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
+    return fake_checkout(tmp_path)
+
+
+def fake_checkout(tmp_path: Path) -> Path:
+    """scripts/ and pyproject.toml in ``tmp_path/mmembed``, with the stand-in .venv."""
     root = tmp_path / "mmembed"
     (root / "scripts").mkdir(parents=True)
     for name in ("install", "serve", "mmembed"):
