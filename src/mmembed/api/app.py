@@ -222,7 +222,7 @@ def create_app(
                 for p in openai_compat.MODELS_PATHS
             ],
             *[
-                Route(p + "/{model:path}", openai_compat.get_model, methods=["GET"])
+                Route(p + "/{model}", openai_compat.get_model, methods=["GET"])
                 for p in openai_compat.MODELS_PATHS
             ],
             Route(metrics.PATH, metrics.metrics_endpoint, methods=["GET"]),
