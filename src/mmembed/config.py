@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -34,6 +35,13 @@ class Settings:
         "Comma-separated API keys accepted as 'Authorization: Bearer <key>'; 'KEY:m1|m2' "
         "limits a key to those model names (403 otherwise). With no keys, any key is "
         "accepted and only loopback addresses may be bound.",
+    )
+    allowed_hosts: tuple[str, ...] = _setting(
+        (),
+        "Host names (the Host header, any port) answered besides loopback ones (localhost, "
+        "127.0.0.1, [::1]); '*' answers any. With no API keys only loopback names and these "
+        "are answered (421 otherwise), so a web page cannot reach the server by DNS "
+        "rebinding; with keys any Host is answered unless this is set.",
     )
     admin_keys: tuple[str, ...] = _setting(
         (), "Comma-separated admin keys: the only keys the /admin routes accept (keys, usage)."
@@ -193,7 +201,19 @@ class Settings:
     )
     ssl_keyfile: str = _setting("", "TLS private key (PEM) for ssl_certfile.")
     metrics: bool = _setting(
-        True, "Serve Prometheus metrics at GET /metrics (no key needed) and count requests."
+        True,
+        "Serve Prometheus metrics at GET /metrics and count requests (no key needed unless "
+        "metrics_keys is set).",
+    )
+    metrics_keys: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated keys that GET /metrics requires ('Authorization: Bearer <key>', 401 "
+        "otherwise). Empty: /metrics needs no key.",
+    )
+    metrics_interval_ms: float = _setting(
+        1000.0,
+        "GET /metrics renders the metrics at most this often and answers scrapes in between "
+        "with the last rendering (a scrape costs milliseconds of CPU). 0: render every scrape.",
     )
     ray_ingress_replicas: int = _setting(
         1,
@@ -215,7 +235,7 @@ class Settings:
         return "MMEMBED_" + name.upper()
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -276,7 +296,7 @@ class Settings:
 
 
 def _type_of(name: str) -> str:
-    return next(f.type for f in fields(Settings) if f.name == name)
+    return str(next(f.type for f in fields(Settings) if f.name == name))
 
 
 def _parse(type_name: Any, raw: str) -> Any:

@@ -25,6 +25,11 @@ class ErrorCode(Enum):
     REQUEST_TIMEOUT = (408, "RequestTimeOut")
     FILE_EXISTS = (409, "FileAlreadyExists")  # an upload key is taken (OSS forbid-overwrite)
     TOO_LARGE = (413, "BadRequest.TooLarge")
+    # A POST body that is not declared JSON (web pages can send text/plain or forms cross-site
+    # without a CORS preflight; JSON needs one).
+    UNSUPPORTED_MEDIA_TYPE = (415, "BadRequest.UnsupportedMediaType")
+    # A Host header this server does not answer to (DNS rebinding; see ``allowed_hosts``).
+    MISDIRECTED = (421, "MisdirectedRequest")
     THROTTLING = (429, "Throttling")
     RATE_QUOTA = (429, "Throttling.RateQuota")  # a key's rpm or tpm limit
     ALLOCATION_QUOTA = (429, "Throttling.AllocationQuota")  # a key's monthly token quota

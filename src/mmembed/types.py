@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,13 +46,43 @@ class EmbedRequest:
     instruct: str | None = None
     fuse: bool = False  # parameters.enable_fusion: the whole contents list gives one vector
     max_video_frames: int | None = None  # parameters.max_video_frames (within the model's cap)
-    owner: str | None = None  # who sent it (a hash of the API key): uploads are per owner
-    resolve_oss: bool = False  # X-DashScope-OssResourceResolve: enable (oss:// refs allowed)
     max_items: int | None = None  # the wire format's item cap (None: max_items_per_request)
+
+
+@dataclass
+class Usage:
+    """What a request consumed; the ledger, the limits, metrics and the wire read it."""
+
+    input_tokens: int = 0  # text tokens, special tokens included
+    image_tokens: int = 0  # per image and per sampled video frame
+    image_count: int = 0
+    duration: int = 0  # video seconds, rounded up
+    truncated_texts: int = 0  # texts longer than the backend's window (cut, as documented)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.image_tokens
+
+    def wire(self) -> dict[str, int]:
+        """DashScope's ``usage`` object: the counts always, the rest when they apply."""
+        body = {
+            "input_tokens": self.input_tokens,
+            "image_tokens": self.image_tokens,
+            "image_count": self.image_count,
+        }
+        if self.duration:
+            body["duration"] = self.duration
+        if self.truncated_texts:
+            body["truncated_texts"] = self.truncated_texts
+        return body
+
+    def __add__(self, other: Usage) -> Usage:
+        names = [f.name for f in dataclasses.fields(Usage)]
+        return Usage(**{n: getattr(self, n) + getattr(other, n) for n in names})
 
 
 @dataclass
 class EmbedResult:
     vectors: np.ndarray  # (n, dim) float32, rows L2-normalised
     kinds: list[str]
-    usage: dict[str, int]
+    usage: Usage

@@ -24,7 +24,9 @@ def calls(settings: Settings, requests: list[tuple[str, str, str | None]]) -> li
         out = []
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 for method, path, key in requests:
                     headers = {"Authorization": f"Bearer {key}"} if key else {}
                     body = BODY if method == "POST" else None

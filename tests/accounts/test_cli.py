@@ -13,6 +13,7 @@ from mmembed.accounts.ledger import Entry, Ledger
 from mmembed.accounts.limits import LimitView
 from mmembed.accounts.store import Store, database_url
 from mmembed.cli import main
+from mmembed.types import Usage
 
 
 def run(capsys: pytest.CaptureFixture, db_url: str, *args: str) -> tuple[int, str, str]:
@@ -109,7 +110,7 @@ def test_usage_report(capsys: pytest.CaptureFixture, db_url: str):
             model=model,
             route="dashscope",
             items=2,
-            usage={"input_tokens": tokens, "image_tokens": images, "image_count": images // 64},
+            usage=Usage(input_tokens=tokens, image_tokens=images, image_count=images // 64),
             status=status,
             code=None,
             cost=(tokens * 0.1 + images * 0.258) / 1e6,

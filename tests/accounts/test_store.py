@@ -19,6 +19,7 @@ from mmembed.accounts.ledger import Entry, Ledger
 from mmembed.accounts.pricing import cost
 from mmembed.accounts.store import Store, database_url
 from mmembed.models.catalog import load_catalog
+from mmembed.types import Usage
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def entry(i: int, key: keys.KeyRecord | None = None, status: int = 200, tokens: 
         model=kw.pop("model", "tongyi-embedding-vision-plus"),
         route="dashscope",
         items=1,
-        usage={"input_tokens": tokens, "image_tokens": kw.pop("image_tokens", 0), "image_count": 0},
+        usage=Usage(input_tokens=tokens, image_tokens=kw.pop("image_tokens", 0)),
         status=status,
         code=None if status == 200 else "InvalidParameter",
         cost=kw.pop("cost", 0.0),
@@ -229,7 +230,7 @@ def test_quota_refusal_is_recorded_at_zero_price(store: Store):
 
 def test_prices_come_from_the_catalog():
     offline = load_catalog("offline").models
-    usage = {"input_tokens": 1_000_000, "image_tokens": 2_000_000}
+    usage = Usage(input_tokens=1_000_000, image_tokens=2_000_000)
     assert cost(offline["tongyi-embedding-vision-plus"], usage) == pytest.approx(0.09 + 0.18)
     assert cost(offline["tongyi-embedding-vision-flash"], usage) == pytest.approx(0.09 + 0.06)
     assert cost(offline["qwen3-vl-embedding"], usage) == pytest.approx(0.1 + 0.516)

@@ -97,6 +97,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "MMEMBED_MAX_BODY_BYTES": str(8 * 1024 * 1024),
             "MMEMBED_FETCH_READ_TIMEOUT_S": "1.5",
             "MMEMBED_FETCH_TOTAL_TIMEOUT_S": "3",
+            "MMEMBED_METRICS_INTERVAL_MS": "0",  # test_metrics compares scrapes around traffic
         },
     )
     yield srv

@@ -173,7 +173,8 @@ def test_fuzz_the_api_without_a_single_5xx(server: Server):
     problems: list[str] = []
 
     started = time.monotonic()
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    json_type = {"Content-Type": "application/json"}  # (forms set their own)
+    with httpx.Client(base_url=server.url, timeout=60, headers=json_type) as client:
 
         @seed(SEED)
         @settings(

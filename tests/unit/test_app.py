@@ -11,12 +11,18 @@ from mmembed.api.app import create_app
 from mmembed.api.routes import EMBED_PATH
 from mmembed.config import Settings
 from mmembed.errors import ApiError, ErrorCode
+from mmembed.models.catalog import parse_catalog
 
 
 class BrokenEngine:
     """Stands in for the engine: raises a programming error, or stalls past the deadline."""
 
-    catalog = None
+    catalog = parse_catalog(
+        {
+            "backends": {"broken": {"family": "hash"}},
+            "models": {"m": {"backend": "broken", "dimensions": [8]}},
+        }
+    )
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -32,7 +38,7 @@ class BrokenEngine:
             return {"broken": "failed: OSError: [Errno 2] No such file: '/srv/weights/secret-x'"}
         return {"broken": "ready"}
 
-    async def embed(self, req):
+    async def embed(self, req, ctx=None):
         if self.mode == "unavailable":
             raise ApiError(
                 ErrorCode.MODEL_UNAVAILABLE, f"Model m is not available here ({self.status()})."
@@ -51,7 +57,9 @@ def post(engine: BrokenEngine, **settings) -> tuple[int, dict, dict]:
     async def go() -> httpx.Response:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 body = {"model": "m", "input": {"contents": ["x"]}}
                 return await client.post(EMBED_PATH, json=body)
 
@@ -84,7 +92,9 @@ def get(engine: BrokenEngine, path: str, **settings) -> tuple[int, dict]:
     async def go() -> httpx.Response:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 return await client.get(path)
 
     r = asyncio.run(go())

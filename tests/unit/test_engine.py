@@ -14,7 +14,7 @@ from mmembed.config import Settings
 from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.models.catalog import parse_catalog
-from mmembed.types import ContentItem, EmbedRequest
+from mmembed.types import ContentItem, EmbedRequest, Usage
 
 CATALOG = {
     "backends": {"h": {"family": "hash", "dim": 48}},
@@ -74,7 +74,7 @@ def test_multi_images_is_the_pooled_mean(engine):
     red, blue, both = r.vectors
     expected = (red + blue) / np.linalg.norm(red + blue)  # isometric lift: linear
     assert np.allclose(both, expected, atol=1e-5)
-    assert r.usage == {"input_tokens": 0, "image_tokens": 40, "image_count": 4}
+    assert r.usage == Usage(input_tokens=0, image_tokens=40, image_count=4)
 
 
 def test_fused_item_mixes_its_parts(engine):

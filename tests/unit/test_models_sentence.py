@@ -44,7 +44,7 @@ def test_shorter_dimension_and_usage(engine):
     result = embed(engine, "text-model", [{"text": "hello world"}], dimension=16)
     assert result.vectors.shape == (1, 16)
     assert np.isclose(np.linalg.norm(result.vectors), 1.0, atol=1e-5)
-    assert result.usage["input_tokens"] == 4  # [CLS] hello world [SEP]
+    assert result.usage.input_tokens == 4  # [CLS] hello world [SEP]
 
 
 def test_images_are_refused_with_400(engine):

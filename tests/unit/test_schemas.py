@@ -136,8 +136,7 @@ def test_bad_requests(body, code, fragment):
 
 def test_long_client_values_are_not_echoed_in_full():
     huge = "m" * (10 * 1024 * 1024)
-    bodies = [
-        {"model": huge, "input": {"contents": ["x"]}},
+    bodies = [  # (a huge model name is refused at the door: tests/e2e/test_integrity.py)
         {"model": "m", "input": {"contents": ["x"]}, "parameters": {"dimension": huge}},
         {"model": "m", "input": {"contents": ["x"]}, "parameters": {"fps": [huge] * 3}},
         {"model": "m", "input": {"contents": ["x"]}, "parameters": {"output_type": huge}},

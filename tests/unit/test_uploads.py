@@ -356,7 +356,7 @@ async def sdk_upload(client: httpx.AsyncClient, key: str | None, data: bytes, na
     )
     assert r.status_code == 200, r.json()
     info = r.json()["data"]
-    assert info["upload_host"] == "http://app/api/v1/uploads/oss"
+    assert info["upload_host"] == "http://localhost/api/v1/uploads/oss"
     form = {
         "OSSAccessKeyId": info["oss_access_key_id"],
         "Signature": info["signature"],
@@ -381,7 +381,9 @@ def run_app(app, fn):  # type: ignore[no-untyped-def]
     async def go():  # type: ignore[no-untyped-def]
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 return await fn(client)
 
     return asyncio.run(go())

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from mmembed.accounts import keys, reports
 from mmembed.accounts.keys import AccountsError, Limits
@@ -113,7 +113,7 @@ def add_parsers(sub: Any) -> None:
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
     """Bad values give one line (not argparse's usage block) and exit status 2."""
 
-    def error(message: str) -> None:
+    def error(message: str) -> NoReturn:
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
     parser.error = error  # type: ignore[method-assign]

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from mmembed.accounts import schema
 from mmembed.accounts.store import Store
 
 SECRET_PREFIX = "mmk-"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Matched whole (``fullmatch``): with ``match`` and ``$`` a name could end in a newline.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED_NAMES = ("anonymous",)
 RESERVED_PREFIXES = ("static-",)  # names the ledger gives to static api_keys
 
@@ -76,9 +78,9 @@ def new_secret() -> str:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise AccountsError(
-            f"invalid key name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            f"invalid key name {name!r:.80}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     if name in RESERVED_NAMES or name.startswith(RESERVED_PREFIXES):
@@ -205,26 +207,44 @@ def create(
     limits = limits or Limits()
     secret = new_secret()
     now = time.time()
-    with store.write() as conn:
-        if conn.execute(select(schema.api_keys.c.id).where(schema.api_keys.c.name == name)).first():
-            raise AccountsError(f"a key named {name!r} exists already")
-        conn.execute(
-            insert(schema.api_keys).values(
-                name=name,
-                secret_hash=hash_secret(secret),
-                hint=secret[: len(SECRET_PREFIX) + 4],
-                models=",".join(sorted(models)) if models is not None else "",
-                rpm=limits.rpm,
-                tpm=limits.tpm,
-                monthly_tokens=limits.monthly_tokens,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        _set_state(conn, ANONYMOUS, 0)  # a new key: keys are required again
-        _bump(conn)
-        row = conn.execute(select(schema.api_keys).where(schema.api_keys.c.name == name)).one()
+    try:
+        with store.write() as conn:
+            row = _insert_key(conn, name, secret, models, limits, now)
+    except IntegrityError:
+        # Another process created the name meanwhile. The database's own message is not
+        # passed on: PostgreSQL's names the conflicting values, the secret's hash among them.
+        raise AccountsError(f"a key named {name!r} exists already") from None
     return _record(row), secret
+
+
+def _insert_key(
+    conn: Connection,
+    name: str,
+    secret: str,
+    models: frozenset[str] | None,
+    limits: Limits,
+    now: float,
+) -> Any:
+    if conn.execute(select(schema.api_keys.c.id).where(schema.api_keys.c.name == name)).first():
+        raise AccountsError(f"a key named {name!r} exists already")
+    conn.execute(
+        insert(schema.api_keys).values(
+            name=name,
+            secret_hash=hash_secret(secret),
+            hint=secret[: len(SECRET_PREFIX) + 4],
+            models=",".join(sorted(models)) if models is not None else "",
+            rpm=limits.rpm,
+            tpm=limits.tpm,
+            monthly_tokens=limits.monthly_tokens,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    # A new key requires keys again (after `keys allow-anonymous`). Only an update: the row
+    # exists once that command ran, and an insert here could collide with another creator's.
+    conn.execute(update(schema.state).where(schema.state.c.name == ANONYMOUS).values(value=0))
+    _bump(conn)
+    return conn.execute(select(schema.api_keys).where(schema.api_keys.c.name == name)).one()
 
 
 def get(store: Store, name: str) -> KeyRecord:

@@ -109,22 +109,40 @@ class LimitView:
 
     def __init__(self) -> None:
         self.seen: dict[tuple[int, str], tuple[int, int]] = {}  # (key, kind) -> (period, used)
-        self.inflight: Counter[int] = Counter()
+        self.inflight: Counter[int] = Counter()  # requests admitted and not yet recorded
+        self.reserved: Counter[int] = Counter()  # their estimated tokens
 
-    def refusal(self, key_id: int, key_name: str, limits: Limits, now: float) -> Refusal | None:
-        """A refusal when the key is known to be out of budget (before any work is done)."""
+    def refusal(
+        self, key_id: int, key_name: str, limits: Limits, now: float, tokens: int = 1
+    ) -> Refusal | None:
+        """A refusal when the key's remaining budget cannot take a request estimated at
+        ``tokens``, before any work is done. Requests in flight count as if answered: each
+        takes one from rpm and its estimate from tpm and the month, so neither a burst nor a
+        request larger than what remains is computed only to be refused."""
         for kind in KINDS:
             limit = limit_of(limits, kind)
             if limit is None:
                 continue
             per, used = self.seen.get((key_id, kind), (None, 0))
             used = used if per == period(kind, now) else 0
-            # Requests in flight will each take one from rpm if answered: count them now, so a
-            # burst is refused up front instead of being computed and then refused.
-            want = used + self.inflight[key_id] + 1 if kind == "rpm" else used + 1
+            if kind == "rpm":
+                want = used + self.inflight[key_id] + 1
+            else:
+                want = used + self.reserved[key_id] + max(1, tokens)
             if want > limit:
                 return Refusal(kind, limit, retry_after(kind, now), key_name)
         return None
+
+    def hold(self, key_id: int, tokens: int) -> None:
+        self.inflight[key_id] += 1
+        self.reserved[key_id] += tokens
+
+    def release(self, key_id: int, tokens: int) -> None:
+        self.inflight[key_id] -= 1
+        self.reserved[key_id] -= tokens
+        if self.inflight[key_id] <= 0:
+            del self.inflight[key_id]
+            self.reserved.pop(key_id, None)
 
     def update(self, used: dict[tuple[int, str, int], int]) -> None:
         for (key_id, kind, per), value in used.items():
@@ -201,10 +219,9 @@ def charge(
 
 
 def _ensure_rows(conn: Connection, dialect: str, slots: list[tuple[int, str, int]]) -> None:
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     rows = [{"key_id": k, "kind": kind, "period": p, "used": 0} for k, kind, p in slots]
     conn.execute(insert(schema.counters).on_conflict_do_nothing(), rows)
 

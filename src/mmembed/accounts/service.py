@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,11 +57,19 @@ class Unavailable(Exception):
     """The accounts database is down or locked (503); the message says which."""
 
 
-def _static_principal(entry: str) -> tuple[bytes, Principal]:
+def _static_principal(entry: str, catalog: Any) -> tuple[bytes, Principal]:
     key, _, models = entry.partition(":")
     name = "static-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-    allowed = frozenset(models.split("|")) if models else None
+    allowed = canonical_models(catalog, frozenset(models.split("|"))) if models else None
     return key.encode(), Principal(name=name, models=allowed)
+
+
+def canonical_models(catalog: Any, models: frozenset[str] | None) -> frozenset[str] | None:
+    """A key's allowed models by their served names: a key created for an alias or a dated
+    snapshot may use the model it names, under any of its names."""
+    if models is None or catalog is None:
+        return models
+    return frozenset(spec.name if (spec := catalog.get(m)) is not None else m for m in models)
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -69,10 +78,13 @@ def bearer(authorization: str | None) -> str | None:
 
 
 class Accounts:
-    def __init__(self, settings: Any, catalog: Any = None) -> None:
+    def __init__(
+        self, settings: Any, catalog: Any = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
-        self.static = [_static_principal(e) for e in settings.api_keys]
+        self.clock = clock  # wall clock for limit windows (tests inject their own)
+        self.static = [_static_principal(e, catalog) for e in settings.api_keys]
         self.admin = [k.encode() for k in getattr(settings, "admin_keys", ())]
         self.poll_s = float(getattr(settings, "accounts_poll_s", 0.25))
         raw_url = getattr(settings, "database_url", "")
@@ -107,7 +119,7 @@ class Accounts:
             getattr(self.settings, "database_sync", "full"),
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmembed-accounts")
-        self.ledger = Ledger(self.store, self.view)
+        self.ledger = Ledger(self.store, self.view, self.clock)
         self.ledger.start()
         await self._poll()
         self._poller = asyncio.create_task(self._poll_forever(), name="mmembed-accounts-poll")
@@ -161,7 +173,12 @@ class Accounts:
         self.by_hash = {
             r.secret_hash: (
                 r,
-                Principal(name=r.name, key_id=r.id, models=r.models, limits=r.limits),
+                Principal(
+                    name=r.name,
+                    key_id=r.id,
+                    models=canonical_models(self.catalog, r.models),
+                    limits=r.limits,
+                ),
             )
             for r in records
             if r.active
@@ -255,23 +272,36 @@ class Accounts:
             raise Unauthorized("Invalid admin API-key provided.")
 
     # -- limits and the ledger --------------------------------------------------------------
-    def precheck(self, principal: Principal) -> limits.Refusal | None:
-        """A refusal when the key is known to be out of budget, without touching the database."""
-        if principal.key_id is None or not principal.limits.any:
+    def reserve(self, principal: Principal, tokens: int) -> limits.Refusal | None:
+        """Admit a request estimated at ``tokens`` against the key's remaining budget, without
+        touching the database: a refusal, or None (then ``release`` when it is recorded)."""
+        if principal.key_id is None:
             return None
-        return self.view.refusal(principal.key_id, principal.name, principal.limits, time.time())
+        if principal.limits.any:
+            now = self.clock()
+            refusal = self.view.refusal(
+                principal.key_id, principal.name, principal.limits, now, tokens
+            )
+            if refusal is not None:
+                return refusal
+        self.view.hold(principal.key_id, tokens)
+        return None
 
-    def price(self, model: str, usage: dict[str, Any]) -> float:
-        from mmembed.accounts.pricing import cost
-
-        spec = getattr(self.catalog, "models", {}).get(model) if self.catalog else None
-        return cost(spec, usage)
+    def release(self, principal: Principal, tokens: int) -> None:
+        if principal.key_id is not None:
+            self.view.release(principal.key_id, tokens)
 
     async def record(self, entry: Entry) -> limits.Refusal | None:
         """Write ``entry`` to the ledger (charging its key's limits) before the answer goes out."""
         if self.ledger is None:
             return None
         return await self.ledger.record(entry)
+
+    def submit(self, entry: Entry) -> None:
+        """Queue ``entry`` for the ledger without waiting (a request cancelled at shutdown);
+        the ledger commits it before it closes."""
+        if self.ledger is not None:
+            self.ledger.submit(entry)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run a blocking accounts call (admin routes) off the event loop, and off the poller's

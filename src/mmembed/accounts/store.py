@@ -135,10 +135,14 @@ class Store:
 
 
 def _sqlite_engine(url: str, timeout_s: float, sync: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": timeout_s, "check_same_thread": False})
+    engine = create_engine(
+        url,
+        connect_args={"timeout": timeout_s, "check_same_thread": False},
+        hide_parameters=True,  # see _postgres_engine
+    )
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_conn, _record) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
@@ -172,6 +176,9 @@ def _postgres_engine(url: str, timeout_s: float) -> Engine:
         max_overflow=4,
         pool_pre_ping=True,
         pool_timeout=timeout_s,
+        # A failed statement's message (and so any traceback or log line) never carries its
+        # parameters: secret hashes, key names, ledger values.
+        hide_parameters=True,
         connect_args={
             "connect_timeout": max(1, int(timeout_s)),
             "options": f"-c lock_timeout={ms} -c statement_timeout={ms * 4}",

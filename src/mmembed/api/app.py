@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,6 +24,7 @@ from mmembed.api import (
     openai_compat,
     openapi,
     playground,
+    request_guard,
     routes,
     startup,
     uploads,
@@ -86,6 +89,13 @@ def route_list(app: Starlette) -> list[str]:
     return out
 
 
+def _render_for_route(path: str, error: ApiError) -> Response:
+    """An error in the wire format of the route at ``path`` (OpenAI's or DashScope's)."""
+    if path in openai_compat.PATHS:
+        return openai_compat.render_openai_error(error)
+    return error_response(error)
+
+
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -125,7 +135,7 @@ class RequestIdMiddleware:
 
         started = False
 
-        async def send_with_id(message: dict) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -158,7 +168,7 @@ class RequestIdMiddleware:
                 await error_response(error)(scope, receive, send)
         finally:
             request_id_var.reset(token)
-            self.inflight.discard(task)  # type: ignore[arg-type]
+            self.inflight.discard(task)
 
 
 def create_app(
@@ -168,12 +178,13 @@ def create_app(
     upload_store: UploadStore | None = None,
     load_in_background: bool = False,
     announce: str = "",
+    clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The composition root: builds the parts (catalog, upload store, fetcher, engine) once and
     hands them to the handlers through ``app.state``. Tests may pass their own engine (and the
     upload store its fetcher reads). ``load_in_background``: serve at once and load models
     behind 503s (the CLI); otherwise start-up waits for them. ``announce``: the base URL for
-    the ready log line."""
+    the ready log line. ``clock``: the wall clock of the key limits' windows (tests)."""
     store = upload_store or UploadStore.from_settings(settings)
     if engine is None:
         fetcher = Fetcher(settings, uploads=store)
@@ -190,7 +201,7 @@ def create_app(
         problem = await asyncio.to_thread(store.check)
         if problem:
             log.error("uploads unavailable: %s", problem)
-        app.state.accounts = Accounts(settings, eng.catalog)  # keys, limits, usage ledger
+        app.state.accounts = Accounts(settings, eng.catalog, clock)  # keys, limits, usage ledger
         await app.state.accounts.start()
         loader = None
         if load_in_background:
@@ -242,9 +253,22 @@ def create_app(
     app.state.engine = eng
     app.state.catalog = eng.catalog
     app.state.uploads = store
-    app.add_middleware(RequestIdMiddleware, inflight=inflight)
+
+    def keyed() -> bool:
+        accounts = getattr(app.state, "accounts", None)
+        return bool(settings.api_keys) or bool(accounts is not None and accounts.has_managed)
+
+    app.add_middleware(
+        request_guard.RequestGuard,
+        settings=settings,
+        keyed=keyed,
+        render=_render_for_route,
+        form_paths=frozenset({uploads.UPLOAD_PATH}),
+    )
+    app.add_middleware(RequestIdMiddleware, inflight=inflight)  # outside the guard: ids for all
     if settings.metrics:
-        app.state.metrics = metrics.Metrics()  # per app, so tests can build several
+        # per app, so tests can build several
+        app.state.metrics = metrics.Metrics(settings.metrics_interval_ms / 1000)
         app.state.metrics.app_state = app.state
         paths = frozenset(getattr(r, "path", "") for r in app.routes)
         app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics, paths=paths)

@@ -4,13 +4,19 @@ Request counts and latencies are observed by a middleware; everything the engine
 counts (batching, queue depth, cache, media fetching) is read from its stats when scraped, so
 the request path pays for a few counter increments only. Label values are bounded: routes are
 the app's own paths, models the catalog's names ("other" for anything else), kinds a fixed set.
+
+A rendering costs milliseconds of CPU on the event loop, and ``/metrics`` needs no key by
+default: so it is rendered at most every ``metrics_interval_ms`` and scrapes in between get
+that rendering (a flood of scrapers then costs what any small request costs, not a rendering
+each). ``metrics_keys`` closes it to all but holders of those keys.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -25,6 +31,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mmembed.api.door import CONTEXT_STATE
+from mmembed.errors import ApiError, ErrorCode
+from mmembed.request import UNKNOWN_MODEL, RequestContext
+
 PATH = "/metrics"
 OTHER = "other"
 NONE = "none"  # requests that name no model (health, listings, bad bodies)
@@ -35,7 +45,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     """The per-app registry and its request-side instruments."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, interval_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self.renders = 0
+        self._rendered = b""
+        self._rendered_at = -float("inf")
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -72,16 +89,16 @@ class Metrics:
         self.app_state: Any = None  # the Starlette app's state, for the engine at scrape time
         r.register(_EngineCollector(self))
 
-    def model_label(self, name: object) -> str:
-        if not name:
+    @staticmethod
+    def model_label(ctx: RequestContext | None) -> str:
+        """The request's canonical model (resolved once, at the door): aliases and snapshots
+        count under the served name, names the catalog does not serve as ``other``."""
+        if ctx is None or not ctx.model:
             return NONE
-        engine = getattr(self.app_state, "engine", None)
-        catalog = getattr(engine, "catalog", None)
-        spec = catalog.get(name) if catalog is not None and isinstance(name, str) else None
-        return spec.name if spec is not None else OTHER  # aliases count under the served name
+        return OTHER if ctx.model == UNKNOWN_MODEL else ctx.model
 
     def observe(self, route: str, state: dict[str, Any], status: int, seconds: float) -> None:
-        model = self.model_label(state.get("model"))
+        model = self.model_label(state.get(CONTEXT_STATE))
         self.requests.labels(route, model, str(status)).inc()
         if status == 429:
             self.throttled.labels(model).inc()
@@ -94,18 +111,23 @@ class Metrics:
         for kind, n in Tally(result.kinds).items():
             self.items.labels(model, kind).inc(n)
         usage = result.usage
-        self.tokens.labels(model, "text").inc(usage.get("input_tokens", 0))
-        per_image = self._image_tokens(model)
-        image = usage.get("image_count", 0) * per_image
+        self.tokens.labels(model, "text").inc(usage.input_tokens)
+        spec = state[CONTEXT_STATE].spec
+        image = usage.image_count * (spec.image_tokens if spec is not None else 0)
         self.tokens.labels(model, "image").inc(image)
-        self.tokens.labels(model, "video_frame").inc(max(0, usage.get("image_tokens", 0) - image))
-
-    def _image_tokens(self, model: str) -> int:
-        spec = self.app_state.engine.catalog.models.get(model)
-        return getattr(spec, "image_tokens", 0)
+        self.tokens.labels(model, "video_frame").inc(max(0, usage.image_tokens - image))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def scrape(self) -> bytes:
+        """The latest rendering, rendered afresh when older than ``interval_s``."""
+        now = self.clock()
+        if self.renders == 0 or now - self._rendered_at >= self.interval_s:
+            self._rendered = self.render()
+            self._rendered_at = now
+            self.renders += 1
+        return self._rendered
 
 
 class MetricsMiddleware:
@@ -223,6 +245,22 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else str(float(bound))
 
 
+def check_metrics_key(authorization: str | None, keys: tuple[str, ...]) -> None:
+    """401 unless ``keys`` is empty or the Bearer key is one of them (constant-time)."""
+    if not keys:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    token = given.strip().encode("utf-8", "surrogatepass")
+    found = False
+    for key in keys:  # every key compared, so timing tells nothing about which
+        found |= hmac.compare_digest(token, key.encode("utf-8", "surrogatepass"))
+    if scheme.lower() != "bearer" or not token or not found:
+        raise ApiError(
+            ErrorCode.INVALID_API_KEY, "GET /metrics needs one of the metrics_keys as Bearer key."
+        )
+
+
 async def metrics_endpoint(request: Request) -> Response:
+    check_metrics_key(request.headers.get("authorization"), request.app.state.settings.metrics_keys)
     metrics: Metrics = request.app.state.metrics
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)

@@ -18,8 +18,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from mmembed.api import schemas
-from mmembed.api.auth import authenticate, metered
+from mmembed.api import door, schemas
+from mmembed.api.auth import authenticate
 from mmembed.api.routes import read_body, run_embedding
 from mmembed.api.startup import check_ready
 from mmembed.config import Settings
@@ -126,7 +126,7 @@ def render_embeddings(result: EmbedResult, model: str, encoding: str) -> bytes:
         rows: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
     else:
         rows = list(vectors)
-    tokens = int(result.usage.get("input_tokens", 0)) + int(result.usage.get("image_tokens", 0))
+    tokens = result.usage.total_tokens
     body = {
         "object": "list",
         "data": [
@@ -188,13 +188,19 @@ async def embeddings(request: Request) -> Response:
 
 async def _embeddings(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    async with metered(request, route="openai") as meter:
-        meter.authenticate()
+    ctx = door.begin(request, route="openai")
+    try:
         check_ready(request)
         req, encoding = parse_openai_request(await read_body(request, settings.max_body_bytes))
         req.max_items = settings.openai_max_inputs  # OpenAI's 2,048, not the DashScope cap
-        result = await run_embedding(request, meter, req)
-    return Response(render_embeddings(result, req.model, encoding), media_type="application/json")
+        result = await run_embedding(request, ctx, req)
+    except BaseException as exc:
+        await door.fail(request, ctx, exc)
+        raise
+    await door.commit(request, ctx)
+    # (the canonical name: a client's 30 MB model string is never echoed back)
+    body = render_embeddings(result, ctx.model, encoding)
+    return Response(body, media_type="application/json")
 
 
 # -- models: GET /v1/models, GET /v1/models/{model} -----------------------------------------------

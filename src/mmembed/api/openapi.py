@@ -203,7 +203,7 @@ def _errors(schema: str, *statuses: int) -> dict[str, Any]:
 
 
 _DS_ERRORS = (400, 401, 403, 408, 413, 429, 500, 503)
-_SECURE = [{"bearer": []}]
+_SECURE: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def _openai_op(path: str) -> dict[str, Any]:

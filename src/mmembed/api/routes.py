@@ -9,38 +9,19 @@ import time
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from mmembed.api.auth import Meter, authenticate, metered, principal_of
+from mmembed.api import door
+from mmembed.api.auth import authenticate
 from mmembed.api.disconnect import unless_disconnected
 from mmembed.api.schemas import parse_request, render_result
 from mmembed.api.startup import check_ready
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
 from mmembed.errors import ApiError, ErrorCode, redact_paths
-from mmembed.logs import request_id_var
-from mmembed.media.store import UploadStore
+from mmembed.request import RequestContext, estimate_tokens
 from mmembed.types import EmbedRequest, EmbedResult
 
 EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
 log = logging.getLogger("mmembed.api")
-
-
-def upload_owner(request: Request, settings: Settings) -> str:
-    """The owner id of the request's (already checked) API key; one anonymous owner when the
-    server has no keys."""
-    principal = principal_of(request)
-    if principal is None or principal.anonymous:
-        return UploadStore.owner_id(None)
-    return UploadStore.owner_id(request.headers.get("authorization", "").partition(" ")[2].strip())
-
-
-def wants_oss_resolve(request: Request) -> bool:
-    return request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable"
-
-
-def check_api_key(request: Request, settings: Settings) -> frozenset[str] | None:
-    """Authenticate (static, managed or no keys: ``api.auth``); returns the model names the key
-    may use (None: all of them)."""
-    return authenticate(request).models
 
 
 async def read_body(request: Request, cap: int) -> bytes:
@@ -63,52 +44,53 @@ async def read_body(request: Request, cap: int) -> bytes:
 
 async def embed(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    async with metered(request, route="dashscope") as meter:
-        meter.authenticate()
+    ctx = door.begin(request, route="dashscope")
+    try:
         check_ready(request)
         req = parse_request(await read_body(request, settings.max_body_bytes))
-        result = await run_embedding(request, meter, req)
-    return Response(render_result(result, request_id_var.get()), media_type="application/json")
+        result = await run_embedding(request, ctx, req)
+    except BaseException as exc:
+        await door.fail(request, ctx, exc)
+        raise
+    await door.commit(request, ctx)
+    return Response(render_result(result, ctx.request_id), media_type="application/json")
 
 
-async def run_embedding(request: Request, meter: Meter, req: EmbedRequest) -> EmbedResult:
-    """What every wire format shares once its body is parsed: the key's model and limits,
-    the engine under the request's deadline (dropped if the client leaves), usage for the
-    ledger, the log line."""
-    settings: Settings = request.app.state.settings
+async def run_embedding(request: Request, ctx: RequestContext, req: EmbedRequest) -> EmbedResult:
+    """What every wire format shares once its body is parsed: the model and the key's budget
+    (at the door), the engine under the request's deadline (dropped if the client leaves),
+    the log line."""
     engine: Engine = request.app.state.engine
-    started = time.perf_counter()
-    request.state.model = req.model  # for metrics and logs
-    meter.admit(req.model, len(req.items))
-    req.owner = upload_owner(request, settings)
-    req.resolve_oss = wants_oss_resolve(request)
+    door.resolve(request, ctx, req.model)
+    assert ctx.spec is not None
+    door.admit(request, ctx, len(req.items), estimate_tokens(ctx.spec, req.items))
     try:
         result = await asyncio.wait_for(
-            unless_disconnected(request, engine.embed(req)), settings.request_timeout_s
+            unless_disconnected(request, engine.embed(req, ctx)), max(0.0, ctx.remaining_s)
         )
     except TimeoutError:
         raise ApiError(
             ErrorCode.REQUEST_TIMEOUT,
-            f"The request took longer than {settings.request_timeout_s:g} s.",
+            f"The request took longer than {request.app.state.settings.request_timeout_s:g} s.",
         ) from None
-    meter.usage = result.usage
-    request.state.result = result
-    log_embedded(request, req, result, started)
+    ctx.usage = result.usage
+    request.state.result = result  # for metrics
+    log_embedded(request, ctx, result)
     return result
 
 
-def log_embedded(request: Request, req: EmbedRequest, result: EmbedResult, started: float) -> None:
-    ms = (time.perf_counter() - started) * 1000
+def log_embedded(request: Request, ctx: RequestContext, result: EmbedResult) -> None:
+    ms = (time.time() - ctx.started) * 1000
     log.info(
         "embedded model=%s items=%d kinds=%s in %.1f ms",
-        req.model,
-        len(req.items),
+        ctx.model,
+        ctx.items,
         ",".join(sorted(set(result.kinds))),
         ms,
         extra={
             "route": request.url.path,
-            "model": req.model,
-            "items": len(req.items),
+            "model": ctx.model,
+            "items": ctx.items,
             "latency_ms": round(ms, 1),
             "status": 200,
         },
@@ -160,7 +142,7 @@ async def health(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    check_api_key(request, request.app.state.settings)
+    authenticate(request)
     engine: Engine = request.app.state.engine
     status = engine.status()
     listed = [

@@ -25,7 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from mmembed.api.routes import check_api_key, upload_owner
+from mmembed.api.auth import authenticate, principal_of, upload_owner
 from mmembed.config import Settings
 from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.logs import request_id_var
@@ -63,22 +63,23 @@ def _file_cap(request: Request, model: str | None) -> int:
 # -- 1. the policy -------------------------------------------------------------------------------
 async def get_policy(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    allowed = check_api_key(request, settings)
+    principal = authenticate(request)
     action = request.query_params.get("action")
     if action != "getPolicy":
         raise _bad(f"action must be 'getPolicy', got {echo(action)}.")
     model = request.query_params.get("model") or None
     if model is not None:
-        if request.app.state.catalog.get(model) is None:
+        spec = request.app.state.catalog.get(model)
+        if spec is None:
             raise _bad(f"Model not exist: {echo(model)}.")
-        if allowed is not None and model not in allowed:
+        if not principal.may_use(spec.name):
             raise ApiError(
-                ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(model)}."
+                ErrorCode.ACCESS_DENIED, f"This API key may not use model {echo(spec.name)}."
             )
     store = _store(request)
-    owner = upload_owner(request, settings)
+    owner = upload_owner(request, principal)
     max_bytes = _file_cap(request, model)
-    terms = store.new_policy(owner, max_bytes)
+    terms = store.new_policy(owner, max_bytes, holder=policy_holder(request))
     base = settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")
     data = {
         "policy": terms["policy"],
@@ -93,6 +94,42 @@ async def get_policy(request: Request) -> Response:
         "x_oss_forbid_overwrite": "true",
     }
     return JSONResponse({"request_id": request_id_var.get(), "data": data})
+
+
+def policy_holder(request: Request) -> str:
+    """Who a policy is issued to (the request's already checked key): ``key:<id>`` for a
+    managed key, ``static:<name>`` for an ``api_keys`` entry, ``anonymous`` without keys."""
+    principal = principal_of(request)
+    if principal is None or principal.anonymous:
+        return "anonymous"
+    if principal.key_id is not None:
+        return f"key:{principal.key_id}"
+    return f"static:{principal.name}"
+
+
+def check_holder(request: Request, holder: str) -> None:
+    """401 unless the key a policy was issued to is still accepted: a key revoked (or a
+    server that now requires keys) stops its policies at once, not when they expire."""
+    accounts = request.app.state.accounts
+    if accounts.reason:  # the key list may be stale: do not guess
+        raise ApiError(
+            ErrorCode.SERVICE_UNAVAILABLE,
+            f"uploads cannot be checked right now: {accounts.reason}",
+            headers={"Retry-After": "1"},
+        )
+    kind, _, ref = holder.partition(":")
+    if kind == "key":
+        valid = any(str(p.key_id) == ref for _, p in accounts.by_hash.values())
+    elif kind == "static":
+        valid = any(p.name == ref for _, p in accounts.static)
+    else:
+        valid = holder == "anonymous" and not accounts.static and not accounts.has_managed
+    if not valid:
+        raise ApiError(
+            ErrorCode.INVALID_API_KEY,
+            "the API key this upload policy was issued to is no longer accepted (revoked, or "
+            "keys are now required); request a new policy with a valid key",
+        )
 
 
 # -- 2. the upload -------------------------------------------------------------------------------
@@ -114,6 +151,7 @@ async def upload(request: Request) -> Response:
                 "file (the file comes last, as OSS requires)"
             )
         terms = store.verify_policy(fields["policy"], fields["Signature"])
+        check_holder(request, terms.holder)
         key = fields["key"]
         size = await store.save(key, terms, form.file_data())
     except ClientDisconnect:

@@ -211,8 +211,8 @@ def result_row(task: Task, result) -> Row:  # type: ignore[no-untyped-def]
         result.kinds[0],
         task.source,
         result.vectors[0],
-        input_tokens=result.usage.get("input_tokens", 0),
-        image_tokens=result.usage.get("image_tokens", 0),
+        input_tokens=result.usage.input_tokens,
+        image_tokens=result.usage.image_tokens,
     )
 
 

@@ -18,9 +18,13 @@ clients sending one text each cost a few forward passes rather than 32.
   is a long one (more tokens than ``max_tokens``: one huge input running alone), ``abort`` is
   called (a contained backend restarts its worker) instead of letting it run for no one.
 - **Express lane**: with ``express`` (a second way into the model that may run beside the
-  first), while one heavy pass runs (more tokens than ``max_tokens``, i.e. a huge input alone,
-  or ``EXPRESS_MIN_IMAGES`` images or more), passes of short texts go that way beside it, so a
-  one-text request does not wait behind a 32,000-token text or a pass of 32 images.
+  first), while one heavy pass runs (more tokens than ``max_tokens``, i.e. a huge input alone;
+  any input of ``LONG_INPUT_TOKENS`` or more; or ``EXPRESS_MIN_IMAGES`` images or more),
+  passes of short texts (each under ``LONG_INPUT_TOKENS``, ``EXPRESS_MAX_TOKENS`` in all) go
+  that way beside it, so a one-text request does not wait behind long texts or a pass of 32
+  images. Long inputs make a pass slow long before it reaches ``max_tokens`` (a memory bound):
+  attention grows with the square of an input's length, and four 512-token texts cost seconds
+  of CPU where 64 short ones cost tens of milliseconds.
 - **Crash isolation**: when the model process dies during a pass (``WorkerCrashed``), each input
   of that pass is run again alone, one at a time (the backend's token-count reruns wait their
   turn too); the one that crashes alone fails its request with ``InternalError.Algo`` naming
@@ -48,6 +52,8 @@ from mmembed.models.base import EmbedInput
 log = logging.getLogger("mmembed.batcher")
 
 EXPRESS_MIN_IMAGES = 8  # a pass with this many images (or frames) lets texts pass beside it
+LONG_INPUT_TOKENS = 256  # ... and so does a pass holding an input this long
+EXPRESS_MAX_TOKENS = 2048  # an express pass is short: at most this many tokens
 
 
 @dataclass(eq=False)
@@ -235,6 +241,10 @@ class Batcher:
     def queued_items(self) -> int:
         return self._queued_items
 
+    def _wake(self, _: object = None) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
     async def _work(self) -> None:
         assert self._wakeup is not None
         while True:
@@ -258,14 +268,17 @@ class Batcher:
             elif self._express is not None and self._is_heavy(batch):
                 # Run it beside the loop: short passes go on the express lane meanwhile.
                 self._long = asyncio.ensure_future(self._run_batch(batch))
-                self._long.add_done_callback(lambda _: self._wakeup and self._wakeup.set())
+                self._long.add_done_callback(self._wake)
             else:
                 await self._run_batch(batch)
 
     def _is_heavy(self, batch: list[tuple[_Pending, int, int]]) -> bool:
         tokens = sum(sum(p.tokens[a:b]) for p, a, b in batch)
         images = sum(sum(p.images[a:b]) for p, a, b in batch)
-        return tokens > self.max_tokens or images >= EXPRESS_MIN_IMAGES
+        longest = max(max(p.tokens[a:b]) for p, a, b in batch)
+        return (
+            tokens > self.max_tokens or images >= EXPRESS_MIN_IMAGES or longest >= LONG_INPUT_TOKENS
+        )
 
     async def _forward(self, inputs: list[EmbedInput], express: bool = False) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -355,8 +368,9 @@ class Batcher:
 
     def _take(self, short_only: bool = False) -> list[tuple[_Pending, int, int]]:
         """The next pass: (request, first input, end) slices within the limits, requests that
-        have received least so far first. ``short_only``: texts only, within ``max_tokens`` (a
-        heavy pass is running; these go on the express lane beside it)."""
+        have received least so far first. ``short_only``: short texts only (each under
+        ``LONG_INPUT_TOKENS``, ``EXPRESS_MAX_TOKENS`` in all: a heavy pass is running; these go
+        on the express lane beside it)."""
         live = [p for p in self._queue if not p.future.done()]
         for p in self._queue:
             if p.future.done():
@@ -376,7 +390,12 @@ class Batcher:
                     and images + p.images[i] <= self.max_images
                 )
                 if (items and not fits) or (
-                    short_only and (p.images[i] or tokens + p.tokens[i] > self.max_tokens)
+                    short_only
+                    and (
+                        p.images[i]
+                        or p.tokens[i] >= LONG_INPUT_TOKENS
+                        or tokens + p.tokens[i] > EXPRESS_MAX_TOKENS
+                    )
                 ):
                     break
                 items += 1

@@ -36,13 +36,16 @@ class BackendHost:
 
     def info(self) -> dict[str, Any]:
         b = self.backend
+        packaged = getattr(b, "packaged_basis", None)
+        basis = None if b.matryoshka or packaged is None else packaged()
         return {
             "native_dim": b.native_dim,
             "modalities": frozenset(b.modalities),
             "matryoshka": b.matryoshka,
             "image_size": b.image_size,
             "text_window": getattr(b, "text_window", 0),
-            "basis_samples": None if b.matryoshka else b.basis_samples(),
+            "packaged_basis": basis,
+            "basis_samples": None if b.matryoshka or basis is not None else b.basis_samples(),
         }
 
     def count_tokens(self, texts: list[str]) -> list[int]:
@@ -96,6 +99,9 @@ class ContainedBackend:
 
     def basis_samples(self) -> np.ndarray | None:
         return self.worker.info.get("basis_samples")
+
+    def packaged_basis(self) -> np.ndarray | None:
+        return self.worker.info.get("packaged_basis")
 
     def count_tokens(self, text: str) -> int:
         return self.worker.call(AUX, "count_tokens", [text])[0]

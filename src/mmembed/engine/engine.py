@@ -26,17 +26,19 @@ from mmembed.engine.admission import Admission, estimate
 from mmembed.engine.batcher import Batcher
 from mmembed.engine.cache import EmbeddingCache, MediaStats
 from mmembed.engine.contained import ContainedBackend, VideoDecoder
-from mmembed.engine.dims import DimensionMapper, fit_basis
+from mmembed.engine.dims import DimensionMapper, reduction_basis
 from mmembed.engine.fusion import apply_request_options
 from mmembed.engine.media_stage import MediaStage, Prepared
 from mmembed.engine.memory import TRIM_AFTER_IMAGES, images_in, trim_heap
 from mmembed.errors import ApiError, ErrorCode, echo
+from mmembed.logs import request_id_var
 from mmembed.media.fetch import Fetcher
 from mmembed.models.base import Backend, EmbedInput, prepare_image_fn
 from mmembed.models.catalog import Catalog, ModelSpec
 from mmembed.models.registry import create_backend
 from mmembed.models.weights import explain_load_error
-from mmembed.types import EmbedRequest, EmbedResult
+from mmembed.request import RequestContext
+from mmembed.types import EmbedRequest, EmbedResult, Usage
 
 log = logging.getLogger("mmembed.engine")
 
@@ -100,8 +102,7 @@ class Engine:
                     # Loaded on the model thread, so the threads its libraries start (ORT,
                     # OpenMP) inherit that thread's lower priority.
                     executor.submit(backend.load).result()
-                samples = None if backend.matryoshka else backend.basis_samples()
-                basis = None if samples is None else fit_basis(samples)
+                basis = reduction_basis(backend)
                 mapper = DimensionMapper(
                     backend.native_dim, matryoshka=backend.matryoshka, basis=basis
                 )
@@ -166,22 +167,34 @@ class Engine:
         return ok | {name: f"failed: {err}" for name, err in self._load_errors.items()}
 
     # -- one request ---------------------------------------------------------------------------
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
-        spec = resolve_model(self.catalog, req.model)
-        spec, req.items = apply_request_options(spec, req)
+    def context(self, model: str) -> RequestContext:
+        """A context for a caller without a door (the library ``Embedder``, batch jobs)."""
+        spec = resolve_model(self.catalog, model)
+        return RequestContext(
+            request_id=request_id_var.get(), route="local", spec=spec, model=spec.name
+        )
+
+    async def embed(self, req: EmbedRequest, ctx: RequestContext | None = None) -> EmbedResult:
+        """Embed ``req`` under ``ctx`` (its resolved model, owner and upload rights; built from
+        ``req.model`` when not given)."""
+        if ctx is None or ctx.spec is None:
+            ctx = self.context(req.model)
+        assert ctx.spec is not None
+        spec, items = apply_request_options(ctx.spec, req)
+        oss_owner = ctx.owner if ctx.resolve_oss else None
         loaded = self._loaded(spec)
         backend = loaded.backend
         dimension = limits.resolve_dimension(spec, req.dimension)
         max_items = req.max_items or self.settings.max_items_per_request
-        limits.check_forms(spec, backend.modalities, req.items, self.catalog, max_items)
-        records = [Prepared(item, EmbedInput(instruct=req.instruct)) for item in req.items]
+        limits.check_forms(spec, backend.modalities, items, self.catalog, max_items)
+        records = [Prepared(item, EmbedInput(instruct=req.instruct)) for item in items]
         for r in records:
             if r.item.text is not None and r.item.text.lstrip()[:6].lower() != "oss://":
                 limits.check_text_length(spec, f"{r.where}.text", r.item.text)
 
-        with loaded.admission.admit(estimate(spec, req.items)):
-            if req.resolve_oss:  # the SDK uploads local text files too: embed their content
-                await self.media.resolve_text_files(req)
+        with loaded.admission.admit(estimate(spec, items)):
+            if ctx.resolve_oss:  # the SDK uploads local text files too: embed their content
+                await self.media.resolve_text_files(items, oss_owner)
                 for r in records:
                     if r.item.text is not None:
                         limits.check_text_length(spec, f"{r.where}.text", r.item.text)
@@ -194,7 +207,8 @@ class Engine:
             await self.media.run(
                 spec,
                 backend.image_size,
-                req,
+                req.instruct,
+                oss_owner,
                 records,
                 fps,
                 prepare_image_fn(backend),
@@ -204,16 +218,16 @@ class Engine:
             usage = self._usage(spec, sum(r.tokens for r in records), [r.stats for r in records])
             window = getattr(backend, "text_window", 0)  # a backend that cuts long texts says so
             texts = [r for r in records if r.item.text is not None]
-            if window and (cut := sum(r.tokens > window for r in texts)):
-                usage["truncated_texts"] = cut
-            native = await self._embed_cached(loaded, spec, records, req.owner)
+            if window:
+                usage.truncated_texts = sum(r.tokens > window for r in texts)
+            native = await self._embed_cached(loaded, spec, records, ctx.owner)
             vectors = await _maybe_in_thread(
                 native.shape[0] * max(dimension, native.shape[1]) > 100_000,
                 lambda: loaded.mapper(native, dimension),
             )
             if sum(r.stats.images + r.stats.frames for r in records) >= TRIM_AFTER_IMAGES:
                 await asyncio.to_thread(trim_heap)
-        return EmbedResult(vectors=vectors, kinds=[item.kind for item in req.items], usage=usage)
+        return EmbedResult(vectors=vectors, kinds=[item.kind for item in items], usage=usage)
 
     async def _count_tokens(self, spec: ModelSpec, backend: Any, records: list[Prepared]) -> None:
         """Token counts with bounded cost: long texts are counted on a prefix first, and the
@@ -262,7 +276,12 @@ class Engine:
         misses = [r for r in records if r.hit is None]
         fresh = None
         if misses:
-            tokens = [r.tokens + images_in(r.input) * spec.image_tokens for r in misses]
+            # What the forward pass reads: a backend that cuts long texts reads its window.
+            window = getattr(loaded.backend, "text_window", 0) or None
+            tokens = [
+                min(r.tokens, window or r.tokens) + images_in(r.input) * spec.image_tokens
+                for r in misses
+            ]
             fresh = await loaded.batcher.submit(
                 [r.input for r in misses], tokens, [r.where for r in misses], owner
             )
@@ -284,19 +303,17 @@ class Engine:
         return native
 
     @staticmethod
-    def _usage(spec: ModelSpec, text_tokens: int, stats: list[MediaStats]) -> dict[str, int]:
+    def _usage(spec: ModelSpec, text_tokens: int, stats: list[MediaStats]) -> Usage:
         """input_tokens: text tokens (special tokens included); image_tokens: ``image_tokens``
         per image and per sampled video frame; duration: video seconds, rounded up."""
         images = sum(s.images for s in stats)
         frames = sum(s.frames for s in stats)
-        usage = {
-            "input_tokens": text_tokens,
-            "image_tokens": (images + frames) * spec.image_tokens,
-            "image_count": images,
-        }
-        if any(s.videos for s in stats):
-            usage["duration"] = math.ceil(sum(s.seconds for s in stats))
-        return usage
+        return Usage(
+            input_tokens=text_tokens,
+            image_tokens=(images + frames) * spec.image_tokens,
+            image_count=images,
+            duration=math.ceil(sum(s.seconds for s in stats)),
+        )
 
 
 def resolve_model(catalog: Catalog, name: str) -> ModelSpec:

@@ -25,7 +25,7 @@ from mmembed.media.image import decode_image
 from mmembed.media.video import FrameTimes, sample_video
 from mmembed.models.base import EmbedInput
 from mmembed.models.catalog import ModelSpec
-from mmembed.types import ContentItem, EmbedRequest, VideoClip
+from mmembed.types import ContentItem, VideoClip
 
 log = logging.getLogger("mmembed.engine")
 
@@ -111,7 +111,8 @@ class MediaStage:
         self,
         spec: ModelSpec,
         image_size: int | None,
-        req: EmbedRequest,
+        instruct: str | None,
+        oss_owner: str | None,
         records: list[Prepared],
         fps: float,
         prepare_image: Callable[[Any], Any] | None = None,
@@ -122,13 +123,12 @@ class MediaStage:
         work = [r for r in records if r.item.kind != "text" or self.settings.embed_cache_text]
         if not work:
             return  # plain texts only: nothing to fetch, decode or look up
-        oss_owner = req.owner if req.resolve_oss else None
         budget = _PixelBudget(self.settings.max_request_pixels)
         media = _ItemMedia(spec, image_size, fps, budget, prepare_image, frame_times)
         try:
             async with asyncio.TaskGroup() as tg:
                 for r in work:
-                    tg.create_task(self._item(r, media, req.instruct, oss_owner))
+                    tg.create_task(self._item(r, media, instruct, oss_owner))
         except* ApiError as group:
             raise _first_error(group) from None
 
@@ -231,12 +231,12 @@ class MediaStage:
 
         out[0] = await self._decode(prepare, at)
 
-    async def resolve_text_files(self, req: EmbedRequest) -> None:
+    async def resolve_text_files(self, items: list[ContentItem], oss_owner: str | None) -> None:
         """Replace ``oss://`` texts (local text files the SDK uploaded) by their content."""
-        for item in req.items:
+        for item in items:
             if item.text is not None and item.text.lstrip()[:6].lower() == "oss://":
                 at = f"input.contents[{item.index}].text"
-                data = await self.fetch(item.text, TEXT_FILE_MAX_BYTES, at, req.owner)
+                data = await self.fetch(item.text, TEXT_FILE_MAX_BYTES, at, oss_owner)
                 try:
                     item.text = data.decode("utf-8-sig")
                 except UnicodeDecodeError:
@@ -250,7 +250,7 @@ class MediaStage:
         except ApiError as exc:
             raise exc.at(at) from None
 
-    async def _decode(self, fn, at: str):  # type: ignore[no-untyped-def]
+    async def _decode(self, fn, at: str):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, fn)

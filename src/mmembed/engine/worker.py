@@ -145,7 +145,7 @@ def _child_main(
     # Unlink what libraries registered with multiprocessing (torch's semaphores), which the
     # parent's resource tracker would otherwise report as leaked at shutdown; then leave at
     # once, not waiting for passes in flight: the parent is gone or closing us.
-    mp_util._run_finalizers()
+    mp_util._run_finalizers()  # type: ignore[attr-defined]
     os._exit(0)
 
 

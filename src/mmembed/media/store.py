@@ -80,6 +80,7 @@ class Policy:
     upload_dir: str
     max_bytes: int
     expires: float  # epoch seconds
+    holder: str = ""  # who it was issued to (the API layer's id), re-checked at upload time
 
 
 class UploadStore:
@@ -124,11 +125,14 @@ class UploadStore:
         digest = hmac.new(b"mmembed upload owner v1", name, hashlib.sha256).hexdigest()
         return digest[:_OWNER_LEN]
 
-    def new_policy(self, owner: str, max_bytes: int) -> dict[str, str | int]:
-        """The form fields of a fresh upload policy (the SDK's names; see ``api.uploads``)."""
+    def new_policy(self, owner: str, max_bytes: int, holder: str = "") -> dict[str, str | int]:
+        """The form fields of a fresh upload policy (the SDK's names; see ``api.uploads``).
+        ``holder`` names who it is issued to, so the upload can check they still may."""
         expires = self._clock() + self.policy_ttl_s
         upload_dir = f"{KEY_PREFIX}/{owner}/{secrets.token_hex(12)}"
         doc = {"dir": upload_dir, "owner": owner, "max": max_bytes, "exp": round(expires, 3)}
+        if holder:
+            doc["who"] = holder
         policy = base64.b64encode(orjson.dumps(doc)).decode()
         return {"policy": policy, "signature": self._sign(policy), "upload_dir": upload_dir}
 
@@ -140,7 +144,13 @@ class UploadStore:
             raise ApiError(ErrorCode.ACCESS_DENIED, "upload policy signature does not match")
         try:
             doc = orjson.loads(base64.b64decode(policy, validate=True))
-            terms = Policy(str(doc["owner"]), str(doc["dir"]), int(doc["max"]), float(doc["exp"]))
+            terms = Policy(
+                str(doc["owner"]),
+                str(doc["dir"]),
+                int(doc["max"]),
+                float(doc["exp"]),
+                str(doc.get("who", "")),
+            )
             if not math.isfinite(terms.expires):  # NaN would never compare as expired
                 raise ValueError("exp")
         except (ValueError, KeyError, TypeError, OverflowError, binascii.Error):

@@ -45,6 +45,9 @@ class Backend(Protocol):
     # what ``embed`` needs of it (e.g. the resized crop), on the decode pool, so preprocessing
     # overlaps forward passes and less crosses to the model process. It must not need
     # ``load()``. Without it, images reach ``embed`` as decoded.
+    # Optional: ``packaged_basis() -> np.ndarray | None``, a (native_dim, native_dim) basis for
+    # shorter dimensions shipped with the weights, so every machine serves the same short vectors
+    # (``engine/dims.py``); None, or without it, the engine fits one to ``basis_samples()``.
 
 
 def prepare_image_fn(backend: Any) -> Callable[[Image.Image], Any] | None:

@@ -22,6 +22,7 @@ from mmembed.media.fetch import Fetcher
 from mmembed.media.store import UploadStore
 from mmembed.models.catalog import Catalog
 from mmembed.models.registry import backend_class
+from mmembed.request import RequestContext
 from mmembed.serving.board import REPORT_S
 from mmembed.serving.remote import RemoteEngine, identity
 from mmembed.types import EmbedRequest, EmbedResult
@@ -75,13 +76,15 @@ class BackendReplica:
         self.identity = identity("backend") | {"backend": backend}
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
-    async def embed(self, req: EmbedRequest, request_id: str) -> EmbedResult | ApiError:
+    async def embed(
+        self, req: EmbedRequest, request_id: str, ctx: RequestContext | None = None
+    ) -> EmbedResult | ApiError:
         """The result, or the ApiError to answer with: returned, not raised, since Serve logs
         every exception a replica raises with its traceback (a client's bad URL is no fault
         of ours); the reason is logged here too, under the request's id."""
         token = request_id_var.set(request_id)  # this replica's log lines carry the id
         try:
-            return await self.engine.embed(req)
+            return await self.engine.embed(req, ctx)
         except ApiError as exc:
             level = logging.ERROR if exc.error.status >= 500 else logging.INFO
             log.log(level, "refused %s: %s", exc.error.code, exc.message)

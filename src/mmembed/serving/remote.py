@@ -25,6 +25,7 @@ from mmembed.engine.engine import resolve_model
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.logs import request_id_var
 from mmembed.models.catalog import Catalog
+from mmembed.request import RequestContext
 from mmembed.serving.board import REPORT_S
 from mmembed.types import EmbedRequest, EmbedResult
 
@@ -87,23 +88,34 @@ class RemoteEngine:
         self._closed.set()
 
     # -- one request ---------------------------------------------------------------------------
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
+    async def embed(self, req: EmbedRequest, ctx: RequestContext | None = None) -> EmbedResult:
         from ray.exceptions import RayTaskError
         from ray.serve.exceptions import BackPressureError
 
-        spec = resolve_model(self.catalog, req.model)
+        gone = _replica_gone_errors()
+
+        spec = ctx.spec if ctx and ctx.spec else resolve_model(self.catalog, req.model)
         handle = self._handles.get(spec.backend)
         if handle is None:
             raise ApiError(
                 ErrorCode.MODEL_UNAVAILABLE,
                 f"Model {spec.name} is not available here (no replica).",
             )
+        lost = ApiError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"The replica serving model {spec.name} stopped while answering; it is being "
+            "replaced: retry shortly.",
+            headers={"Retry-After": "1"},
+        )
         try:
-            answer = await handle.embed.remote(req, request_id_var.get())
+            answer = await handle.embed.remote(req, request_id_var.get(), ctx)
         except RayTaskError as exc:  # the replica raised: an ApiError in it is the answer
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ApiError):
                 raise ApiError(cause.error, cause.message, headers=cause.headers) from None
+            if isinstance(cause, gone):
+                log.warning("backend %s: replica lost during a request: %s", spec.backend, cause)
+                raise lost from None
             raise
         except BackPressureError:
             raise ApiError(
@@ -111,6 +123,10 @@ class RemoteEngine:
                 f"Too many requests are waiting for model {spec.name}; retry shortly.",
                 headers={"Retry-After": "1"},
             ) from None
+        except gone as exc:  # the replica (or its node) died or is unreachable: Serve starts
+            # another; the request did no harm and may be sent again, so 503, not a 500
+            log.warning("backend %s: replica lost during a request: %s", spec.backend, exc)
+            raise lost from None
         if isinstance(answer, ApiError):  # the backend's refusal, pickled whole
             raise answer
         return answer
@@ -224,3 +240,19 @@ def identity(role: str) -> dict[str, Any]:
         replica = f"pid-{os.getpid()}"
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     return {"replica": replica, "role": role, "pid": os.getpid(), "node": node[:12]}
+
+
+def _replica_gone_errors() -> tuple[type[BaseException], ...]:
+    """What a Serve handle raises when the replica it called died (killed, OOM, a lost node)
+    or cannot be reached, as opposed to an exception raised by the replica's code."""
+    from ray import exceptions as rex
+    from ray.serve import exceptions as sex
+
+    names = [
+        (rex, "RayActorError"),  # ActorDiedError, ActorUnavailableError
+        (rex, "WorkerCrashedError"),
+        (rex, "NodeDiedError"),
+        (sex, "ReplicaUnavailableError"),
+        (sex, "DeploymentUnavailableError"),
+    ]
+    return tuple(getattr(m, n) for m, n in names if isinstance(getattr(m, n, None), type))
