@@ -68,6 +68,9 @@ COVERED_ELSEWHERE = {
     "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0": "tests/e2e/test_serve_ray.py (Ray Serve)",
     "scripts/ray-cluster start --workers 1": "tests/e2e/test_ray_cluster.py (scripts/ray-cluster)",
     "# head": "a plan for several GPU machines (HEAD is a placeholder); not runnable here",
+    "podman build -t mmembed -f Containerfile .": "tests/e2e/test_container.py (its owner)",
+    "POSTGRES_PASSWORD=change-me": "tests/e2e/test_container.py (compose settings)",
+    "scripts/container build": "tests/e2e/test_container.py (scripts/container)",
     "src/mmembed/": "the source tree, not a command",
 }
 
