@@ -79,6 +79,12 @@ class Settings:
         256,
         "Safety cap on content items per request, for models whose API sets no count limit.",
     )
+    openai_max_inputs: int = _setting(
+        2048,
+        "Cap on inputs per request on the OpenAI-compatible routes (OpenAI's own: 2,048; "
+        "LangChain sends up to 1,000), for models whose API sets no count limit; large "
+        "requests are split into several forward passes.",
+    )
     request_timeout_s: float = _setting(120.0, "Whole-request deadline in seconds (408 after).")
     header_timeout_s: float = _setting(
         10.0,

@@ -69,7 +69,7 @@ def add_parsers(sub: Any) -> None:
     keys_help = "Manage API keys (create, list, revoke, update) in the accounts database."
     kp = sub.add_parser("keys", help=keys_help, description=keys_help)
     ksub = kp.add_subparsers(
-        dest="keys_command", required=True, metavar="create|list|revoke|update"
+        dest="keys_command", required=True, metavar="create|list|revoke|update|allow-anonymous"
     )
 
     create = ksub.add_parser("create", help="Create a key; prints its secret once.")
@@ -88,6 +88,13 @@ def add_parsers(sub: Any) -> None:
     _limit_options(update, keys._UNSET)
     update.add_argument("--json", action="store_true")
 
+    anonymous_help = (
+        "After every managed key was revoked: let servers without api_keys accept requests "
+        "without a key again, on loopback only (revoking the last key alone never does). "
+        "Creating a key requires keys again."
+    )
+    anonymous = ksub.add_parser("allow-anonymous", help=anonymous_help, description=anonymous_help)
+
     usage_help = "Usage report from the ledger: requests, tokens by kind and cost per group."
     up = sub.add_parser("usage", help=usage_help, description=usage_help)
     up.add_argument("--key", help="only this key's requests")
@@ -99,10 +106,10 @@ def add_parsers(sub: Any) -> None:
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
 
-    for p in (create, lst, revoke, update, up):
+    for p in (create, lst, revoke, update, anonymous, up):
         Settings.add_arguments(p, SETTINGS)
     jobs_cli.add_parsers(sub, SETTINGS)
-    for p in (kp, create, lst, revoke, update, up):
+    for p in (kp, create, lst, revoke, update, anonymous, up):
         _one_line_errors(p)
 
 
@@ -179,6 +186,20 @@ def _keys(store: Store, args: argparse.Namespace, settings: Settings) -> int:
     if cmd == "revoke":
         record = keys.revoke(store, args.name)
         print(f"revoked key {record.name!r}")
+        if not any(r.active for r in keys.list_keys(store)):
+            print(
+                "mmembed: no managed key is active now; servers still require a key "
+                "(mmembed keys create --name NAME makes one; mmembed keys allow-anonymous "
+                "lets loopback servers without api_keys accept requests without one)",
+                file=sys.stderr,
+            )
+        return 0
+    if cmd == "allow-anonymous":
+        revoked = keys.allow_anonymous(store)
+        print(
+            f"servers without api_keys now accept requests without a key, on loopback only "
+            f"({revoked} revoked key(s) kept for the ledger); creating a key requires keys again"
+        )
         return 0
     record = keys.update_key(
         store,
@@ -221,8 +242,10 @@ def _usage(store: Store, args: argparse.Namespace) -> int:
 
 
 def has_managed_keys(settings: Settings) -> bool:
-    """Whether the accounts database holds any managed key (so a server needs no api_keys to
-    require authentication). False when accounts are disabled or the database is unreachable."""
+    """Whether the accounts database makes keys required (``keys.auth_required``: an active
+    managed key, or revoked ones and no ``keys allow-anonymous`` since), so a server needs no
+    api_keys to require authentication. False when accounts are disabled or the database is
+    unreachable."""
     if settings.database_url.strip().lower() in {"none", "off", "disabled"}:
         return False
     try:
@@ -232,7 +255,7 @@ def has_managed_keys(settings: Settings) -> bool:
         try:
             store.migrate()
             with store.read() as conn:
-                return keys.count(conn) > 0
+                return keys.auth_required(keys.load_all(conn), keys.anonymous_allowed(conn))
         finally:
             store.close()
     except Exception:

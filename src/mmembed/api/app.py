@@ -39,7 +39,7 @@ from mmembed.batch.lines import JobKind
 from mmembed.batch.service import JobService
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
-from mmembed.errors import ApiError, ErrorCode, redact_paths
+from mmembed.errors import ApiError, ErrorCode, echo, redact_paths
 from mmembed.logs import request_id_var
 from mmembed.media.fetch import Fetcher
 from mmembed.media.store import UploadStore
@@ -76,7 +76,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
         exc.status_code, ErrorCode.INVALID_PARAMETER
     )
-    return error_response(ApiError(code, f"{request.method} {request.url.path}: {exc.detail}"))
+    message = f"{request.method} {echo(request.url.path)}: {exc.detail}"
+    if exc.status_code == 404:  # say what is here: a wrong base URL is the usual cause
+        message += ". Routes: " + "; ".join(route_list(request.app))
+    error = ApiError(code, message)
+    if request.url.path.startswith(("/v1/", "/compatible-mode/")):  # OpenAI clients
+        return openai_compat.render_openai_error(error)
+    return error_response(error)
+
+
+def route_list(app: Starlette) -> list[str]:
+    """``METHOD path`` of every route, for 404 messages (static assets left out)."""
+    out = []
+    for route in app.routes:
+        path, methods = getattr(route, "path", ""), getattr(route, "methods", None) or ()
+        if path and path != playground.ASSET_PATH:
+            verbs = "|".join(sorted(m for m in methods if m != "HEAD"))
+            out.append(f"{verbs} {path}")
+    return out
 
 
 def _render_for_route(path: str, error: ApiError) -> Response:
@@ -237,6 +254,14 @@ def create_app(
             Route(uploads.POLICY_PATH, uploads.get_policy, methods=["GET"]),
             Route(uploads.UPLOAD_PATH, uploads.upload, methods=["POST"]),
             *[Route(p, openai_compat.embeddings, methods=["POST"]) for p in openai_compat.PATHS],
+            *[
+                Route(p, openai_compat.list_models, methods=["GET"])
+                for p in openai_compat.MODELS_PATHS
+            ],
+            *[
+                Route(p + "/{model}", openai_compat.get_model, methods=["GET"])
+                for p in openai_compat.MODELS_PATHS
+            ],
             Route(metrics.PATH, metrics.metrics_endpoint, methods=["GET"]),
             Route(openapi.JSON_PATH, openapi.openapi_json, methods=["GET"]),
             Route(openapi.DOCS_PATH, openapi.docs, methods=["GET"]),

@@ -290,6 +290,13 @@ SCHEMAS: dict[str, Any] = {
         ("output", "usage", "request_id"),
     ),
     "Models": _obj({"models": {"type": "array", "items": {"type": "object"}}}, ("models",)),
+    "OpenAIModel": _obj(
+        {"id": _STR, "object": _STR, "created": _INT, "owned_by": _STR}, ("id", "object")
+    ),
+    "OpenAIModelList": _obj(
+        {"object": _STR, "data": {"type": "array", "items": _ref("OpenAIModel")}},
+        ("object", "data"),
+    ),
     "UploadPolicy": _obj({"request_id": _STR, "data": {"type": "object"}}, ("data",)),
     "UploadResult": _obj({"request_id": _STR, "key": _STR, "size": _INT}),
 }
@@ -342,6 +349,37 @@ def _post(
             },
             "responses": {"200": _json(response, "the answer"), **_errors(error, *_DS_ERRORS)},
         }
+    }
+
+
+def _openai_models_ops(path: str) -> dict[str, Any]:
+    """``GET {base}/models`` and ``GET {base}/models/{model}`` (OpenAI's list and retrieve)."""
+    suffix = path.split("/v1")[0].replace("/", "_").replace("-", "_")
+    common = {"tags": ["OpenAI-compatible"], "security": _SECURE}
+    return {
+        path: {
+            "get": {
+                "summary": "Model names this key may use (OpenAI's list)",
+                "operationId": "openai_models" + suffix,
+                **common,
+                "responses": {
+                    "200": _json("OpenAIModelList", "models"),
+                    **_errors("OpenAIError", 401),
+                },
+            }
+        },
+        path + "/{model}": {
+            "get": {
+                "summary": "One model (aliases and dated snapshots answer as their name)",
+                "operationId": "openai_model" + suffix,
+                **common,
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": _STR}],
+                "responses": {
+                    "200": _json("OpenAIModel", "the model"),
+                    **_errors("OpenAIError", 401, 403, 404),
+                },
+            }
+        },
     }
 
 
@@ -399,6 +437,7 @@ PATHS: dict[str, Any] = {
         "FlatRerankResponse",
         "OpenAIError",
     ),
+    **{k: v for path in openai_compat.MODELS_PATHS for k, v in _openai_models_ops(path).items()},
     "/health": {
         "get": {
             "summary": "Readiness, backend status, cache and batching counters",

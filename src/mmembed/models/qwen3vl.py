@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from mmembed.extras import install_hint
 from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, EmbedInput, l2_normalize
 from mmembed.models.torchutil import (
     TokenCounter,
@@ -165,7 +166,7 @@ class Qwen3VLBackend:
         if not hasattr(transformers, "Qwen3VLModel"):
             raise RuntimeError(
                 f"transformers {transformers.__version__} does not know Qwen3-VL "
-                "(4.57 or newer needed): pip install -U 'mmembed[open-weights]'"
+                "(4.57 or newer needed): " + install_hint("open-weights")
             )
         model = self._load_model(transformers)
         self.model = model.to(self.device).eval()
