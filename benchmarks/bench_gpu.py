@@ -244,7 +244,7 @@ def catalog_toml(qwen: str | None, siglip: str | None, args: argparse.Namespace)
             "dimensions = [2048, 1024, 512]\ntext_max_tokens = 32000\n"
             'image_max_bytes = 5_242_880\nimage_formats = ["JPEG", "PNG"]\n'
             'video_max_bytes = 52_428_800\nvideo_formats = ["MP4"]\n'
-            "max_video_frames = 64\nfused = true\n"
+            "max_video_frames = 16\nfused = true\n"
         )
     if siglip:
         out.append(
@@ -572,7 +572,7 @@ def run_naive(api: str, catalog_path: str, work: dict, args, cuda: bool) -> list
 def run_inprocess(api: str, catalog_path: str, work: dict, args, cuda: bool) -> list[Row]:  # type: ignore[no-untyped-def]
     import torch
 
-    from mmembed import Embedder
+    from mmembed import ApiError, Embedder
     from mmembed.config import Settings
 
     if cuda:
@@ -588,7 +588,14 @@ def run_inprocess(api: str, catalog_path: str, work: dict, args, cuda: bool) -> 
             for c in args.concurrency:
 
                 async def send(item: dict) -> None:
-                    await emb.aembed([item], model=api)
+                    while True:  # a client that retries when admission says 429
+                        try:
+                            await emb.aembed([item], model=api)
+                            return
+                        except ApiError as exc:
+                            if exc.error.status != 429:
+                                raise
+                        await asyncio.sleep(0.05)
 
                 with GpuSampler(cuda) as gpu:
                     done, spent, lat = asyncio.run(
@@ -690,6 +697,12 @@ class Http:
         await (self._session.close() if self._aiohttp else self._session.aclose())
 
     async def embed(self, model: str, item: dict) -> None:
+        while (status := await self._post(model, item)) == 429:  # retry, as clients do
+            await asyncio.sleep(0.05)
+        if status != 200:
+            raise RuntimeError(f"the server answered {status}")
+
+    async def _post(self, model: str, item: dict) -> int:
         body = {"model": model, "input": {"contents": [item]}, "parameters": {}}
         if self._aiohttp:
             async with self._session.post(self.url, json=body) as r:
@@ -697,8 +710,7 @@ class Http:
                 status = r.status
         else:
             status = (await self._session.post(self.url, json=body)).status_code
-        if status != 200:
-            raise RuntimeError(f"the server answered {status}")
+        return status
 
 
 def run_server(api: str, catalog_path: str, work: dict, args, cuda: bool) -> list[Row]:  # type: ignore[no-untyped-def]
