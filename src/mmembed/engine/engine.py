@@ -33,7 +33,7 @@ from mmembed.engine.memory import TRIM_AFTER_IMAGES, images_in, trim_heap
 from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.logs import request_id_var
 from mmembed.media.fetch import Fetcher
-from mmembed.models.base import Backend, EmbedInput, prepare_image_fn
+from mmembed.models.base import Backend, EmbedInput, prepare_image_fn, prepare_video_fn
 from mmembed.models.catalog import Catalog, ModelSpec
 from mmembed.models.registry import create_backend
 from mmembed.models.weights import explain_load_error
@@ -213,6 +213,7 @@ class Engine:
                 fps,
                 prepare_image_fn(backend),
                 getattr(backend, "frame_times", None),
+                prepare_video_fn(backend),
             )
 
             usage = self._usage(spec, sum(r.tokens for r in records), [r.stats for r in records])
@@ -276,7 +277,14 @@ class Engine:
         misses = [r for r in records if r.hit is None]
         fresh = None
         if misses:
-            tokens = [r.tokens + images_in(r.input) * spec.image_tokens for r in misses]
+            # Passes are budgeted in tokens: the model's own count of image and video tokens
+            # where the backend gives it (Qwen3-VL: one per 32x32 px), else the name's flat
+            # ``image_tokens`` per image and frame.
+            vision = getattr(loaded.backend, "vision_tokens", None)
+            tokens = [
+                r.tokens + (vision(r.input) if vision else images_in(r.input) * spec.image_tokens)
+                for r in misses
+            ]
             fresh = await loaded.batcher.submit(
                 [r.input for r in misses], tokens, [r.where for r in misses], owner
             )
