@@ -209,7 +209,7 @@ class Qwen3VLBackend:
         budget, resized bicubic as the checkpoint's processor does (Qwen's rule), so the forward
         pass only rescales, normalises and cuts patches (a resize of an image already at its
         size is none). Runs on the decode pool; idempotent."""
-        image = image.convert("RGB")
+        image = image if image.mode == "RGB" else image.convert("RGB")
         lo, hi = self.image_pixels
         h, w = smart_resize(image.height, image.width, _FACTOR, lo, hi)
         return image if (w, h) == image.size else image.resize((w, h), Image.Resampling.BICUBIC)
