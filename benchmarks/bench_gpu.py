@@ -64,7 +64,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [p for p in (os.path.join(ROOT, "src"), ROOT) if p not in sys.path]
 
 EMBED_PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
-KINDS = ("text", "image", "video")
+KINDS = ("text", "image", "video")  # and "mixed": texts and images in turn
 QWEN_API, SIGLIP_API = "qwen3-vl-embedding", "tongyi-embedding-vision-plus"
 
 # -- the architectures ----------------------------------------------------------------------------
@@ -320,6 +320,10 @@ def workload(kinds: tuple[str, ...], pool: int) -> dict[str, list[dict]]:
         out["image"] = [{"image": uri(b, "image/jpeg")} for b in images(pool)]
     if "video" in kinds:
         out["video"] = [{"video": uri(b, "video/mp4")} for b in videos(max(2, pool // 4))]
+    if "mixed" in kinds:
+        pics = [{"image": uri(b, "image/jpeg")} for b in images(pool)]
+        words = [{"text": t} for t in texts(pool)]
+        out["mixed"] = [x for pair in zip(words, pics, strict=True) for x in pair]
     return out
 
 
@@ -714,33 +718,46 @@ class Http:
 
 
 def run_server(api: str, catalog_path: str, work: dict, args, cuda: bool) -> list[Row]:  # type: ignore[no-untyped-def]
-    proc, url = start_server(catalog_path, args)
-    rows = []
+    """The server; with ``--baseline SRC`` also a server run from that checkout, driven in
+    alternating turns per cell (path ``baseline``)."""
+    servers = {"server": start_server(catalog_path, args)}
+    if args.baseline:
+        servers["baseline"] = start_server(catalog_path, args, src=args.baseline)
+    rows: dict[str, list[Row]] = {name: [] for name in servers}
     try:
         with GpuSampler(cuda) as whole:
+            turn = 0
             for kind, items in work.items():
                 for c in args.concurrency:
+                    names = list(servers) if turn % 2 == 0 else list(servers)[::-1]
+                    turn += 1
+                    for name in names:
+                        url = servers[name][1]
 
-                    async def cell(c: int = c, items: list = items):  # type: ignore[no-untyped-def]
-                        async with Http(url, c) as http:
+                        async def cell(c: int = c, items: list = items, url: str = url):  # type: ignore[no-untyped-def]
+                            async with Http(url, c) as http:
 
-                            async def send(item: dict) -> None:
-                                await http.embed(api, item)
+                                async def send(item: dict) -> None:
+                                    await http.embed(api, item)
 
-                            return await closed_loop(send, items, c, args.seconds, warmup=max(2, c))
+                                return await closed_loop(
+                                    send, items, c, args.seconds, warmup=max(2, c)
+                                )
 
-                    with GpuSampler(cuda) as gpu:
-                        done, spent, lat = asyncio.run(cell())
-                    row = _fill(Row(api, kind, "server", c), done, spent, lat)
-                    row.gpu_util = gpu.mean_util
-                    rows.append(row)
-        rss = _rss_peak_mib(_tree(proc.pid))
+                        with GpuSampler(cuda) as gpu:
+                            done, spent, lat = asyncio.run(cell())
+                        row = _fill(Row(api, kind, name, c), done, spent, lat)
+                        row.gpu_util = gpu.mean_util
+                        rows[name].append(row)
+        for name, (proc, _) in servers.items():
+            rss = _rss_peak_mib(_tree(proc.pid))
+            for row in rows[name]:
+                row.rss_mib = rss
+                row.gpu_mib = whole.used_mib or None
     finally:
-        stop_server(proc)
-    for row in rows:
-        row.rss_mib = rss
-        row.gpu_mib = whole.used_mib or None
-    return rows
+        for proc, _ in servers.values():
+            stop_server(proc)
+    return [r for name in servers for r in rows[name]]
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -760,6 +777,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", default="", help="where the checkpoints are written")
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--json", default="", help="also write the rows here")
+    ap.add_argument(
+        "--baseline", default="", help="another checkout's src: its server is measured too"
+    )
     args = ap.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.kinds = tuple(k for k in args.kinds.split(",") if k)
@@ -875,6 +895,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"load average {os.getloadavg()[0]:.1f}; {time.perf_counter() - t_start:.0f} s in all"
     )
     print(render(rows))
+    if args.baseline:
+        base = {(r.model, r.kind, r.concurrency): r for r in rows if r.path == "baseline"}
+        ratios = [
+            [r.model, r.kind, str(r.concurrency), f"{r.items_per_s:.1f}",
+             f"{base[key].items_per_s:.1f}", f"{r.items_per_s / base[key].items_per_s:.2f}x"]
+            for r in rows
+            if r.path == "server" and (key := (r.model, r.kind, r.concurrency)) in base
+            and base[key].items_per_s
+        ]  # fmt: skip
+        print(f"\nserver vs baseline ({args.baseline}), same invocation, alternating turns")
+        print(table(["model", "kind", "c", "items/s", "baseline items/s", "ratio"], ratios))
     for note in notes:
         print(f"note: {note}")
     if args.json:

@@ -91,10 +91,14 @@ class ContainedBackend:
             lanes={FORWARD: (1, True), EXPRESS: (1, False), AUX: (1, False), AUX_LONG: (1, True)},
             start_timeout_s=start_timeout_s,
         )
-        # Image preparation runs here, on the decode pool, from an unloaded instance.
+        # Media preparation runs here, on the decode pool, from an unloaded instance (images,
+        # whole clips, and the vision-token count that budgets passes).
         cls = backend_class(family)
-        if hasattr(cls, "prepare_image"):
-            self.prepare_image = cls(**options).prepare_image
+        if any(hasattr(cls, m) for m in ("prepare_image", "prepare_video", "vision_tokens")):
+            local = cls(**options)
+            for method in ("prepare_image", "prepare_video", "vision_tokens"):
+                if hasattr(local, method):
+                    setattr(self, method, getattr(local, method))
         # A family's own video frame choice is a plain function: it crosses to the decoder.
         self.frame_times = getattr(cls, "frame_times", None)
         self.native_dim = 0

@@ -43,6 +43,7 @@ from mmembed.models.base import (
     RerankPair,
     is_reranker,
     prepare_image_fn,
+    prepare_video_fn,
     score_pairs,
 )
 from mmembed.models.catalog import RERANK, BackendSpec, Catalog, ModelSpec
@@ -264,6 +265,7 @@ class Engine:
                 fps,
                 prepare_image_fn(backend),
                 getattr(backend, "frame_times", None),
+                prepare_video_fn(backend),
             )
 
             usage = self._usage(spec, sum(r.tokens for r in records), [r.stats for r in records])
@@ -328,15 +330,24 @@ class Engine:
             limits.check_request_tokens(spec, query.tokens, [d.tokens for d in docs])
 
             fps = DEFAULT_FPS if req.fps is None else req.fps
-            media = (backend.image_size, req.instruct, oss_owner)
-            stage = (fps, prepare_image_fn(backend), getattr(backend, "frame_times", None))
+            stage = partial(
+                self.media.run,
+                spec,
+                backend.image_size,
+                req.instruct,
+                oss_owner,
+                fps=fps,
+                prepare_image=prepare_image_fn(backend),
+                frame_times=getattr(backend, "frame_times", None),
+                prepare_video=prepare_video_fn(backend),
+            )
             # The query first, for its key; then each document's pair looked up by both keys.
-            await self.media.run(spec, *media, [query], *stage, lookup=_no_lookup)
+            await stage(records=[query], lookup=_no_lookup)
 
             def pair_hit(key: bytes) -> CacheEntry | None:
                 return None if query.key is None else self.cache.get(pair_key(query.key, key))
 
-            await self.media.run(spec, *media, docs, *stage, lookup=pair_hit)
+            await stage(records=docs, lookup=pair_hit)
             for d in docs:
                 d.key = None if d.key is None or query.key is None else pair_key(query.key, d.key)
             scores = await self._score_cached(loaded, spec, query, docs, ctx.owner)
@@ -463,10 +474,14 @@ class Engine:
         misses = [r for r in records if r.hit is None]
         fresh = None
         if misses:
-            # What the forward pass reads: a backend that cuts long texts reads its window.
+            # What the pass reads: a backend that cuts long texts reads its window; image and
+            # video tokens as the model counts them where the backend says (Qwen3-VL: one per
+            # 32x32 px), else the name's flat ``image_tokens`` per image and frame.
             window = getattr(loaded.backend, "text_window", 0) or None
+            vision = getattr(loaded.backend, "vision_tokens", None)
             tokens = [
-                min(r.tokens, window or r.tokens) + images_in(r.input) * spec.image_tokens
+                min(r.tokens, window or r.tokens)
+                + (vision(r.input) if vision else images_in(r.input) * spec.image_tokens)
                 for r in misses
             ]
             fresh = await loaded.batcher.submit(
