@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -100,6 +101,13 @@ async def attack(url: str, texts: list[str], seconds: float) -> tuple[Result, Co
     return probe, answers, input_tokens
 
 
+def own_db(label: str) -> dict[str, str]:
+    """A fresh accounts database per server: the default one under ~/.cache is shared with
+    whatever else runs on the machine (and between the two servers)."""
+    folder = tempfile.mkdtemp(prefix=f"mmembed-bench-{label}-")
+    return {"MMEMBED_DATABASE_URL": f"sqlite:///{folder}/accounts.db"}
+
+
 def hog() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
@@ -123,7 +131,7 @@ def main() -> None:
     texts = [long_text(args.tokens, seed) for seed in range(4)] if sides else []
     for label, src in sides:
         for busy in (False, True):
-            proc, url = start_mmembed({"PYTHONPATH": src})
+            proc, url = start_mmembed({"PYTHONPATH": src, **own_db(label)})
             other = hog() if busy else None
             try:
                 probe, answers, tokens = asyncio.run(attack(url + EMBED_PATH, texts, args.seconds))
@@ -152,7 +160,7 @@ def main() -> None:
 
     if args.rounds <= 0:
         return
-    sides_tp = {"before": (old_src, {}), "after": (new_src, {})}
+    sides_tp = {"before": (old_src, own_db("before")), "after": (new_src, own_db("after"))}
     bursts = sentences(args.texts)
     files = photos(args.images * args.rounds)
     origin = StaticOrigin({f"/{i}.jpg": j for i, j in enumerate(files)}, "image/jpeg")

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import tempfile
 import time
 
 from loadgen import (
@@ -88,7 +89,16 @@ def main() -> None:
         "before": os.path.join(args.baseline, "src"),
         "after": os.path.join(HERE, "src"),
     }
-    servers = {label: start_mmembed({"PYTHONPATH": src}) for label, src in sides.items()}
+    servers = {
+        label: start_mmembed(
+            {  # own accounts databases: the default one is shared with anything else running
+                "PYTHONPATH": src,
+                "MMEMBED_DATABASE_URL": "sqlite:///"
+                + os.path.join(tempfile.mkdtemp(prefix=f"mmembed-bench-{label}-"), "a.db"),
+            }
+        )
+        for label, src in sides.items()
+    }
     texts = sentences(args.requests)
     cpu: dict[tuple[str, str], list[float]] = {}
     rates: dict[tuple[str, int], list[float]] = {}
