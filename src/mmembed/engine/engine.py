@@ -28,7 +28,7 @@ from mmembed.config import Settings
 from mmembed.engine import limits
 from mmembed.engine.admission import Admission, estimate
 from mmembed.engine.batcher import Batcher
-from mmembed.engine.cache import CacheEntry, EmbeddingCache, MediaStats
+from mmembed.engine.cache import CacheEntry, EmbeddingCache, MediaStats, digest, item_key
 from mmembed.engine.contained import ContainedBackend, VideoDecoder
 from mmembed.engine.dims import DimensionMapper, reduction_basis
 from mmembed.engine.fusion import apply_request_options
@@ -343,6 +343,18 @@ class Engine:
             )
             # The query first, for its key; then each document's pair looked up by both keys.
             await stage(records=[query], lookup=_no_lookup)
+            if query.key is None and query.item.kind == "text" and self.cache.enabled:
+                # a text query is keyed even when text items are not cached: its pairs with
+                # image and video documents are
+                query.key = item_key(
+                    model=spec.name,
+                    backend=spec.backend,
+                    kind="text",
+                    instruct=req.instruct,
+                    fps=None,
+                    max_frames=None,
+                    parts=[("text", digest(query.input.texts[0]))],
+                )
 
             def pair_hit(key: bytes) -> CacheEntry | None:
                 return None if query.key is None else self.cache.get(pair_key(query.key, key))
