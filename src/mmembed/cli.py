@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
-import socket
 import sys
 import typing
 
 import mmembed
 from mmembed.accounts import cli as accounts_cli
 from mmembed.config import Settings
+from mmembed.netaddr import is_loopback_bind
 
 # The settings each subcommand reads (serve: all of them); its --help lists only these.
 COMMAND_SETTINGS = {
@@ -21,15 +20,6 @@ COMMAND_SETTINGS = {
     "pull": ("catalog", "cache_dir", "log_level", "log_format"),
     "verify": ("catalog", "cache_dir", "log_level", "log_format"),
 }
-
-
-def is_loopback_bind(host: str) -> bool:
-    """True when every address ``host`` resolves to is a loopback address."""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 def serve(settings: Settings, ray: str | None = None) -> int:
@@ -58,11 +48,17 @@ def serve(settings: Settings, ray: str | None = None) -> int:
         if path and not os.path.isfile(path):
             print(f"mmembed: TLS file {path!r} does not exist", file=sys.stderr)
             return 2
+    try:  # first of all: a port in use is one line and exit 1, before any start-up work
+        sock = server.bind(settings)
+    except OSError as exc:
+        print(server.bind_error(settings, exc), file=sys.stderr)
+        return 1
     if not keyed:
         log.warning("no API keys configured; accepting any key on loopback only")
     if ray is not None:  # the same app on Ray Serve: a local cluster or the one at ADDRESS
         from mmembed.serving.app import run as run_on_ray
 
+        sock.close()  # (Serve's proxy binds it)
         return run_on_ray(settings, ray)
     scheme = "https" if settings.ssl_certfile else "http"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -71,9 +67,10 @@ def serve(settings: Settings, ray: str | None = None) -> int:
             settings, load_in_background=True, announce=f"{scheme}://{host}:{settings.port}"
         )
     except ValueError as exc:  # a malformed catalog or allowlist entry: one line, no traceback
+        sock.close()
         print(f"mmembed: {exc}", file=sys.stderr)
         return 2
-    return server.run(app, settings)  # uvicorn behind a guard against slow clients
+    return server.run(app, settings, sock)  # uvicorn behind a guard against slow clients
 
 
 def models(settings: Settings, as_json: bool = False) -> int:

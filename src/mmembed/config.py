@@ -79,6 +79,12 @@ class Settings:
         256,
         "Safety cap on content items per request, for models whose API sets no count limit.",
     )
+    openai_max_inputs: int = _setting(
+        2048,
+        "Cap on inputs per request on the OpenAI-compatible routes (OpenAI's own: 2,048; "
+        "LangChain sends up to 1,000), for models whose API sets no count limit; large "
+        "requests are split into several forward passes.",
+    )
     request_timeout_s: float = _setting(120.0, "Whole-request deadline in seconds (408 after).")
     header_timeout_s: float = _setting(
         10.0,
@@ -181,6 +187,57 @@ class Settings:
     )
     upload_sweep_interval_s: float = _setting(
         600.0, "Expired uploads are also swept from disk at most this often (seconds)."
+    )
+    batch_dir: str = _setting(
+        "",
+        "Directory for batch jobs over HTTP: input and result files, and the part files of jobs "
+        "in progress. Empty: <cache_dir>/batches.",
+    )
+    batch_result_ttl_s: float = _setting(
+        24 * 3600.0,
+        "Batch output and error files (and DashScope task results) expire this many seconds "
+        "after their job ends.",
+    )
+    batch_file_ttl_s: float = _setting(
+        7 * 24 * 3600.0,
+        "Uploaded batch input files expire this many seconds after upload (0: kept until "
+        "deleted); a file an unfinished job reads is kept until the job ends.",
+    )
+    batch_max_file_bytes: int = _setting(
+        200 * 1024 * 1024, "Largest batch input file in bytes (413 beyond)."
+    )
+    batch_max_lines: int = _setting(50_000, "Most lines (requests) in one batch input file.")
+    batch_max_bytes_per_key: int = _setting(
+        10 * 1024**3, "Most bytes of unexpired batch files one API key may hold (413 beyond)."
+    )
+    batch_max_active_jobs_per_key: int = _setting(
+        16, "Most unfinished (queued or running) batch jobs per API key (429 beyond; 0: any)."
+    )
+    batch_jobs_per_process: int = _setting(
+        1, "Batch jobs one server process runs at once (the rest wait, in creation order)."
+    )
+    batch_concurrency: int = _setting(
+        0,
+        "Inputs of a batch job in flight at once. 0: twice batch_max_items, as mmembed embed.",
+    )
+    batch_pass_max_items: int = _setting(
+        0,
+        "Most batch-job inputs in one forward pass (batch work runs only when no online request "
+        "waits, so this bounds how long an arriving request can wait). 0: batch_max_items.",
+    )
+    batch_part_lines: int = _setting(
+        1000,
+        "Batch job lines per part file: finished lines are kept every this many lines, or every "
+        "second, whichever comes first (a killed server resumes from there).",
+    )
+    batch_lease_s: float = _setting(
+        60.0,
+        "Seconds a batch job's claim by its runner lasts (renewed every third of it): a job "
+        "whose runner on another machine stopped is taken over after this; one whose runner "
+        "on this machine is gone (killed) at once.",
+    )
+    batch_sweep_interval_s: float = _setting(
+        600.0, "Expired batch files and overdue jobs are swept at most this often (seconds)."
     )
     embed_cache_mb: float = _setting(
         64.0,
@@ -287,6 +344,10 @@ class Settings:
     @property
     def cache_path(self) -> str:
         return self.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mmembed")
+
+    @property
+    def batch_path(self) -> str:
+        return self.batch_dir or os.path.join(self.cache_path, "batches")
 
 
 def _type_of(name: str) -> str:

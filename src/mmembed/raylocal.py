@@ -18,6 +18,8 @@ import logging
 import os
 from typing import Any
 
+from mmembed.extras import needs_extra
+
 LOCAL = "local"
 _SINGLE_HOST = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -49,7 +51,7 @@ def require_ray(command: str, *, serve: bool = False) -> Any:
         if serve:
             import ray.serve
     except ImportError:
-        raise SystemExit(f"{command} needs the [ray] extra: pip install 'mmembed[ray]'") from None
+        raise SystemExit(needs_extra(command, "ray")) from None
     return ray
 
 

@@ -58,6 +58,7 @@ class RequestContext:
     owner: str | None = None  # who sent it (a hash of the API key): uploads are per owner
     resolve_oss: bool = False  # X-DashScope-OssResourceResolve: enable (oss:// refs allowed)
     deadline: float = math.inf  # time.monotonic() by which the answer is due
+    background: bool = False  # a batch job's line: runs only when no online request waits
     started: float = field(default_factory=time.time)
     usage: Usage = field(default_factory=Usage)
     extra: dict[str, Any] = field(default_factory=dict)  # route-specific notes for the log

@@ -49,6 +49,7 @@ class EmbedRequest:
     # The text-embedding API's ``text_type``: "query" or "document" (asymmetric backends embed
     # the two sides differently; None: the backend's symmetric default).
     text_type: str | None = None
+    max_items: int | None = None  # the wire format's item cap (None: max_items_per_request)
 
 
 @dataclass

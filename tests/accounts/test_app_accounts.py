@@ -86,3 +86,47 @@ def test_admin_routes_need_admin_keys(tmp_path: Path, hash_catalog: str):
     r = calls(settings, [("GET", "/admin/keys", "k1"), ("GET", "/admin/usage", None)])
     assert [(x.status_code, x.json()["code"]) for x in r] == [(403, "AccessDenied")] * 2
     assert "admin key" in r[0].json()["message"]
+
+
+def test_revoking_the_last_key_keeps_keys_required_and_says_how_to_open(
+    tmp_path: Path, hash_catalog: str, capsys
+):
+    """The rule: revoking the last managed key never opens a server (a restart neither); the
+    401 says why and what to run; `mmembed keys allow-anonymous` opens it again (loopback
+    only), and a new key closes it."""
+    from mmembed.cli import main
+
+    settings = Settings(cache_dir=str(tmp_path), catalog=hash_catalog)
+    db = ["--cache-dir", str(tmp_path)]
+    assert main(["keys", "create", "--name", "only", *db]) == 0
+    assert main(["keys", "revoke", "only", *db]) == 0
+    assert "no managed key is active now" in capsys.readouterr().err
+
+    r = calls(settings, [("POST", EMBED_PATH, None), ("POST", "/v1/embeddings", "x")])
+    assert [x.status_code for x in r] == [401, 401]
+    message = r[0].json()["message"]
+    assert "every managed key is revoked" in message
+    assert "mmembed keys create" in message and "mmembed keys allow-anonymous" in message
+    assert "mmembed keys allow-anonymous" in r[1].json()["error"]["message"]
+    health = calls(settings, [("GET", "/health", None)])[0].json()["accounts"]
+    assert (health["managed_keys"], health["keys_required"]) == (0, True)
+
+    assert main(["keys", "allow-anonymous", *db]) == 0
+    assert "accept requests without a key" in capsys.readouterr().out
+    r = calls(settings, [("POST", EMBED_PATH, None), ("GET", "/health", None)])
+    assert r[0].status_code == 200
+    assert r[1].json()["accounts"]["keys_required"] is False
+    # ... but never on a non-loopback address
+    exposed = Settings(cache_dir=str(tmp_path), catalog=hash_catalog, host="0.0.0.0")
+    r = calls(exposed, [("POST", EMBED_PATH, None)])
+    assert r[0].status_code == 401 and "non-loopback" in r[0].json()["message"]
+
+    assert main(["keys", "create", "--name", "again", *db]) == 0
+    secret = capsys.readouterr().out.strip().splitlines()[-1]
+    r = calls(settings, [("POST", EMBED_PATH, None), ("POST", EMBED_PATH, secret)])
+    assert [x.status_code for x in r] == [401, 200]
+    assert "revoked" not in r[0].json()["message"]  # an active key exists: the plain message
+
+    # allow-anonymous is refused while a key is active
+    assert main(["keys", "allow-anonymous", *db]) == 1
+    assert "active (again)" in capsys.readouterr().err

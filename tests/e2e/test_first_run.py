@@ -302,5 +302,108 @@ def test_pull_hints():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
-    assert "pip install 'mmembed[open-weights]'" in out.stderr, out.stderr
+    assert "scripts/install open-weights" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+# -- start-up failures: one line each, and "ready" only for what serves ---------------------------
+def test_port_in_use_is_one_line_and_exit_1(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "mmembed.cli", "serve", "--port", str(port)],
+            env={**os.environ, "MMEMBED_CACHE_DIR": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 1, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0] and "--port" in lines[0]
+    assert "ready" not in out.stderr and "worker" not in out.stderr
+
+
+def without_open_weights_extra(tmp: Path) -> dict[str, str]:
+    """Environment in which `import transformers` and `import huggingface_hub` fail, as
+    without the open-weights extra (the shared test environment has them installed)."""
+    shim = tmp / "no-extra"
+    for name in ("transformers", "huggingface_hub"):
+        (shim / name).mkdir(parents=True)
+        (shim / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError(\"No module named '{name}'\", name={name!r})\n"
+        )
+    return {"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
+
+
+def wait_started(proc: subprocess.Popen, log: Path, needle: str) -> str:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if needle in text:
+            return text
+        assert proc.poll() is None, text
+        time.sleep(0.2)
+    raise AssertionError(log.read_text())
+
+
+@pytest.mark.network
+def test_missing_extra_names_each_unavailable_model_once(tmp_path):
+    catalog = tmp_path / "mixed.toml"
+    catalog.write_text(
+        """
+[backends.h]
+family = "hash"
+dim = 64
+
+[backends.siglip]
+family = "dual"
+weights = "google/siglip2-base-patch16-224"
+
+[models."tongyi-embedding-vision-plus"]
+backend = "h"
+dimensions = [64]
+
+[models."tongyi-embedding-vision-flash"]
+backend = "siglip"
+dimensions = [768]
+
+[models."multimodal-embedding-v1"]
+backend = "siglip"
+dimensions = [768]
+"""
+    )
+    env = without_open_weights_extra(tmp_path)
+    proc, _, log = spawn(tmp_path, {**env, "MMEMBED_CATALOG": str(catalog)})
+    try:
+        text = wait_started(proc, log, " ready in ")
+    finally:
+        stop(proc)
+    assert "Traceback" not in text, text
+    unavailable = [line for line in text.splitlines() if " unavailable (backend " in line]
+    assert len(unavailable) == 2, text
+    for name, line in zip(
+        ("tongyi-embedding-vision-flash", "multimodal-embedding-v1"), unavailable, strict=True
+    ):
+        assert f"ERROR mmembed.engine [-] {name} unavailable (backend siglip)" in line, line
+        assert "scripts/install open-weights" in line, line
+    ready = next(line for line in text.splitlines() if " ready in " in line)
+    assert "models: tongyi-embedding-vision-plus (2 unavailable: " in ready, ready
+
+
+@pytest.mark.network
+def test_open_weights_catalog_without_the_extra_never_says_ready(tmp_path):
+    env = without_open_weights_extra(tmp_path)
+    proc, _, log = spawn(tmp_path, env, "--catalog", "open-weights")
+    try:
+        text = wait_started(proc, log, "no model could be loaded")
+    finally:
+        stop(proc)
+    assert "Traceback" not in text and " ready in " not in text, text
+    unavailable = [line for line in text.splitlines() if " unavailable (backend " in line]
+    assert len(unavailable) == 5, text  # one line per API name
+    assert all("scripts/install open-weights" in line for line in unavailable), text

@@ -72,3 +72,53 @@ def test_qdrant_text_to_image_search_example(server, tmp_path):
     lines = out.stdout.splitlines()
     assert len(lines) == 3, out.stdout
     assert lines[0].startswith("1. ") and lines[0].endswith("cat.jpg"), out.stdout
+
+
+def _docs_block(needle: str) -> str:
+    from tests.readme import blocks
+
+    found = [b.code for b in blocks(ROOT / "docs" / "integrations.md") if needle in b.code]
+    assert len(found) == 1, needle
+    return found[0]
+
+
+def _llama_index(module: str):
+    """The LlamaIndex packages come with the test extra; an environment without them (a
+    shared one) skips, CI fails."""
+    if os.environ.get("CI", "").lower() == "true":
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+def test_llamaindex_blocks_of_the_docs_run_as_written(server, tmp_path, monkeypatch):
+    """docs/integrations.md's two LlamaIndex blocks: text through OpenAIEmbedding(model_name=),
+    images through OpenAILikeEmbedding with extra_body={"modality": "image"}."""
+    from skimage import data
+
+    _llama_index("llama_index.embeddings.openai")
+    _llama_index("llama_index.embeddings.openai_like")
+    (tmp_path / "cat.jpg").write_bytes(image_bytes(data.chelsea(), "JPEG"))
+    (tmp_path / "coffee.png").write_bytes(image_bytes(data.coffee(), "PNG"))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    for needle in ("OpenAIEmbedding(model_name=", "OpenAILikeEmbedding(model_name="):
+        code = _docs_block(needle)
+        code = code.replace("http://127.0.0.1:8000", server.url).replace("your-key", API_KEY)
+        exec(compile(code, f"docs/integrations.md ({needle})", "exec"), scope)
+
+    docs = ["a violin on a table", "一杯咖啡"]
+    got = np.array(scope["doc_vectors"])
+    assert got.shape == (2, 512)
+    assert np.all(np.sum(got * dashscope_vectors(server, docs, dimension=512), axis=1) >= 0.9999)
+    assert int(np.argmax(got @ np.array(scope["query_vector"]))) == 1
+
+    images = np.array(scope["image_vectors"])
+    ref = dashscope_vectors(
+        server,
+        [{"image": scope["data_uri"](name, mime)} for name, mime in
+         (("cat.jpg", "image/jpeg"), ("coffee.png", "image/png"))],
+        dimension=512,
+    )  # fmt: skip
+    assert np.all(np.sum(images * ref, axis=1) >= 0.9999)
+    cat_query = np.array(scope["embed_model"].get_query_embedding("a photo of a cat"))
+    assert int(np.argmax(images @ cat_query)) == 0

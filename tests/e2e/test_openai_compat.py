@@ -212,3 +212,48 @@ def test_async_client(server):
 
     resp = asyncio.run(go())
     assert len(resp.data[0].embedding) == 768
+
+
+# -- the OpenAI ecosystem's other calls ----------------------------------------------------------
+def test_models_list_and_retrieve(server, client):
+    listed = client.models.list()
+    ids = [m.id for m in listed.data]
+    assert PLUS in ids and "qwen3-vl-embedding" in ids and len(ids) == len(set(ids)) >= 4
+    assert all(m.object == "model" and m.owned_by == "mmembed" for m in listed.data)
+    # a dated snapshot answers as the name it extends
+    assert client.models.retrieve(PLUS + "-2026-03-06").id == PLUS
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("text-embedding-3-small")
+    # a key limited to some names sees only those
+    limited = OpenAI(base_url=str(client.base_url), api_key=V1_ONLY_KEY, max_retries=0)
+    assert [m.id for m in limited.models.list().data] == ["multimodal-embedding-v1"]
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0).models.list()
+
+
+def test_openai_route_takes_openais_2048_inputs(server, client):
+    texts = [f"item {i}" for i in range(2048)]
+    resp = client.embeddings.create(model=PLUS, input=texts, dimensions=64)
+    assert [d.index for d in resp.data] == list(range(2048))
+    got = as_array(resp)
+    ref = dashscope_vectors(server, PLUS, texts[-3:], dimension=64)
+    assert np.all(np.sum(got[-3:] * ref, axis=1) >= 0.9999)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=PLUS, input=[*texts, "one more"], dimensions=64)
+    assert "2049 items exceed this server's limit of 2048" in str(err.value)
+    # the DashScope route keeps its own cap (max_items_per_request)
+    r = server.post({"model": PLUS, "input": {"contents": texts[:257]}})
+    assert r.status_code == 400 and "limit of 256" in r.json()["message"]
+
+
+def test_unknown_paths_list_the_routes(server):
+    r = httpx.get(server.url + "/api/v1/services/embeddings/text-embeddings")
+    assert r.status_code == 404
+    message = r.json()["message"]
+    assert "Routes: " in message
+    for route in ("POST /api/v1/services/embeddings/multimodal-embedding/", "POST /v1/embeddings"):
+        assert route in message, message
+    assert "GET /v1/models" in message and "GET /health" in message
+    # under an OpenAI base URL the 404 is OpenAI-shaped, so the SDKs show the message
+    r = httpx.post(server.url + "/v1/embedding", json={})
+    assert r.status_code == 404 and "POST /v1/embeddings" in r.json()["error"]["message"]

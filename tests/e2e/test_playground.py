@@ -86,9 +86,8 @@ def test_playground_ranks_images_in_a_real_browser(server, browser, pictures, tm
     Select(browser.find_element(By.ID, "model")).select_by_value("tongyi-embedding-vision-plus")
     Select(browser.find_element(By.ID, "dimension")).select_by_value("512")
     assert browser.execute_script("return localStorage.getItem('mmembed.key')") == API_KEY
-    # (the page's first /models call, before the key was typed, got 401: expected)
     early = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-    assert all("/models" in e["message"] and "401" in e["message"] for e in early), early
+    assert early == []  # the page asked nothing of the API before the key was typed
 
     files = browser.find_element(By.ID, "files")
     files.send_keys("\n".join(str(pictures[n]) for n in ("coffee.png", "cat.jpg", "rocket.jpg")))
@@ -132,3 +131,87 @@ def test_playground_ranks_images_in_a_real_browser(server, browser, pictures, tm
     assert dimension.text == "512"  # the user's choice survives the model list reloading
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def severe(browser) -> list[dict]:
+    return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_playground_errors_stay_beside_their_items(server, browser, pictures, tmp_path):
+    """No refused request on load; the model list holds what the key may use; a bad file gets
+    its own message, named, and the rest are ranked; an error clears old scores; adding items
+    clears an old error."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from tests.e2e.conftest import V1_ONLY_KEY
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(server.url + "/")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Enter the API key"))
+    assert severe(browser) == []  # no /models call without the key, so no 401 in the console
+    assert Select(browser.find_element(By.ID, "model")).options == []
+
+    def use_key(secret: str) -> Select:
+        key = browser.find_element(By.ID, "key")
+        key.clear()
+        key.send_keys(secret)
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "models"))
+        return Select(browser.find_element(By.ID, "model"))
+
+    # a key limited to one name: the list holds only that one, selected
+    models = use_key(V1_ONLY_KEY)
+    assert [o.get_attribute("value") for o in models.options] == ["multimodal-embedding-v1"]
+    assert models.first_selected_option.get_attribute("value") == "multimodal-embedding-v1"
+    models = use_key(API_KEY)
+    assert len(models.options) >= 4
+    models.select_by_value("tongyi-embedding-vision-plus")
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(pictures["coffee.png"].read_bytes()[:200])  # a PNG cut short
+    files = [pictures["cat.jpg"], broken, pictures["coffee.png"], pictures["rocket.jpg"]]
+    browser.find_element(By.ID, "files").send_keys("\n".join(map(str, files)))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#items .card")) == 4)
+    browser.find_element(By.ID, "query-text").send_keys("a photo of a cat")
+    browser.find_element(By.ID, "rank").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Ranked 3 of 4 items"))
+    status = browser.find_element(By.ID, "status")
+    assert "1 failed" in status.text and status.get_attribute("class") == "error"
+    cards = browser.find_elements(By.CSS_SELECTOR, "#items .card")
+    by_name = {c.get_attribute("data-name"): c for c in cards}
+    assert cards[0].get_attribute("data-name") == "cat.jpg"  # the others were ranked
+    bad = by_name["broken.png"]
+    error = bad.find_element(By.CLASS_NAME, "item-error").text
+    assert error.startswith("InvalidParameter.DataInspection: broken.png"), error
+    assert "contents[0]" not in error
+    assert bad.find_element(By.CLASS_NAME, "score").text == ""
+    assert bad.find_elements(By.CLASS_NAME, "rank") == []  # no place in the ranking
+    assert all(
+        c.find_element(By.CLASS_NAME, "score").text for n, c in by_name.items() if n != "broken.png"
+    )
+    shot = tmp_path / "playground-errors.png"
+    assert browser.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+
+    # a query that fails clears the old scores and says it was the query
+    browser.find_element(By.ID, "query-file").send_keys(str(broken))
+    wait.until(lambda d: d.find_element(By.ID, "query-clear").is_displayed())
+    browser.find_element(By.ID, "rank").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "the query"))
+    assert status.get_attribute("class") == "error"
+    scores = [s.text for s in browser.find_elements(By.CSS_SELECTOR, "#items .card .score")]
+    assert scores == ["", "", "", ""], scores
+    assert browser.find_elements(By.CSS_SELECTOR, "#items .card .rank") == []
+
+    # adding items clears the stale message
+    browser.find_element(By.ID, "texts").send_keys("a cup of coffee")
+    browser.find_element(By.ID, "add-texts").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#items .card")) == 5)
+    assert status.text == "" and status.get_attribute("class") != "error"
+    # only the refused embedding requests (400) are in the console: nothing on load
+    logged = severe(browser)
+    assert all("400" in e["message"] and "multimodal-embedding" in e["message"] for e in logged), (
+        logged
+    )

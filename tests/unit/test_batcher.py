@@ -313,3 +313,89 @@ def test_a_client_with_many_requests_does_not_crowd_out_another():
     assert model.contents[0] == ["a0.0", "a0.1", "a0.2", "a0.3"]
     assert model.contents[1][:2] == ["b0", "b1"], model.contents  # key-b before key-a's 2nd
     assert batcher._owner_served == {} and batcher._owners == {}
+
+
+# -- background work (batch jobs) ------------------------------------------------------------------
+def test_background_inputs_never_share_a_pass_with_online_ones_and_go_after_them():
+    model = RecordingModel()
+    model.gate.clear()  # hold the first pass until everything is queued
+    batcher = make(model, background_max_items=4)
+
+    async def go():
+        first = asyncio.ensure_future(batcher.submit(texts("first"), 1))
+        await asyncio.sleep(0.05)  # the first pass is running (held)
+        background = [
+            asyncio.ensure_future(batcher.submit(texts(f"bg{i}"), 1, background=True))
+            for i in range(10)
+        ]
+        online = [asyncio.ensure_future(batcher.submit(texts(f"on{i}"), 1)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(first, *background, *online)
+
+    asyncio.run(go())
+    passes = model.contents
+    assert passes[0] == ["first"]
+    assert sorted(passes[1]) == ["on0", "on1", "on2"]  # online first, alone
+    for p in passes[2:]:
+        assert all(t.startswith("bg") for t in p) and len(p) <= 4  # small background passes
+    assert sum(len(p) for p in passes[2:]) == 10
+
+
+def test_background_inputs_do_not_fill_the_queue_for_online_requests():
+    model = RecordingModel()
+    model.gate.clear()
+    batcher = make(model, max_queue=8)
+
+    async def go():
+        held = asyncio.ensure_future(batcher.submit(texts("held"), 1))
+        await asyncio.sleep(0.05)
+        background = asyncio.ensure_future(
+            batcher.submit(texts(*(f"bg{i}" for i in range(8))), 8, background=True)
+        )
+        await asyncio.sleep(0.01)
+        online = asyncio.ensure_future(batcher.submit(texts(*(f"o{i}" for i in range(8))), 8))
+        await asyncio.sleep(0.01)
+        # the whole queue is full now: more background work is refused (its runner retries)
+        with pytest.raises(ApiError) as refused:
+            await batcher.submit(texts("bg-more"), 1, background=True)
+        model.gate.set()
+        await asyncio.gather(held, background, online)
+        return refused.value
+
+    refused = asyncio.run(go())
+    assert refused.error is ErrorCode.THROTTLING
+    assert batcher.stats.rejected == 1  # the online request was admitted beside the job's inputs
+
+
+def test_online_texts_take_the_express_lane_beside_a_background_pass():
+    gate = threading.Event()
+    seen: list[str] = []
+
+    def run(inputs):
+        seen.append("main:" + ",".join(t for inp in inputs for t in inp.texts))
+        gate.wait(10)
+        return HashBackend(dim=16).embed(inputs)
+
+    def express(inputs):
+        seen.append("express:" + ",".join(t for inp in inputs for t in inp.texts))
+        return HashBackend(dim=16).embed(inputs)
+
+    batcher = Batcher(
+        run, ThreadPoolExecutor(1), max_items=8, max_tokens=1000, max_wait_s=0, max_queue=100,
+        express=express,
+    )  # fmt: skip
+
+    async def go():
+        job = asyncio.ensure_future(batcher.submit(texts("bg0", "bg1"), 4, background=True))
+        await asyncio.sleep(0.05)
+        probe = await asyncio.wait_for(batcher.submit(texts("probe"), 2), 10)
+        still_running = not job.done()
+        gate.set()
+        await job
+        return probe, still_running
+
+    probe, still_running = asyncio.run(go())
+    assert still_running  # answered while the batch job's pass ran
+    assert seen == ["main:bg0,bg1", "express:probe"]
+    assert np.array_equal(probe, HashBackend(dim=16).embed(texts("probe")))

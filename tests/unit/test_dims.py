@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from mmembed.engine.dims import DimensionMapper, fit_basis, lift_matrix
+from mmembed.engine.dims import DimensionMapper, fit_basis, lift_matrix, reduction_basis
 from mmembed.models.base import l2_normalize
+from mmembed.models.catalog import load_catalog
+from mmembed.models.conse import ConSEBackend
 
 
 def _clustered(n: int, dim: int, rank: int, seed: int = 0) -> np.ndarray:
@@ -70,3 +72,35 @@ def test_matryoshka_truncates_and_normalises():
 def test_non_matryoshka_needs_basis():
     with pytest.raises(ValueError):
         DimensionMapper(16, matryoshka=False, basis=None)
+
+
+class _Samples:
+    """What the engine reads of a backend to pick its basis."""
+
+    def __init__(self, matryoshka: bool, samples=None, packaged=None) -> None:
+        self.matryoshka = matryoshka
+        self._samples = samples
+        if packaged is not None:
+            self.packaged_basis = lambda: packaged
+
+    def basis_samples(self):
+        return self._samples
+
+
+def test_reduction_basis_prefers_the_packaged_one():
+    samples = _clustered(200, 16, 4)
+    packaged = lift_matrix(16, 16)
+    assert reduction_basis(_Samples(True, samples)) is None
+    assert reduction_basis(_Samples(False, None)) is None
+    assert np.array_equal(reduction_basis(_Samples(False, samples)), fit_basis(samples))
+    assert reduction_basis(_Samples(False, samples, packaged)) is packaged
+
+
+def test_offline_backend_ships_its_basis_for_the_catalog_options():
+    options = load_catalog("offline").backends["offline"].options
+    basis = ConSEBackend(**options).packaged_basis()  # no load(): the file and the options
+    assert basis is not None and basis.shape == (384, 384) and basis.dtype == np.float32
+    assert np.allclose(basis.T @ basis, np.eye(384), atol=1e-5)
+    other = {**options, "prompts_en": ["a picture of a {}."]}
+    assert ConSEBackend(**other).packaged_basis() is None  # fitted at start-up instead
+    assert ConSEBackend(**{**options, "top_k": 5}).packaged_basis() is None

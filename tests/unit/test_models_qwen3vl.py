@@ -288,3 +288,73 @@ def test_long_texts_are_cut_to_the_reference_length_keeping_the_template(folder)
     assert 36 <= len(ids) <= 40 and prompt.rstrip().endswith("<|im_start|>assistant")
     short = EmbedInput(texts=["a cat"])
     assert backend._fit(short, [], []) == backend._render(short, [], [])
+
+
+def test_vision_tokens_follow_the_patch_arithmetic():
+    """One language-model token per 32x32 px after Qwen's resize (plus the two markers);
+    frames in pairs. Needs no weights: the server process budgets passes with it."""
+    from mmembed.models.base import EmbedInput
+    from mmembed.models.qwen3vl import Qwen3VLBackend
+
+    backend = Qwen3VLBackend()  # not loaded
+    assert backend.vision_tokens(EmbedInput(images=[Image.new("RGB", (224, 224))])) == 49 + 2
+    big = Image.new("RGB", (4000, 3000))  # above the pixel budget: 1800 * 32^2 at most
+    tokens = backend.vision_tokens(EmbedInput(images=[big])) - 2
+    assert 1700 <= tokens <= 1800
+    frames = [Image.new("RGB", (384, 384))] * 8
+    video = backend.vision_tokens(EmbedInput(videos=[VideoClip(frames, 8.0)]))
+    assert video == 4 * (144 + 2 + 6)  # 4 temporal pairs of 12 x 12 tokens, with stamps
+
+
+def test_prepared_media_are_idempotent_and_sized_like_the_processor(folder):
+    """prepare_image gives the size the checkpoint's processor would resize to, so the forward
+    pass (which does not resize again) sees the very same pixels; prepare_video the size of
+    the video budget."""
+    from mmembed.models.qwen3vl import Qwen3VLBackend
+
+    backend = Qwen3VLBackend(weights=str(folder), device="cpu")
+    backend.load()
+    rng = np.random.default_rng(0)
+    for h, w in [(48, 64), (100, 37), (500, 300)]:
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        prepared = backend.prepare_image(image)
+        assert prepared.width % 32 == 0 and prepared.height % 32 == 0
+        assert backend.prepare_image(prepared) is prepared
+        lo, hi = backend.image_pixels
+        raw = backend.image_processor(
+            images=[image], size={"shortest_edge": lo, "longest_edge": hi}, return_tensors="np"
+        )
+        done = backend.image_processor(
+            images=[np.asarray(prepared)],
+            size={"shortest_edge": lo, "longest_edge": hi},
+            do_resize=False,
+            return_tensors="np",
+        )
+        assert np.array_equal(raw["pixel_values"], done["pixel_values"])
+    clip = VideoClip([quadrant_image((300, 200))] * 4, 4.0, [0.5, 1.5, 2.5, 3.5])
+    before = backend.video_patches(clip)
+    prepared = backend.prepare_video(VideoClip(list(clip.frames), 4.0, list(clip.timestamps)))
+    after = backend.video_patches(prepared)
+    assert np.array_equal(before[0], after[0]) and before[1:] == after[1:]
+
+
+def test_passes_are_split_by_length_within_both_bounds(engine):
+    from mmembed.models.base import EmbedInput
+
+    backend = engine._backends["qwen"].backend
+    items = [EmbedInput(texts=["cat " * n]) for n in (1, 50, 2, 40, 3)]
+    items += [EmbedInput(images=[Image.new("RGB", (512, 512))])]
+    old = backend.batch_size, backend.batch_tokens
+    try:
+        backend.batch_size, backend.batch_tokens = 3, 10_000
+        chunks = backend._chunks(items)
+        assert sorted(i for c in chunks for i in c) == list(range(len(items)))
+        assert all(len(c) <= 3 for c in chunks)
+        assert chunks[0][0] == 5  # the image is the longest input: it leads
+        backend.batch_tokens = 1  # every input alone
+        assert all(len(c) == 1 for c in backend._chunks(items))
+        together = backend.embed(items)
+    finally:
+        backend.batch_size, backend.batch_tokens = old
+    alone = np.concatenate([backend.embed([item]) for item in items])
+    assert cosines(together, alone).min() >= 0.9999

@@ -155,3 +155,18 @@ def test_allowed_hosts_and_keys(tmp_path: Path):
     both = settings(tmp_path, api_keys=("k",), allowed_hosts=("proxy.example",))
     (r,) = send(both, [("POST", EMBED_PATH, auth, BODY)])
     assert r.status_code == 421
+
+
+def test_every_host_header_is_checked():
+    from mmembed.api.request_guard import RequestGuard
+
+    guard = RequestGuard(None, settings=Settings(), keyed=lambda: False, render=None)  # type: ignore[arg-type]
+    for pair in ([b"localhost", b"evil.example"], [b"evil.example", b"localhost"]):
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "headers": [(b"host", h) for h in pair],
+        }
+        error = guard.check(scope)
+        assert error is not None and error.error.status == 421

@@ -1,6 +1,7 @@
-"""``mmembed keys create|list|revoke|update`` and ``mmembed usage``: managed keys and usage
-reports, straight on the accounts database (``database_url``), so they work whether or not a
-server is running. Errors are one line on stderr and exit status 1 (2 for bad arguments)."""
+"""``mmembed keys create|list|revoke|update``, ``mmembed usage`` and ``mmembed jobs``: managed
+keys, usage reports and batch jobs, straight on the accounts database (``database_url``), so
+they work whether or not a server is running. Errors are one line on stderr and exit status 1
+(2 for bad arguments)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from mmembed.accounts import keys, reports
+from mmembed.accounts import jobs_cli, keys, reports
 from mmembed.accounts.keys import AccountsError, Limits
 from mmembed.accounts.store import Store, database_url, explain, is_transient
 from mmembed.config import Settings
@@ -68,7 +69,7 @@ def add_parsers(sub: Any) -> None:
     keys_help = "Manage API keys (create, list, revoke, update) in the accounts database."
     kp = sub.add_parser("keys", help=keys_help, description=keys_help)
     ksub = kp.add_subparsers(
-        dest="keys_command", required=True, metavar="create|list|revoke|update"
+        dest="keys_command", required=True, metavar="create|list|revoke|update|allow-anonymous"
     )
 
     create = ksub.add_parser("create", help="Create a key; prints its secret once.")
@@ -87,9 +88,17 @@ def add_parsers(sub: Any) -> None:
     _limit_options(update, keys._UNSET)
     update.add_argument("--json", action="store_true")
 
+    anonymous_help = (
+        "After every managed key was revoked: let servers without api_keys accept requests "
+        "without a key again, on loopback only (revoking the last key alone never does). "
+        "Creating a key requires keys again."
+    )
+    anonymous = ksub.add_parser("allow-anonymous", help=anonymous_help, description=anonymous_help)
+
     usage_help = "Usage report from the ledger: requests, tokens by kind and cost per group."
     up = sub.add_parser("usage", help=usage_help, description=usage_help)
     up.add_argument("--key", help="only this key's requests")
+    up.add_argument("--route", help="only this route's requests (dashscope, openai, batch, ...)")
     up.add_argument("--since", type=_date_arg(False), help="YYYY-MM-DD or ISO time (inclusive)")
     up.add_argument("--until", type=_date_arg(True), help="YYYY-MM-DD (inclusive) or ISO time")
     up.add_argument("--by", choices=reports.GROUPS, default="key")
@@ -97,9 +106,10 @@ def add_parsers(sub: Any) -> None:
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
 
-    for p in (create, lst, revoke, update, up):
+    for p in (create, lst, revoke, update, anonymous, up):
         Settings.add_arguments(p, SETTINGS)
-    for p in (kp, create, lst, revoke, update, up):
+    jobs_cli.add_parsers(sub, SETTINGS)
+    for p in (kp, create, lst, revoke, update, anonymous, up):
         _one_line_errors(p)
 
 
@@ -112,7 +122,7 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
     parser.error = error  # type: ignore[method-assign]
 
 
-COMMANDS = ("keys", "usage")
+COMMANDS = ("keys", "usage", "jobs")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -129,6 +139,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         store.migrate()
         if args.command == "usage":
             return _usage(store, args)
+        if args.command == "jobs":
+            return jobs_cli.run(args, store)
         return _keys(store, args, settings)
     except AccountsError as exc:
         return _fail(str(exc))
@@ -174,6 +186,20 @@ def _keys(store: Store, args: argparse.Namespace, settings: Settings) -> int:
     if cmd == "revoke":
         record = keys.revoke(store, args.name)
         print(f"revoked key {record.name!r}")
+        if not any(r.active for r in keys.list_keys(store)):
+            print(
+                "mmembed: no managed key is active now; servers still require a key "
+                "(mmembed keys create --name NAME makes one; mmembed keys allow-anonymous "
+                "lets loopback servers without api_keys accept requests without one)",
+                file=sys.stderr,
+            )
+        return 0
+    if cmd == "allow-anonymous":
+        revoked = keys.allow_anonymous(store)
+        print(
+            f"servers without api_keys now accept requests without a key, on loopback only "
+            f"({revoked} revoked key(s) kept for the ledger); creating a key requires keys again"
+        )
         return 0
     record = keys.update_key(
         store,
@@ -207,15 +233,19 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
 
 
 def _usage(store: Store, args: argparse.Namespace) -> int:
-    rows = reports.usage(store, key=args.key, since=args.since, until=args.until, by=args.by)
+    rows = reports.usage(
+        store, key=args.key, route=args.route, since=args.since, until=args.until, by=args.by
+    )
     fmt = "json" if args.json else "csv" if args.csv else "table"
     print(reports.render(rows, args.by, fmt))
     return 0
 
 
 def has_managed_keys(settings: Settings) -> bool:
-    """Whether the accounts database holds any managed key (so a server needs no api_keys to
-    require authentication). False when accounts are disabled or the database is unreachable."""
+    """Whether the accounts database makes keys required (``keys.auth_required``: an active
+    managed key, or revoked ones and no ``keys allow-anonymous`` since), so a server needs no
+    api_keys to require authentication. False when accounts are disabled or the database is
+    unreachable."""
     if settings.database_url.strip().lower() in {"none", "off", "disabled"}:
         return False
     try:
@@ -225,7 +255,7 @@ def has_managed_keys(settings: Settings) -> bool:
         try:
             store.migrate()
             with store.read() as conn:
-                return keys.count(conn) > 0
+                return keys.auth_required(keys.load_all(conn), keys.anonymous_allowed(conn))
         finally:
             store.close()
     except Exception:

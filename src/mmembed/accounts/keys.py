@@ -150,6 +150,45 @@ def _bump(conn: Connection) -> None:
     )
 
 
+# accounts_state row: 1 once `mmembed keys allow-anonymous` was run after the last key was
+# revoked; creating a key clears it. (A missing row reads as 0.)
+ANONYMOUS = "anonymous"
+
+
+def _set_state(conn: Connection, name: str, value: int) -> None:
+    done = conn.execute(update(schema.state).where(schema.state.c.name == name).values(value=value))
+    if done.rowcount == 0:
+        conn.execute(insert(schema.state).values(name=name, value=value))
+
+
+def anonymous_allowed(conn: Connection) -> bool:
+    row = conn.execute(select(schema.state.c.value).where(schema.state.c.name == ANONYMOUS)).first()
+    return bool(row and row.value)
+
+
+def auth_required(records: list[KeyRecord], anonymous_ok: bool) -> bool:
+    """The rule: once a managed key has been created, every request needs a key, also after
+    the last one is revoked (revoking a key must never open a server), until someone runs
+    ``mmembed keys allow-anonymous``; creating a key makes keys required again."""
+    return any(r.active for r in records) or (bool(records) and not anonymous_ok)
+
+
+def allow_anonymous(store: Store) -> int:
+    """Let servers without static keys accept requests without a key again (on loopback only);
+    refused while any managed key is active. Returns the number of revoked keys."""
+    with store.write() as conn:
+        records = load_all(conn)
+        active = [r.name for r in records if r.active]
+        if active:
+            raise AccountsError(
+                f"{len(active)} managed key(s) are active ({', '.join(active[:5])}): revoke them "
+                "first (mmembed keys revoke NAME), or keep using keys"
+            )
+        _set_state(conn, ANONYMOUS, 1)
+        _bump(conn)
+    return len(records)
+
+
 def revision(conn: Connection) -> int:
     return int(
         conn.execute(select(schema.state.c.value).where(schema.state.c.name == "keys")).scalar_one()
@@ -201,6 +240,9 @@ def _insert_key(
             updated_at=now,
         )
     )
+    # A new key requires keys again (after `keys allow-anonymous`). Only an update: the row
+    # exists once that command ran, and an insert here could collide with another creator's.
+    conn.execute(update(schema.state).where(schema.state.c.name == ANONYMOUS).values(value=0))
     _bump(conn)
     return conn.execute(select(schema.api_keys).where(schema.api_keys.c.name == name)).one()
 

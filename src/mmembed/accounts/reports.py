@@ -1,4 +1,5 @@
-"""Usage reports from the ledger: requests, tokens by kind, cost; by key, model or day."""
+"""Usage reports from the ledger: requests, tokens by kind, cost; by key, model, day or route
+(``dashscope``, ``openai``, ``batch``...)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from mmembed.accounts import schema
 from mmembed.accounts.keys import AccountsError
 from mmembed.accounts.store import Store
 
-GROUPS = ("key", "model", "day")
+GROUPS = ("key", "model", "day", "route")
 COLUMNS = (
     "requests",
     "failed",
@@ -51,6 +52,7 @@ def usage(
     store: Store,
     *,
     key: str | None = None,
+    route: str | None = None,
     since: float | None = None,
     until: float | None = None,
     by: str = "key",
@@ -58,7 +60,7 @@ def usage(
     if by not in GROUPS:
         raise AccountsError(f"--by must be one of {', '.join(GROUPS)}, got {by!r}")
     t = schema.ledger
-    group = {"key": t.c.key_name, "model": t.c.model, "day": t.c.day}[by]
+    group = {"key": t.c.key_name, "model": t.c.model, "day": t.c.day, "route": t.c.route}[by]
     query = select(
         group.label("group"),
         func.count().label("requests"),
@@ -72,6 +74,8 @@ def usage(
     ).group_by(group)
     if key is not None:
         query = query.where(t.c.key_name == key)
+    if route is not None:
+        query = query.where(t.c.route == route)
     if since is not None:
         query = query.where(t.c.ts >= since)
     if until is not None:

@@ -75,3 +75,57 @@ ledger = Table(
     Column("code", String(64)),
     Column("cost", Float, nullable=False),  # USD
 )
+
+# Batch jobs over HTTP (OpenAI Files + Batches, DashScope async tasks): files and jobs are owned
+# by the key that created them (``key_name``; ``key_id`` for managed keys). The bytes of a file
+# are on disk under ``batch_dir``; the rows say who may see them and when they expire.
+batch_files = Table(
+    "batch_files",
+    metadata,
+    Column("id", String(64), primary_key=True),  # file-<hex>
+    Column("key_id", BigInteger),
+    Column("key_name", String(64), nullable=False),
+    Column("purpose", String(32), nullable=False),  # batch | batch_output
+    Column("filename", String(256), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float),  # NULL: kept until deleted
+    Column("job_id", String(64)),  # the job that wrote it (results)
+)
+
+batch_jobs = Table(
+    "batch_jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),  # batch_<hex> (OpenAI) or a task uuid (DashScope)
+    Column("kind", String(16), nullable=False),  # openai | dashscope
+    Column("key_id", BigInteger),
+    Column("key_name", String(64), nullable=False),
+    Column("upload_owner", String(64), nullable=False),  # whose oss:// uploads the lines may use
+    Column("endpoint", String(128), nullable=False),
+    Column("input_file_id", String(64)),
+    Column("input_url", Text),  # DashScope: input.url, fetched while validating
+    Column("model", String(128)),
+    Column("params", Text, nullable=False),  # JSON object (DashScope parameters)
+    Column("metadata", Text, nullable=False),  # JSON object (OpenAI metadata)
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("errors", Text),  # JSON list of {code, message, line?, param?}
+    Column("total", Integer, nullable=False),
+    Column("completed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("image_tokens", BigInteger, nullable=False),
+    Column("output_file_id", String(64)),
+    Column("error_file_id", String(64)),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),  # end of the completion window
+    Column("in_progress_at", Float),
+    Column("finalizing_at", Float),
+    Column("completed_at", Float),
+    Column("failed_at", Float),
+    Column("expired_at", Float),
+    Column("cancelling_at", Float),
+    Column("cancelled_at", Float),
+    Column("runner", String(160)),  # host:pid:token of the process running it
+    Column("lease_until", Float),
+)

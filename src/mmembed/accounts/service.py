@@ -25,6 +25,7 @@ from mmembed.accounts import keys, limits
 from mmembed.accounts.keys import KeyRecord, Limits
 from mmembed.accounts.ledger import Entry, Ledger
 from mmembed.accounts.store import Store, database_url, describe_url, explain
+from mmembed.netaddr import is_loopback_bind
 
 log = logging.getLogger("mmembed.accounts")
 DISABLED = {"none", "off", "disabled"}
@@ -91,7 +92,12 @@ class Accounts:
         self.url = database_url(raw_url, settings.cache_path) if self.enabled else ""
         self.store: Store | None = None
         self.by_hash: dict[str, tuple[KeyRecord, Principal]] = {}  # active keys by secret hash
-        self.has_managed = False  # any key ever created (revoked ones too): auth is required
+        # Managed keys make auth required: while any is active, and after the last one is
+        # revoked until `mmembed keys allow-anonymous` (keys.auth_required).
+        self.has_managed = False
+        self.revoked_only = False  # managed keys exist, and all of them are revoked
+        # Never anonymous on a non-loopback address, whatever the database says.
+        self.exposed = not is_loopback_bind(getattr(settings, "host", "127.0.0.1"))
         self.revision: int | None = None
         self.migrated = False
         self.poll_error: str | None = "not started" if self.enabled else None
@@ -163,6 +169,7 @@ class Accounts:
             if rev == self.revision:
                 return
             records = keys.load_all(conn)
+            anonymous_ok = keys.anonymous_allowed(conn)
         self.by_hash = {
             r.secret_hash: (
                 r,
@@ -176,7 +183,8 @@ class Accounts:
             for r in records
             if r.active
         }
-        self.has_managed = bool(records)
+        self.has_managed = keys.auth_required(records, anonymous_ok)
+        self.revoked_only = bool(records) and not self.by_hash
         self.revision = rev
 
     def refresh_now(self) -> None:
@@ -202,12 +210,19 @@ class Accounts:
             "status": "unavailable" if self.reason else "ok",
             "database": describe_url(self.url),
             "managed_keys": len(self.by_hash),
+            "keys_required": self.keys_required,
         }
         if self.reason:
             body["reason"] = self.reason
         if self.ledger is not None:
             body["ledger"] = {"commits": self.ledger.commits, "rows": self.ledger.rows}
         return body
+
+    @property
+    def keys_required(self) -> bool:
+        """Whether requests need a key: static keys, managed keys, or revoked ones that still
+        lock the server (see the 401's message), or a non-loopback address."""
+        return bool(self.static) or self.has_managed or self.exposed
 
     # -- authentication --------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Principal:
@@ -217,10 +232,10 @@ class Accounts:
         if self.enabled and self.poll_error:
             self.check_available()  # the key list may be stale: do not guess
         given = bearer(authorization)
-        if not self.static and not self.has_managed:
+        if not self.static and not self.has_managed and not self.exposed:
             return Principal(name="anonymous", anonymous=True)
         if given is None:
-            raise Unauthorized("Invalid API-key provided.")
+            raise Unauthorized("Invalid API-key provided." + self._why_keys())
         digest = keys.hash_secret(given)
         found = self.by_hash.get(digest)
         if found is not None and hmac.compare_digest(found[0].secret_hash, digest):
@@ -229,7 +244,25 @@ class Accounts:
         for secret, principal in self.static:
             if hmac.compare_digest(encoded, secret):
                 return principal
-        raise Unauthorized("Invalid API-key provided.")
+        raise Unauthorized("Invalid API-key provided." + self._why_keys())
+
+    def _why_keys(self) -> str:
+        """Why a server with no usable key still asks for one (else nothing to add)."""
+        if self.static or self.by_hash:
+            return ""
+        if self.revoked_only and self.has_managed:
+            return (
+                " This server requires a key although every managed key is revoked: once keys "
+                "were created, revoking the last one does not open the server. Create a key "
+                "(mmembed keys create --name NAME), or run 'mmembed keys allow-anonymous' to "
+                "accept requests without a key again (on loopback only)."
+            )
+        if self.exposed:
+            return (
+                " This server listens on a non-loopback address and has no usable key: create "
+                "one (mmembed keys create --name NAME) or set api_keys."
+            )
+        return ""
 
     def authenticate_admin(self, authorization: str | None) -> None:
         if not self.admin:

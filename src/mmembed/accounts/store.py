@@ -19,6 +19,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from mmembed.extras import install_hint
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 PG_MIGRATION_LOCK = 0x6D6D656D  # advisory lock id ("mmem")
 
@@ -164,7 +166,8 @@ def _postgres_engine(url: str, timeout_s: float) -> Engine:
         import psycopg  # noqa: F401
     except ImportError:
         raise ValueError(
-            "database_url names PostgreSQL, which needs the driver: pip install 'mmembed[postgres]'"
+            "database_url names PostgreSQL, whose driver is in the postgres extra: "
+            + install_hint("postgres")
         ) from None
     ms = int(timeout_s * 1000)
     return create_engine(

@@ -5,7 +5,7 @@ POST   /admin/keys               {"name", "models"?, "rpm"?, "tpm"?, "monthly_to
                                  -> 201 {"name", "key", ...}: the only time the secret is shown
 PATCH  /admin/keys/{name}        change models or limits (null removes a limit)
 DELETE /admin/keys/{name}        revoke
-GET    /admin/usage?key=&since=&until=&by=key|model|day
+GET    /admin/usage?key=&route=&since=&until=&by=key|model|day|route
 """
 
 from __future__ import annotations
@@ -135,7 +135,13 @@ async def usage(request: Request) -> Response:
         raise _bad(str(exc)) from None
     by = q.get("by", "key")
     rows = await _call(
-        request, reports.usage, key=q.get("key") or None, since=since, until=until, by=by
+        request,
+        reports.usage,
+        key=q.get("key") or None,
+        route=q.get("route") or None,
+        since=since,
+        until=until,
+        by=by,
     )
     return JSONResponse({"request_id": request_id_var.get(), "by": by, "usage": rows})
 

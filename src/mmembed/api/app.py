@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mmembed.accounts.service import Accounts
 from mmembed.api import (
     admin,
+    batch_kinds,
+    batches,
     metrics,
     openai_compat,
     openapi,
@@ -28,13 +30,16 @@ from mmembed.api import (
     rerank,
     routes,
     startup,
+    tasks,
     text_embedding,
     uploads,
 )
 from mmembed.api.schemas import render_error
+from mmembed.batch.lines import JobKind
+from mmembed.batch.service import JobService
 from mmembed.config import Settings
 from mmembed.engine.engine import Engine
-from mmembed.errors import ApiError, ErrorCode, redact_paths
+from mmembed.errors import ApiError, ErrorCode, echo, redact_paths
 from mmembed.logs import request_id_var
 from mmembed.media.fetch import Fetcher
 from mmembed.media.store import UploadStore
@@ -71,7 +76,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
         exc.status_code, ErrorCode.INVALID_PARAMETER
     )
-    return error_response(ApiError(code, f"{request.method} {request.url.path}: {exc.detail}"))
+    message = f"{request.method} {echo(request.url.path)}: {exc.detail}"
+    if exc.status_code == 404:  # say what is here: a wrong base URL is the usual cause
+        message += ". Routes: " + "; ".join(route_list(request.app))
+    error = ApiError(code, message)
+    if request.url.path.startswith(("/v1/", "/compatible-mode/")):  # OpenAI clients
+        return openai_compat.render_openai_error(error)
+    return error_response(error)
+
+
+def route_list(app: Starlette) -> list[str]:
+    """``METHOD path`` of every route, for 404 messages (static assets left out)."""
+    out = []
+    for route in app.routes:
+        path, methods = getattr(route, "path", ""), getattr(route, "methods", None) or ()
+        if path and path != playground.ASSET_PATH:
+            verbs = "|".join(sorted(m for m in methods if m != "HEAD"))
+            out.append(f"{verbs} {path}")
+    return out
 
 
 def _render_for_route(path: str, error: ApiError) -> Response:
@@ -194,7 +216,22 @@ def create_app(
             loader.start()
         else:
             await asyncio.to_thread(eng.load)
+        if app.state.accounts.enabled:  # batch jobs are records in the accounts database
+            fetcher = getattr(eng, "fetcher", None)
+            if not isinstance(fetcher, Fetcher):  # (on Ray Serve the engine is remote)
+                fetcher = Fetcher(settings, uploads=store)
+            kinds: dict[str, JobKind] = {
+                "openai": batch_kinds.OpenAIBatches(eng),
+                "dashscope": batch_kinds.DashScopeTasks(eng, fetcher, settings),
+            }
+            ready = loader.ready.wait if loader is not None else None
+            app.state.jobs = JobService(
+                settings, app.state.accounts, kinds, clock=clock, ready=ready
+            )
+            await app.state.jobs.start()
         yield
+        if app.state.jobs is not None:  # jobs keep what they finished, and are released
+            await app.state.jobs.close()
         if loader is not None:
             await loader.aclose()
         # Requests the server cancelled after the grace period are answering 503 right now;
@@ -207,7 +244,7 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route(routes.EMBED_PATH, routes.embed, methods=["POST"]),
+            Route(routes.EMBED_PATH, tasks.embed_or_submit, methods=["POST"]),
             Route(text_embedding.PATH, text_embedding.embed, methods=["POST"]),
             Route(rerank.NATIVE_PATH, rerank.native, methods=["POST"]),
             Route(rerank.COMPATIBLE_PATH, rerank.compatible, methods=["POST"]),
@@ -217,12 +254,22 @@ def create_app(
             Route(uploads.POLICY_PATH, uploads.get_policy, methods=["GET"]),
             Route(uploads.UPLOAD_PATH, uploads.upload, methods=["POST"]),
             *[Route(p, openai_compat.embeddings, methods=["POST"]) for p in openai_compat.PATHS],
+            *[
+                Route(p, openai_compat.list_models, methods=["GET"])
+                for p in openai_compat.MODELS_PATHS
+            ],
+            *[
+                Route(p + "/{model}", openai_compat.get_model, methods=["GET"])
+                for p in openai_compat.MODELS_PATHS
+            ],
             Route(metrics.PATH, metrics.metrics_endpoint, methods=["GET"]),
             Route(openapi.JSON_PATH, openapi.openapi_json, methods=["GET"]),
             Route(openapi.DOCS_PATH, openapi.docs, methods=["GET"]),
             Route(playground.INDEX_PATH, playground.index, methods=["GET"]),
             Route(playground.ASSET_PATH, playground.asset, methods=["GET"]),
             *admin.ROUTES,
+            *batches.ROUTES,
+            *tasks.ROUTES,
         ],
         exception_handlers={
             ApiError: _api_error,
@@ -234,6 +281,7 @@ def create_app(
     app.state.engine = eng
     app.state.catalog = eng.catalog
     app.state.uploads = store
+    app.state.jobs = None  # the job service, once started (accounts enabled)
 
     def keyed() -> bool:
         accounts = getattr(app.state, "accounts", None)

@@ -41,6 +41,7 @@ from mmembed.api.auth import (
 from mmembed.engine.engine import resolve_model
 from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.logs import request_id_var
+from mmembed.models.catalog import Catalog
 from mmembed.request import UNKNOWN_MODEL, RequestContext
 from mmembed.types import Usage
 
@@ -76,12 +77,18 @@ def resolve(request: Request, ctx: RequestContext, name: object) -> None:
     """Set the canonical catalog entry for the asked model name (dated snapshots and aliases
     resolve to the served name); 400 for a name the catalog does not serve, 403 for a name
     this key may not use. Permissions, prices, metrics and the ledger read only ``ctx.spec``."""
+    resolve_in(request.app.state.engine.catalog, ctx, name)
+
+
+def resolve_in(catalog: Catalog, ctx: RequestContext, name: object) -> None:
+    """``resolve`` against ``catalog``, for requests that come through no HTTP door (the lines
+    of a batch job)."""
     ctx.model = UNKNOWN_MODEL
     if not isinstance(name, str) or not name:
         raise ApiError(ErrorCode.EMPTY_MODEL, "Model can not be empty: set 'model'.")
     if len(name) > MAX_MODEL_CHARS or "\x00" in name:
         raise ApiError(ErrorCode.INVALID_PARAMETER, f"Model not exist: {echo(name)}.")
-    spec = resolve_model(request.app.state.engine.catalog, name)
+    spec = resolve_model(catalog, name)
     ctx.spec, ctx.model = spec, spec.name
     principal = ctx.principal
     if principal is not None and not principal.may_use(spec.name):

@@ -88,6 +88,7 @@ class Metrics:
         )
         self.app_state: Any = None  # the Starlette app's state, for the engine at scrape time
         r.register(_EngineCollector(self))
+        r.register(_JobsCollector(self))
 
     @staticmethod
     def model_label(ctx: RequestContext | None) -> str:
@@ -239,6 +240,55 @@ class _EngineCollector:
         for reason, n in sorted(getattr(fetcher, "failures", {}).items()):
             failures.add_metric([reason], n)
         yield failures
+
+
+class _JobsCollector:
+    """Batch jobs: counts by status (all processes, as of the job service's last look at the
+    database), and this process's running jobs, lines and inputs in flight."""
+
+    STATUSES = (
+        "validating",
+        "in_progress",
+        "finalizing",
+        "completed",
+        "failed",
+        "expired",
+        "cancelling",
+        "cancelled",
+    )
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        service = getattr(self.metrics.app_state, "jobs", None)
+        if service is None:
+            return
+        stats = service.stats()
+        jobs = GaugeMetricFamily(
+            "mmembed_batch_jobs", "Batch jobs by status (every server).", labels=["status"]
+        )
+        for status in self.STATUSES:
+            jobs.add_metric([status], stats["jobs"].get(status, 0))
+        yield jobs
+        yield GaugeMetricFamily(
+            "mmembed_batch_jobs_running",
+            "Batch jobs this process runs.",
+            value=stats["running_here"],
+        )
+        lines = CounterMetricFamily(
+            "mmembed_batch_lines",
+            "Batch job lines finished by this process, by outcome (ok, failed).",
+            labels=["outcome"],
+        )
+        for outcome in ("ok", "failed"):
+            lines.add_metric([outcome], stats["lines"].get(outcome, 0))
+        yield lines
+        yield GaugeMetricFamily(
+            "mmembed_batch_inputs_in_flight",
+            "Inputs of batch job lines in the engine now (this process).",
+            value=stats["inputs_in_flight"],
+        )
 
 
 def _le(bound: float) -> str:

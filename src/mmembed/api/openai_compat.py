@@ -19,14 +19,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mmembed.api import door, schemas
+from mmembed.api.auth import authenticate
 from mmembed.api.routes import read_body, run_embedding
 from mmembed.api.startup import check_ready
 from mmembed.config import Settings
-from mmembed.errors import ApiError, ErrorCode
+from mmembed.errors import ApiError, ErrorCode, echo
 from mmembed.logs import request_id_var
 from mmembed.types import ContentItem, EmbedRequest, EmbedResult
 
 PATHS = ("/compatible-mode/v1/embeddings", "/v1/embeddings")
+MODELS_PATHS = ("/compatible-mode/v1/models", "/v1/models")
 ENCODINGS = ("float", "base64")
 # infinity's convention: ``modality`` says what the strings in ``input`` are.
 MODALITIES = {"text": "text", "image": "image", "video": "video"}
@@ -53,6 +55,11 @@ def parse_openai_request(body: bytes) -> tuple[EmbedRequest, str]:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise _bad(f"The request body is not valid JSON: {exc}.") from None
+    return openai_request_from_data(data)
+
+
+def openai_request_from_data(data: Any) -> tuple[EmbedRequest, str]:
+    """``parse_openai_request`` for an already decoded body (a batch job's line)."""
     if not isinstance(data, dict):
         raise _bad("The request body must be a JSON object.")
 
@@ -153,12 +160,13 @@ def openai_message(message: str) -> str:
     )
 
 
-def render_openai_error(error: ApiError) -> Response:
+def openai_error_body(error: ApiError) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}`` for ``error``."""
     message = openai_message(error.message)
     status = error.error.status
     match = _PARAM.match(message)
     param = match.group(1) if match else ("model" if message.startswith("Model ") else None)
-    body = {
+    return {
         "error": {
             "message": message,
             "type": _TYPES.get(
@@ -168,9 +176,15 @@ def render_openai_error(error: ApiError) -> Response:
             "code": error.error.code,
         }
     }
+
+
+def render_openai_error(error: ApiError) -> Response:
     headers = {"x-request-id": request_id_var.get(), **error.headers}
     return Response(
-        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+        orjson.dumps(openai_error_body(error)),
+        status_code=error.error.status,
+        media_type="application/json",
+        headers=headers,
     )
 
 
@@ -198,6 +212,7 @@ async def _embeddings(request: Request) -> Response:
     try:
         check_ready(request)
         req, encoding = parse_openai_request(await read_body(request, settings.max_body_bytes))
+        req.max_items = settings.openai_max_inputs  # OpenAI's 2,048, not the DashScope cap
         result = await run_embedding(request, ctx, req)
     except BaseException as exc:
         await door.fail(request, ctx, exc)
@@ -206,3 +221,34 @@ async def _embeddings(request: Request) -> Response:
     # (the canonical name: a client's 30 MB model string is never echoed back)
     body = render_embeddings(result, ctx.model, encoding)
     return Response(body, media_type="application/json")
+
+
+# -- models: GET /v1/models, GET /v1/models/{model} -----------------------------------------------
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "mmembed"}
+
+
+async def list_models(request: Request) -> Response:
+    """OpenAI's model list (``client.models.list()``): the API names this key may use."""
+    try:
+        principal = authenticate(request)
+    except ApiError as exc:
+        return render_openai_error(exc)
+    names = [n for n in request.app.state.catalog.models if principal.may_use(n)]
+    body = {"object": "list", "data": [_model_object(n) for n in names]}
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+async def get_model(request: Request) -> Response:
+    """``client.models.retrieve(name)``; dated snapshots and aliases answer as their name."""
+    try:
+        principal = authenticate(request)
+        name = request.path_params["model"]
+        spec = request.app.state.catalog.get(name)
+        if spec is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"model: {echo(name)} is not served here.")
+        if not principal.may_use(spec.name):
+            raise ApiError(ErrorCode.ACCESS_DENIED, f"This API key may not use model {spec.name}.")
+    except ApiError as exc:
+        return render_openai_error(exc)
+    return Response(orjson.dumps(_model_object(spec.name)), media_type="application/json")

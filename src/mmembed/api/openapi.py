@@ -290,6 +290,13 @@ SCHEMAS: dict[str, Any] = {
         ("output", "usage", "request_id"),
     ),
     "Models": _obj({"models": {"type": "array", "items": {"type": "object"}}}, ("models",)),
+    "OpenAIModel": _obj(
+        {"id": _STR, "object": _STR, "created": _INT, "owned_by": _STR}, ("id", "object")
+    ),
+    "OpenAIModelList": _obj(
+        {"object": _STR, "data": {"type": "array", "items": _ref("OpenAIModel")}},
+        ("object", "data"),
+    ),
     "UploadPolicy": _obj({"request_id": _STR, "data": {"type": "object"}}, ("data",)),
     "UploadResult": _obj({"request_id": _STR, "key": _STR, "size": _INT}),
 }
@@ -345,11 +352,46 @@ def _post(
     }
 
 
+def _openai_models_ops(path: str) -> dict[str, Any]:
+    """``GET {base}/models`` and ``GET {base}/models/{model}`` (OpenAI's list and retrieve)."""
+    suffix = path.split("/v1")[0].replace("/", "_").replace("-", "_")
+    common = {"tags": ["OpenAI-compatible"], "security": _SECURE}
+    return {
+        path: {
+            "get": {
+                "summary": "Model names this key may use (OpenAI's list)",
+                "operationId": "openai_models" + suffix,
+                **common,
+                "responses": {
+                    "200": _json("OpenAIModelList", "models"),
+                    **_errors("OpenAIError", 401),
+                },
+            }
+        },
+        path + "/{model}": {
+            "get": {
+                "summary": "One model (aliases and dated snapshots answer as their name)",
+                "operationId": "openai_model" + suffix,
+                **common,
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": _STR}],
+                "responses": {
+                    "200": _json("OpenAIModel", "the model"),
+                    **_errors("OpenAIError", 401, 403, 404),
+                },
+            }
+        },
+    }
+
+
 PATHS: dict[str, Any] = {
     EMBED_PATH: {
         "post": {
-            "summary": "Multimodal embeddings (DashScope API)",
+            "summary": "Multimodal embeddings (DashScope API); with X-DashScope-Async: enable "
+            "and input.url, an async task over a table of items",
             "operationId": "multimodal_embedding",
+            "parameters": [
+                {"name": "X-DashScope-Async", "in": "header", "schema": {"const": "enable"}}
+            ],
             "tags": ["DashScope"],
             "security": _SECURE,
             "requestBody": {
@@ -395,6 +437,7 @@ PATHS: dict[str, Any] = {
         "FlatRerankResponse",
         "OpenAIError",
     ),
+    **{k: v for path in openai_compat.MODELS_PATHS for k, v in _openai_models_ops(path).items()},
     "/health": {
         "get": {
             "summary": "Readiness, backend status, cache and batching counters",
@@ -583,12 +626,175 @@ ADMIN_PATHS: dict[str, Any] = {
             "summary": "Usage report: requests, tokens by kind, cost per key, model or day",
             "operationId": "usage",
             "parameters": [
-                {"name": n, "in": "query", "schema": _STR} for n in ("key", "since", "until", "by")
+                {"name": n, "in": "query", "schema": _STR}
+                for n in ("key", "route", "since", "until", "by")
             ],
             "responses": {"200": _ANY, **_errors("Error", 400, 401, 403, 503)},
         }
     },
 }
+
+
+# Batch jobs (api/batches.py: OpenAI Files + Batches; api/tasks.py: DashScope async tasks).
+_NO_BODY = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+def _id(name: str) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "path", "required": True, "schema": _STR}]
+
+
+def _batch_ops(prefix: str) -> dict[str, Any]:
+    tag = {"tags": ["Batch jobs (OpenAI)"], "security": _SECURE}
+    op = prefix.strip("/").replace("/", "_").replace("-", "_")
+    errors = _errors("OpenAIError", 400, 401, 404, 413, 429, 503)
+    return {
+        f"{prefix}/files": {
+            "post": {
+                **tag,
+                "summary": "Upload a batch input file (JSONL, purpose=batch)",
+                "operationId": f"{op}_create_file",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": _obj(
+                                {
+                                    "purpose": {"const": "batch"},
+                                    "file": {"type": "string", "format": "binary"},
+                                },
+                                ("purpose", "file"),
+                            )
+                        }
+                    },
+                },
+                "responses": {"200": _ANY, **errors},
+            },
+            "get": {
+                **tag,
+                "summary": "This key's files (purpose, after, limit, order)",
+                "operationId": f"{op}_list_files",
+                "responses": {"200": _ANY, **errors},
+            },
+        },
+        f"{prefix}/files/{{file_id}}": {
+            "get": {
+                **tag,
+                "summary": "A file object",
+                "operationId": f"{op}_retrieve_file",
+                "parameters": _id("file_id"),
+                "responses": {"200": _ANY, **errors},
+            },
+            "delete": {
+                **tag,
+                "summary": "Delete a file (not while an unfinished batch reads it)",
+                "operationId": f"{op}_delete_file",
+                "parameters": _id("file_id"),
+                "responses": {"200": _ANY, **errors},
+            },
+        },
+        f"{prefix}/files/{{file_id}}/content": {
+            "get": {
+                **tag,
+                "summary": "A file's bytes (inputs, output and error files)",
+                "operationId": f"{op}_file_content",
+                "parameters": _id("file_id"),
+                "responses": {
+                    "200": {
+                        "description": "JSONL",
+                        "content": {"application/jsonl": {"schema": _STR}},
+                    },
+                    **errors,
+                },
+            }
+        },
+        f"{prefix}/batches": {
+            "post": {
+                **tag,
+                "summary": "Create a batch (input_file_id, endpoint, completion_window, metadata)",
+                "operationId": f"{op}_create_batch",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {"200": _ANY, **errors},
+            },
+            "get": {
+                **tag,
+                "summary": "This key's batches, newest first (after, limit)",
+                "operationId": f"{op}_list_batches",
+                "responses": {"200": _ANY, **errors},
+            },
+        },
+        f"{prefix}/batches/{{id}}": {
+            "get": {
+                **tag,
+                "summary": "A batch: status, request_counts, output and error file ids",
+                "operationId": f"{op}_retrieve_batch",
+                "parameters": _id("id"),
+                "responses": {"200": _ANY, **errors},
+            }
+        },
+        f"{prefix}/batches/{{id}}/cancel": {
+            "post": {
+                **tag,
+                "summary": "Cancel a batch (what is done is kept)",
+                "operationId": f"{op}_cancel_batch",
+                "parameters": _id("id"),
+                "requestBody": _NO_BODY,
+                "responses": {"200": _ANY, **errors},
+            }
+        },
+    }
+
+
+_TASK = {"tags": ["Batch jobs (DashScope async tasks)"], "security": _SECURE}
+_TASK_ERRORS = _errors("Error", 400, 401, 404, 503)
+TASK_PATHS: dict[str, Any] = {
+    "/api/v1/tasks": {
+        "get": {
+            **_TASK,
+            "summary": "This key's async tasks (page_no, page_size, status)",
+            "operationId": "list_tasks",
+            "responses": {"200": _ANY, **_TASK_ERRORS},
+        }
+    },
+    "/api/v1/tasks/{task_id}": {
+        "get": {
+            **_TASK,
+            "summary": "An async task: task_status, task_metrics, result url when done",
+            "operationId": "get_task",
+            "parameters": _id("task_id"),
+            "responses": {"200": _ANY, **_TASK_ERRORS},
+        }
+    },
+    "/api/v1/tasks/{task_id}/cancel": {
+        "post": {
+            **_TASK,
+            "summary": "Cancel a task (what is done is kept)",
+            "operationId": "cancel_task",
+            "parameters": _id("task_id"),
+            "requestBody": _NO_BODY,
+            "responses": {"200": _ANY, **_TASK_ERRORS},
+        }
+    },
+    "/api/v1/tasks/{task_id}/result": {
+        "get": {
+            **_TASK,
+            "summary": "A task's result file (the signed url of the task, or the task's key)",
+            "operationId": "task_result",
+            "parameters": _id("task_id"),
+            "responses": {
+                "200": {"description": "JSONL", "content": {"application/jsonl": {"schema": _STR}}},
+                **_TASK_ERRORS,
+            },
+        }
+    },
+}
+BATCH_PATHS: dict[str, Any] = {
+    path: item
+    for prefix in ("/v1", "/compatible-mode/v1")
+    for path, item in _batch_ops(prefix).items()
+} | TASK_PATHS
 
 
 @cache
@@ -601,7 +807,7 @@ def document() -> dict[str, Any]:
             "description": "Multimodal embeddings speaking the DashScope multimodal-embedding "
             "API, with OpenAI-compatible embeddings routes.",
         },
-        "paths": PATHS | ADMIN_PATHS,
+        "paths": PATHS | ADMIN_PATHS | BATCH_PATHS,
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

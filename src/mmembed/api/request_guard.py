@@ -20,11 +20,11 @@ loopback only) through the browser of someone running it:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Callable
 
-from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -47,7 +47,7 @@ def host_name(host: str) -> str:
 
 
 def is_loopback_name(name: str) -> bool:
-    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: never leaves the host
+    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):  # RFC 6761: stays on the host
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
@@ -55,13 +55,25 @@ def is_loopback_name(name: str) -> bool:
         return False
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
 def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
     """Whether a request whose Host header is ``host`` is answered (see the module docstring).
     No Host header at all (HTTP/1.0) is no browser's doing, and is answered."""
     if host is None or "*" in allowed:
         return True
+    if len(host) > 300:  # longer than any host name and port: never cached
+        return _host_allowed(host, allowed)
+    return _host_allowed_cached(host, allowed)
+
+
+def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     name = host_name(host)
     return is_loopback_name(name) or any(name == host_name(a) for a in allowed)
+
+
+_host_allowed_cached = functools.lru_cache(maxsize=1024)(_host_allowed)  # one parse per name
 
 
 def is_json_type(content_type: str) -> bool:
@@ -111,9 +123,18 @@ class RequestGuard:
         await self.app(scope, receive, send)
 
     def check(self, scope: Scope) -> ApiError | None:
-        headers = Headers(scope=scope)
-        host = headers.get("host")
-        if (self.allowed or not self.keyed()) and not host_allowed(host, self.allowed):
+        hosts: list[str] = []  # every Host header is checked (one is echoed, which?)
+        content_type = None
+        for key, value in scope.get("headers", ()):  # (cheaper than a Headers object)
+            if key == b"host" or key.lower() == b"host":
+                hosts.append(value.decode("latin-1"))
+            elif content_type is None and (
+                key == b"content-type" or key.lower() == b"content-type"
+            ):
+                content_type = value.decode("latin-1")
+        bad = [h for h in hosts if not host_allowed(h, self.allowed)]
+        host = bad[0] if bad else None
+        if bad and (self.allowed or not self.keyed()):
             return ApiError(
                 ErrorCode.MISDIRECTED,
                 f"This server does not answer to the host name {echo(host_name(host or ''))}: "
@@ -121,7 +142,7 @@ class RequestGuard:
                 "answered; add the name to allowed_hosts (MMEMBED_ALLOWED_HOSTS) to serve it.",
             )
         if scope.get("method") in BODY_METHODS:
-            content_type = headers.get("content-type", "")
+            content_type = content_type or ""
             path = scope.get("path", "")
             if path in self.form_paths:
                 return None  # the route checks its multipart form itself

@@ -97,10 +97,19 @@ def log_embedded(request: Request, ctx: RequestContext, result: EmbedResult) -> 
     )
 
 
+def keys_required(request: Request) -> bool:
+    """For /health: whether requests need a key (the playground asks before listing models)."""
+    accounts = getattr(request.app.state, "accounts", None)
+    if accounts is None:  # (before start-up)
+        return bool(request.app.state.settings.api_keys)
+    return accounts.keys_required
+
+
 async def health(request: Request) -> Response:
     loader = getattr(request.app.state, "loader", None)
     if loader is not None and not loader.ready.is_set():
-        return JSONResponse({"status": "loading", "progress": loader.progress()}, status_code=503)
+        body = {"status": "loading", "progress": loader.progress()}
+        return JSONResponse(body | {"keys_required": keys_required(request)}, status_code=503)
     engine = request.app.state.engine
     status = {name: redact_paths(s) for name, s in engine.status().items()}  # unauthenticated
     problem = request.app.state.uploads.check()  # a few syscalls; the secret is read once
@@ -109,6 +118,7 @@ async def health(request: Request) -> Response:
         "status": "ok" if ok else "degraded",
         "backends": status,
         "uploads": "ok" if problem is None else f"unavailable: {problem}",
+        "keys_required": keys_required(request),
     }
     accounts = getattr(request.app.state, "accounts", None)
     if accounts is not None:

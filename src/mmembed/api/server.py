@@ -24,8 +24,10 @@ Answers written here are DashScope error bodies, like the application's.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
+import socket
 import time
 import uuid
 from collections import Counter
@@ -258,8 +260,35 @@ def _fd_bounded(cap: int) -> int:
     return room if cap <= 0 else min(cap, room)
 
 
-def run(app: Any, settings: Settings) -> int:
-    """Serve ``app`` until SIGINT/SIGTERM; returns the exit status."""
+def bind(settings: Settings) -> socket.socket:
+    """The server's listening address, bound before anything else starts (models, accounts),
+    so a port in use is one clear error at once rather than a log of start-up work first."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_error(settings: Settings, exc: OSError) -> str:
+    """One line for a failed ``bind``, naming the setting to change."""
+    where = f"{settings.host}:{settings.port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"mmembed: cannot listen on {where}: the port is in use (another server, maybe "
+            "another mmembed?); choose a free one with --port (MMEMBED_PORT)"
+        )
+    reason = exc.strerror or str(exc)
+    return f"mmembed: cannot listen on {where}: {reason}; check --host and --port"
+
+
+def run(app: Any, settings: Settings, sock: socket.socket | None = None) -> int:
+    """Serve ``app`` until SIGINT/SIGTERM on ``sock`` (from ``bind``; default: bound here);
+    returns the exit status."""
     guard = ConnectionGuard.from_settings(settings)
     config = uvicorn.Config(
         app,
@@ -276,5 +305,5 @@ def run(app: Any, settings: Settings) -> int:
         backlog=2048,
     )
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 3

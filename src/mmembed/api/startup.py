@@ -68,13 +68,23 @@ class Loader:
         }
 
     def _ready_line(self) -> None:
+        # (each unavailable name has had its own error line, from the engine)
         status = self.engine.status()
-        failed = {n: s for n, s in status.items() if s != "ready"}
         catalog = getattr(self.engine, "catalog", None)
-        models = ", ".join(catalog.models) if catalog is not None else "-"
+        specs = catalog.models.values() if catalog is not None else ()
+        served = [m.name for m in specs if status.get(m.backend) == "ready"]
+        missing = [m.name for m in specs if status.get(m.backend) != "ready"]
+        models = ", ".join(served) or "none"
+        if missing:
+            models += f" ({len(missing)} unavailable: {', '.join(missing)}; see above)"
         took = time.monotonic() - self.started
-        for name, why in failed.items():
-            log.error("backend %s unavailable: %s", name, why)
+        if catalog is not None and not served:
+            log.error(
+                "started in %.1f s, but no model could be loaded: every request will get 503 "
+                "until the problems above are fixed and the server restarted",
+                took,
+            )
+            return
         if not self.announce:
             log.info("ready in %.1f s; models: %s", took, models)
             return

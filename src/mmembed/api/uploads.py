@@ -183,6 +183,7 @@ class FormReader:
         self._limit = limit
         self._read = 0
         self.fields: dict[str, str] = {}
+        self.filename: str | None = None  # the file part's name, as the client gave it
         self._headers: dict[bytes, bytes] = {}
         self._header_field = bytearray()
         self._header_value = bytearray()
@@ -267,6 +268,8 @@ class FormReader:
         self._name = name.decode("utf-8", "replace")
         if self._name == "file" or b"filename" in params or b"filename*" in params:
             self._in_file = True
+            name = params.get(b"filename")
+            self.filename = name.decode("utf-8", "replace") if name is not None else None
         elif len(self.fields) >= MAX_FIELDS:
             raise _bad(f"the form has more than {MAX_FIELDS} fields")
 

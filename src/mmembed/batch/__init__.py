@@ -68,16 +68,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # file reading and decoding between forward passes (about 2-3x the items/s here). Must
     # precede the first load of libgomp; a value the user set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        import pyarrow  # noqa: F401
-        import tqdm  # noqa: F401
-    except ImportError as exc:
-        print(
-            f"mmembed embed needs the [batch] extra ({exc.name} is missing): "
-            "pip install 'mmembed[batch]'",
-            file=sys.stderr,
-        )
-        return 2
     from mmembed.batch.job import JobConfig, JobError, batch_settings, run_job
     from mmembed.logs import setup_logging
 

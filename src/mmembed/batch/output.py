@@ -84,12 +84,19 @@ def to_table(rows: list[Row], sch: pa.Schema) -> pa.Table:
 
 class PartWriter:
     """Owns OUT for one job: a lock against a second job on it, the ids already done, and the
-    next part number."""
+    next part number. ``table_schema``: parts of another shape (HTTP batch jobs keep one row
+    per request line); its metadata must carry the model and dimension keys too."""
 
-    def __init__(self, out: str | os.PathLike[str], model: str, dimension: int) -> None:
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        model: str,
+        dimension: int,
+        table_schema: pa.Schema | None = None,
+    ) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.schema = schema(model, dimension)
+        self.schema = table_schema if table_schema is not None else schema(model, dimension)
         self._lock = open(self.out / LOCK_NAME, "w")  # noqa: SIM115 (held until close)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -117,10 +124,14 @@ class PartWriter:
 
     def write(self, rows: list[Row]) -> Path:
         """Write ``rows`` as the next part, atomically; returns its path."""
+        return self.write_table(to_table(rows, self.schema))
+
+    def write_table(self, table: pa.Table) -> Path:
+        """Write ``table`` (of this writer's schema) as the next part, atomically."""
         final = self.out / f"part-{self.next_part:05d}.parquet"
         tmp = self.out / f".part-{self.next_part:05d}.tmp"
         self.next_part += 1
-        pq.write_table(to_table(rows, self.schema), tmp)
+        pq.write_table(table, tmp)
         with open(tmp, "rb+") as f:  # on disk before it gets its final name
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -130,7 +141,7 @@ class PartWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self.written += len(rows)
+        self.written += table.num_rows
         return final
 
     def close(self) -> None:

@@ -18,9 +18,20 @@ clients sending one text each cost a few forward passes rather than 32.
   is a long one (more tokens than ``max_tokens``: one huge input running alone), ``abort`` is
   called (a contained backend restarts its worker) instead of letting it run for no one.
 - **Express lane**: with ``express`` (a second way into the model that may run beside the
-  first), while one heavy pass runs (more tokens than ``max_tokens``, i.e. a huge input alone,
-  or ``EXPRESS_MIN_IMAGES`` images or more), passes of short texts go that way beside it, so a
-  one-text request does not wait behind a 32,000-token text or a pass of 32 images.
+  first), while one heavy pass runs (more tokens than ``max_tokens``, i.e. a huge input alone;
+  any input of ``LONG_INPUT_TOKENS`` or more; or ``EXPRESS_MIN_IMAGES`` images or more),
+  passes of short texts (each under ``LONG_INPUT_TOKENS``, ``EXPRESS_MAX_TOKENS`` in all) go
+  that way beside it, so a one-text request does not wait behind long texts or a pass of 32
+  images. Long inputs make a pass slow long before it reaches ``max_tokens`` (a memory bound):
+  attention grows with the square of an input's length, and four 512-token texts cost seconds
+  of CPU where 64 short ones cost tens of milliseconds.
+- **Background work**: inputs of batch jobs (``background=True``) run only when no online
+  request waits: a pass holds either online inputs or background ones, never both, so a request
+  never shares a pass with batch work; background passes are at most ``background_max_items``
+  and, with an express lane, run beside the loop as heavy passes do, so online texts arriving
+  meanwhile go that way at once. Background inputs do not count against ``max_queue`` for
+  online requests (a big job never makes a client see 429); they are refused (429) themselves
+  when the whole queue is full, and their submitter waits and retries.
 - **Crash isolation**: when the model process dies during a pass (``WorkerCrashed``), each input
   of that pass is run again alone, one at a time (the backend's token-count reruns wait their
   turn too); the one that crashes alone fails its request with ``InternalError.Algo`` naming
@@ -33,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -43,21 +54,26 @@ from mmembed.engine.contained import crashed_on
 from mmembed.engine.memory import images_in
 from mmembed.engine.worker import WorkerCrashed
 from mmembed.errors import ApiError, ErrorCode
-from mmembed.models.base import EmbedInput
+from mmembed.models.base import EmbedInput, RerankPair
+
+Input = EmbedInput | RerankPair  # what one backend call takes (an embedder's or a reranker's)
 
 log = logging.getLogger("mmembed.batcher")
 
 EXPRESS_MIN_IMAGES = 8  # a pass with this many images (or frames) lets texts pass beside it
+LONG_INPUT_TOKENS = 256  # ... and so does a pass holding an input this long
+EXPRESS_MAX_TOKENS = 2048  # an express pass is short: at most this many tokens
 
 
 @dataclass(eq=False)
 class _Pending:
-    inputs: list[EmbedInput]
+    inputs: list[Input]
     tokens: list[int]  # per input
     images: list[int]  # per input: images and video frames
     where: list[str]  # per input, for error messages
     future: asyncio.Future = field(repr=False)
     owner: str = ""
+    background: bool = False  # a batch job's: served after every online request
     taken: int = 0  # inputs handed to passes so far
     rows: np.ndarray | None = None
     filled: int = 0
@@ -101,7 +117,7 @@ class BatchStats:
 class Batcher:
     def __init__(
         self,
-        run: Callable[[list[EmbedInput]], np.ndarray],
+        run: Callable[[list[Input]], np.ndarray],
         executor: ThreadPoolExecutor,
         *,
         max_items: int,
@@ -110,8 +126,9 @@ class Batcher:
         max_queue: int,
         max_images: int = 0,
         abort: Callable[[], None] | None = None,
-        express: Callable[[list[EmbedInput]], np.ndarray] | None = None,
+        express: Callable[[list[Input]], np.ndarray] | None = None,
         isolation: asyncio.Lock | None = None,
+        background_max_items: int = 0,
     ) -> None:
         self._run = run
         # Held while an input is rerun alone after a crash; the backend holds it too for its
@@ -131,6 +148,7 @@ class Batcher:
         self.max_images = max_images or 1 << 30
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.background_max_items = background_max_items or max_items
         self._queue: list[_Pending] = []
         self._served: dict[int, int] = {}  # inputs taken so far, per request
         self._owner_served: dict[str, int] = {}  # ... per owner with requests in flight
@@ -138,6 +156,7 @@ class Batcher:
         self._arrival = 0
         self._isolated: deque[tuple[_Pending, int]] = deque()  # inputs to rerun alone
         self._queued_items = 0
+        self._queued_background = 0  # of which background inputs
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,17 +164,20 @@ class Batcher:
 
     async def submit(
         self,
-        inputs: list[EmbedInput],
+        inputs: Sequence[Input],
         tokens: int | list[int],
         where: list[str] | None = None,
         owner: str | None = None,
+        background: bool = False,
     ) -> np.ndarray:
         """Native vectors for ``inputs``, in order; 429 at once when the queue is full.
 
         ``tokens`` is the text+image token count per input (or a total, spread evenly);
         ``where`` names each input in error messages; ``owner`` (the API key's id) groups
-        requests for fair turns between clients."""
-        if self._queued_items and self._queued_items + len(inputs) > self.max_queue:
+        requests for fair turns between clients; ``background``: a batch job's inputs, run
+        when no online request waits."""
+        queued = self._queued_items if background else self._queued_items - self._queued_background
+        if queued and queued + len(inputs) > self.max_queue:
             self.stats.rejected += 1
             raise ApiError(
                 ErrorCode.THROTTLING,
@@ -170,17 +192,19 @@ class Batcher:
         if isinstance(tokens, int):
             tokens = [tokens // n + (i < tokens % n) for i in range(n)]
         pending = _Pending(
-            inputs,
+            list(inputs),
             tokens,
             [images_in(inp) for inp in inputs],
             where or [f"input {i}" for i in range(n)],
             asyncio.get_running_loop().create_future(),
             owner=owner or "",
+            background=background,
         )
         self._queue.append(pending)
         self._served[id(pending)] = 0
         self._owners[pending.owner] = self._owners.get(pending.owner, 0) + 1
         self._queued_items += n
+        self._queued_background += n if background else 0
         self._wakeup.set()
         try:
             return await pending.future
@@ -199,8 +223,13 @@ class Batcher:
     def _drop(self, pending: _Pending) -> None:
         with contextlib.suppress(ValueError):
             self._queue.remove(pending)
-            self._queued_items -= len(pending.inputs) - pending.taken
+            self._unqueue(pending, len(pending.inputs) - pending.taken)
         pending.taken = len(pending.inputs)
+
+    def _unqueue(self, pending: _Pending, n: int) -> None:
+        self._queued_items -= n
+        if pending.background:
+            self._queued_background -= n
 
     def _abort_if_abandoned(self) -> None:
         if (
@@ -222,7 +251,7 @@ class Batcher:
             self._queue.clear()
             self._isolated.clear()
             self._long = None
-            self._queued_items = 0
+            self._queued_items = self._queued_background = 0
             self._worker = loop.create_task(self._work())
 
     async def aclose(self) -> None:
@@ -259,7 +288,7 @@ class Batcher:
                 continue
             if long_running:
                 await self._run_batch(batch, express=True)
-            elif self._express is not None and self._is_heavy(batch):
+            elif self._express is not None and (batch[0][0].background or self._is_heavy(batch)):
                 # Run it beside the loop: short passes go on the express lane meanwhile.
                 self._long = asyncio.ensure_future(self._run_batch(batch))
                 self._long.add_done_callback(self._wake)
@@ -269,9 +298,12 @@ class Batcher:
     def _is_heavy(self, batch: list[tuple[_Pending, int, int]]) -> bool:
         tokens = sum(sum(p.tokens[a:b]) for p, a, b in batch)
         images = sum(sum(p.images[a:b]) for p, a, b in batch)
-        return tokens > self.max_tokens or images >= EXPRESS_MIN_IMAGES
+        longest = max(max(p.tokens[a:b]) for p, a, b in batch)
+        return (
+            tokens > self.max_tokens or images >= EXPRESS_MIN_IMAGES or longest >= LONG_INPUT_TOKENS
+        )
 
-    async def _forward(self, inputs: list[EmbedInput], express: bool = False) -> np.ndarray:
+    async def _forward(self, inputs: list[Input], express: bool = False) -> np.ndarray:
         loop = asyncio.get_running_loop()
         if express and self._express is not None:
             return await loop.run_in_executor(self._express_pool, self._express, inputs)
@@ -359,28 +391,38 @@ class Batcher:
 
     def _take(self, short_only: bool = False) -> list[tuple[_Pending, int, int]]:
         """The next pass: (request, first input, end) slices within the limits, requests that
-        have received least so far first. ``short_only``: texts only, within ``max_tokens`` (a
-        heavy pass is running; these go on the express lane beside it)."""
+        have received least so far first. ``short_only``: short texts only (each under
+        ``LONG_INPUT_TOKENS``, ``EXPRESS_MAX_TOKENS`` in all: a heavy pass is running; these go
+        on the express lane beside it). Online inputs first;
+        background ones only when no online input waits, in passes of their own."""
         live = [p for p in self._queue if not p.future.done()]
         for p in self._queue:
             if p.future.done():
-                self._queued_items -= len(p.inputs) - p.taken
+                self._unqueue(p, len(p.inputs) - p.taken)
                 p.taken = len(p.inputs)
+        online = [p for p in live if not p.background]
+        chosen = online if online or short_only else live
+        max_items = self.max_items if online or short_only else self.background_max_items
         # Least served first: by client (owner), then by request; arrival order on ties.
-        live.sort(key=lambda p: (self._owner_served.get(p.owner, 0), self._served.get(id(p), 0)))
+        chosen.sort(key=lambda p: (self._owner_served.get(p.owner, 0), self._served.get(id(p), 0)))
         batch: list[tuple[_Pending, int, int]] = []
         items = tokens = images = 0
-        for p in live:
+        for p in chosen:
             start = p.taken
             while p.taken < len(p.inputs):
                 i = p.taken
                 fits = (
-                    items + 1 <= self.max_items
+                    items + 1 <= max_items
                     and tokens + p.tokens[i] <= self.max_tokens
                     and images + p.images[i] <= self.max_images
                 )
                 if (items and not fits) or (
-                    short_only and (p.images[i] or tokens + p.tokens[i] > self.max_tokens)
+                    short_only
+                    and (
+                        p.images[i]
+                        or p.tokens[i] >= LONG_INPUT_TOKENS
+                        or tokens + p.tokens[i] > EXPRESS_MAX_TOKENS
+                    )
                 ):
                     break
                 items += 1
@@ -391,8 +433,8 @@ class Batcher:
                 batch.append((p, start, p.taken))
                 self._served[id(p)] = self._served.get(id(p), 0) + p.taken - start
                 self._owner_served[p.owner] = self._owner_served.get(p.owner, 0) + p.taken - start
-            if items >= self.max_items:
+                self._unqueue(p, p.taken - start)
+            if items >= max_items:
                 break
-        self._queued_items -= items
         self._queue = [p for p in live if p.taken < len(p.inputs)]
         return batch

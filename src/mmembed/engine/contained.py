@@ -46,13 +46,16 @@ class BackendHost:
                 "text_window": 0,
                 "basis_samples": None,
             }
+        packaged = getattr(b, "packaged_basis", None)
+        basis = None if b.matryoshka or packaged is None else packaged()
         return {
             "native_dim": b.native_dim,
             "modalities": frozenset(b.modalities),
             "matryoshka": b.matryoshka,
             "image_size": b.image_size,
             "text_window": getattr(b, "text_window", 0),
-            "basis_samples": None if b.matryoshka else b.basis_samples(),
+            "packaged_basis": basis,
+            "basis_samples": None if b.matryoshka or basis is not None else b.basis_samples(),
         }
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
@@ -61,7 +64,7 @@ class BackendHost:
 
     def score_pairs(self, pairs: list[RerankPair]) -> np.ndarray:
         out = score_pairs(self.backend, pairs)
-        if sum(images_in(p) for p in pairs) >= TRIM_AFTER_IMAGES:  # type: ignore[arg-type]
+        if sum(images_in(p) for p in pairs) >= TRIM_AFTER_IMAGES:
             trim_heap()
         return out
 
@@ -88,10 +91,14 @@ class ContainedBackend:
             lanes={FORWARD: (1, True), EXPRESS: (1, False), AUX: (1, False), AUX_LONG: (1, True)},
             start_timeout_s=start_timeout_s,
         )
-        # Image preparation runs here, on the decode pool, from an unloaded instance.
+        # Media preparation runs here, on the decode pool, from an unloaded instance (images,
+        # whole clips, and the vision-token count that budgets passes).
         cls = backend_class(family)
-        if hasattr(cls, "prepare_image"):
-            self.prepare_image = cls(**options).prepare_image
+        if any(hasattr(cls, m) for m in ("prepare_image", "prepare_video", "vision_tokens")):
+            local = cls(**options)
+            for method in ("prepare_image", "prepare_video", "vision_tokens"):
+                if hasattr(local, method):
+                    setattr(self, method, getattr(local, method))
         # A family's own video frame choice is a plain function: it crosses to the decoder.
         self.frame_times = getattr(cls, "frame_times", None)
         self.native_dim = 0
@@ -117,6 +124,9 @@ class ContainedBackend:
 
     def basis_samples(self) -> np.ndarray | None:
         return self.worker.info.get("basis_samples")
+
+    def packaged_basis(self) -> np.ndarray | None:
+        return self.worker.info.get("packaged_basis")
 
     def count_tokens(self, text: str) -> int:
         return self.worker.call(AUX, "count_tokens", [text])[0]

@@ -5,12 +5,20 @@
   of sample embeddings). Keeping the top k is the best rank-k approximation of inner products for
   that distribution, so cosine structure survives truncation as well as any linear map allows.
   Matryoshka-trained models simply truncate instead.
+  The eigenvectors are only as stable as the gaps between their eigenvalues, which are tiny in
+  the tail of an embedding spectrum: samples that differ in the last bits (another build of the
+  model's kernels, another C library) rotate neighbouring directions into each other, so two
+  machines' short vectors can differ far more than their native ones. A backend whose weights
+  ship with the package ships its fitted basis too (``packaged_basis()``); the others are fitted
+  once per machine (and cached by the backend).
 - Native: the model's own vectors, untouched.
 - Longer: a fixed matrix with orthonormal columns (QR of a seeded Gaussian) lifts the vector; an
   isometry, so every cosine is unchanged while the values spread over all coordinates.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +33,19 @@ def fit_basis(samples: np.ndarray) -> np.ndarray:
     basis = eigvecs[:, np.argsort(eigvals)[::-1]]
     signs = np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])])
     return (basis * signs).astype(np.float32)
+
+
+def reduction_basis(backend: Any) -> np.ndarray | None:
+    """The basis for a backend's shorter dimensions: none for Matryoshka models (or a backend
+    without samples), its packaged basis where it ships one, else fitted to its samples."""
+    if backend.matryoshka:
+        return None
+    packaged = getattr(backend, "packaged_basis", None)
+    basis = packaged() if packaged is not None else None
+    if basis is not None:
+        return basis
+    samples = backend.basis_samples()
+    return None if samples is None else fit_basis(samples)
 
 
 def lift_matrix(native: int, dim: int, seed: int = 20240917) -> np.ndarray:

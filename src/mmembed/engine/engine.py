@@ -9,6 +9,7 @@ supervised worker process by default) → cache → dimensions → usage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -29,7 +30,7 @@ from mmembed.engine.admission import Admission, estimate
 from mmembed.engine.batcher import Batcher
 from mmembed.engine.cache import CacheEntry, EmbeddingCache, MediaStats, digest, item_key
 from mmembed.engine.contained import ContainedBackend, VideoDecoder
-from mmembed.engine.dims import DimensionMapper, fit_basis
+from mmembed.engine.dims import DimensionMapper, reduction_basis
 from mmembed.engine.fusion import apply_request_options
 from mmembed.engine.media_stage import MediaStage, Prepared
 from mmembed.engine.memory import TRIM_AFTER_IMAGES, images_in, trim_heap
@@ -42,6 +43,7 @@ from mmembed.models.base import (
     RerankPair,
     is_reranker,
     prepare_image_fn,
+    prepare_video_fn,
     score_pairs,
 )
 from mmembed.models.catalog import RERANK, BackendSpec, Catalog, ModelSpec
@@ -105,12 +107,14 @@ class Engine:
             try:
                 self._load_backend(name, spec)
             except Exception as exc:  # keep serving the other models
-                hint = explain_load_error(exc)  # setup problems: one line, no traceback
-                if hint:
-                    log.error("backend %s not loaded: %s", name, hint)
-                else:
+                hint = explain_load_error(exc)  # setup problems: one line per name, no traceback
+                if not hint:
                     log.exception("backend %s failed to load", name)
-                self._load_errors[name] = hint or f"{type(exc).__name__}: {exc}"
+                reason = hint or f"{type(exc).__name__}: {exc}"
+                for model in self.catalog.models.values():
+                    if model.backend == name:
+                        log.error("%s unavailable (backend %s): %s", model.name, name, reason)
+                self._load_errors[name] = reason
 
     def _load_backend(self, name: str, spec: BackendSpec) -> None:
         options = {"cache_dir": self.settings.cache_path, **spec.options}
@@ -149,6 +153,7 @@ class Engine:
             abort=None if embedder else getattr(backend, "abort", None),
             express=None if reranker else getattr(backend, "embed_express", None),
             isolation=getattr(backend, "isolation", None),
+            background_max_items=self.settings.batch_pass_max_items,
         )
         admission = Admission(self.settings.admit_max_units)
         self._backends[name] = LoadedBackend(backend, mapper, batcher, admission, executor)
@@ -217,9 +222,8 @@ class Engine:
         loaded = self._loaded(spec)
         backend = loaded.backend
         dimension = limits.resolve_dimension(spec, req.dimension)
-        limits.check_forms(
-            spec, backend.modalities, items, self.catalog, self.settings.max_items_per_request
-        )
+        max_items = req.max_items or self.settings.max_items_per_request
+        limits.check_forms(spec, backend.modalities, items, self.catalog, max_items)
         text_type = req.text_type or spec.default_text_type
         records = [
             Prepared(item, EmbedInput(instruct=req.instruct, text_type=text_type)) for item in items
@@ -232,7 +236,15 @@ class Engine:
             if r.item.text is not None and r.item.text.lstrip()[:6].lower() != "oss://":
                 limits.check_text_length(spec, f"{r.where}.text", r.item.text)
 
-        with loaded.admission.admit(estimate(spec, items)):
+        # A batch job's line is not admitted at the door (it must never crowd out online
+        # requests there): its runner bounds what it has in flight, and the batcher serves it
+        # only when no online request waits.
+        admitted = (
+            contextlib.nullcontext()
+            if ctx.background
+            else loaded.admission.admit(estimate(spec, items))
+        )
+        with admitted:
             if ctx.resolve_oss:  # the SDK uploads local text files too: embed their content
                 await self.media.resolve_text_files(items, oss_owner)
                 for r in records:
@@ -253,6 +265,7 @@ class Engine:
                 fps,
                 prepare_image_fn(backend),
                 getattr(backend, "frame_times", None),
+                prepare_video_fn(backend),
             )
 
             usage = self._usage(spec, sum(r.tokens for r in records), [r.stats for r in records])
@@ -260,7 +273,7 @@ class Engine:
             texts = [r for r in records if r.item.text is not None]
             if window:
                 usage.truncated_texts = sum(r.tokens > window for r in texts)
-            native = await self._embed_cached(loaded, spec, records, ctx.owner)
+            native = await self._embed_cached(loaded, spec, records, ctx.owner, ctx.background)
             mapper = loaded.mapper
             assert mapper is not None
             vectors = await _maybe_in_thread(
@@ -317,10 +330,19 @@ class Engine:
             limits.check_request_tokens(spec, query.tokens, [d.tokens for d in docs])
 
             fps = DEFAULT_FPS if req.fps is None else req.fps
-            media = (backend.image_size, req.instruct, oss_owner)
-            stage = (fps, prepare_image_fn(backend), getattr(backend, "frame_times", None))
+            stage = partial(
+                self.media.run,
+                spec,
+                backend.image_size,
+                req.instruct,
+                oss_owner,
+                fps=fps,
+                prepare_image=prepare_image_fn(backend),
+                frame_times=getattr(backend, "frame_times", None),
+                prepare_video=prepare_video_fn(backend),
+            )
             # The query first, for its key; then each document's pair looked up by both keys.
-            await self.media.run(spec, *media, [query], *stage, lookup=_no_lookup)
+            await stage(records=[query], lookup=_no_lookup)
             if query.key is None and query.item.kind == "text" and self.cache.enabled:
                 # a text query is keyed even when text items are not cached: its pairs with
                 # image and video documents are
@@ -337,7 +359,7 @@ class Engine:
             def pair_hit(key: bytes) -> CacheEntry | None:
                 return None if query.key is None else self.cache.get(pair_key(query.key, key))
 
-            await self.media.run(spec, *media, docs, *stage, lookup=pair_hit)
+            await stage(records=docs, lookup=pair_hit)
             for d in docs:
                 d.key = None if d.key is None or query.key is None else pair_key(query.key, d.key)
             scores = await self._score_cached(loaded, spec, query, docs, ctx.owner)
@@ -451,19 +473,39 @@ class Engine:
         return loaded
 
     async def _embed_cached(
-        self, loaded: LoadedBackend, spec: ModelSpec, records: list[Prepared], owner: str | None
+        self,
+        loaded: LoadedBackend,
+        spec: ModelSpec,
+        records: list[Prepared],
+        owner: str | None,
+        background: bool = False,
     ) -> np.ndarray:
         """Native vectors for every item: cache hits as stored, the rest from the backend
-        (then stored under their keys)."""
+        (then stored under their keys; a batch job's are not, or a big job would push out
+        what online clients send again)."""
         misses = [r for r in records if r.hit is None]
         fresh = None
         if misses:
-            tokens = [r.tokens + images_in(r.input) * spec.image_tokens for r in misses]
+            # What the pass reads: a backend that cuts long texts reads its window; image and
+            # video tokens as the model counts them where the backend says (Qwen3-VL: one per
+            # 32x32 px), else the name's flat ``image_tokens`` per image and frame.
+            window = getattr(loaded.backend, "text_window", 0) or None
+            vision = getattr(loaded.backend, "vision_tokens", None)
+            tokens = [
+                min(r.tokens, window or r.tokens)
+                + (vision(r.input) if vision else images_in(r.input) * spec.image_tokens)
+                for r in misses
+            ]
             fresh = await loaded.batcher.submit(
-                [r.input for r in misses], tokens, [r.where for r in misses], owner
+                [r.input for r in misses],
+                tokens,
+                [r.where for r in misses],
+                # (its own share in the fair turns: a key's job must not slow its online calls)
+                f"batch:{owner}" if background else owner,
+                background=background,
             )
             for r, row in zip(misses, fresh, strict=True):
-                if r.key is not None:
+                if r.key is not None and not background:
                     self.cache.put(r.key, row, r.stats)
             if len(misses) == len(records):
                 return fresh
@@ -494,8 +536,7 @@ class Engine:
 
 
 def _mapper(backend: Any) -> DimensionMapper:
-    samples = None if backend.matryoshka else backend.basis_samples()
-    basis = None if samples is None else fit_basis(samples)
+    basis = reduction_basis(backend)
     return DimensionMapper(backend.native_dim, matryoshka=backend.matryoshka, basis=basis)
 
 

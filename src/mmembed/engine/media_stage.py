@@ -91,6 +91,7 @@ class _ItemMedia:
     budget: _PixelBudget
     prepare: Callable[[Any], Any] | None
     frame_times: FrameTimes | None = None
+    prepare_video: Callable[[VideoClip], VideoClip] | None = None
     lookup: Callable[[bytes], CacheEntry | None] | None = None
 
 
@@ -119,16 +120,18 @@ class MediaStage:
         fps: float,
         prepare_image: Callable[[Any], Any] | None = None,
         frame_times: FrameTimes | None = None,
+        prepare_video: Callable[[VideoClip], VideoClip] | None = None,
         lookup: Callable[[bytes], CacheEntry | None] | None = None,
     ) -> None:
-        """Fill each record's input with its decoded (and, with ``prepare_image``, prepared)
-        media, or its cache hit. ``lookup`` finds the hit for an item's key (default: the
-        cache entry under that key; the rerank path looks up the pair's score instead)."""
+        """Fill each record's input with its decoded (and, with ``prepare_image`` and
+        ``prepare_video``, prepared) media, or its cache hit. ``lookup`` finds the hit for an
+        item's key (default: the cache entry under that key; the rerank path looks up the
+        pair's score instead)."""
         work = [r for r in records if r.item.kind != "text" or self.settings.embed_cache_text]
         if not work:
             return  # plain texts only: nothing to fetch, decode or look up
         budget = _PixelBudget(self.settings.max_request_pixels)
-        media = _ItemMedia(spec, image_size, fps, budget, prepare_image, frame_times)
+        media = _ItemMedia(spec, image_size, fps, budget, prepare_image, frame_times, prepare_video)
         media.lookup = lookup or self.cache.get
         try:
             async with asyncio.TaskGroup() as tg:
@@ -230,6 +233,8 @@ class MediaStage:
         def prepare() -> VideoClip:
             for frame in clip.frames:
                 m.budget.spend(frame, at)
+            if m.prepare_video is not None:
+                return m.prepare_video(clip)
             if m.prepare is not None:
                 clip.frames = [m.prepare(frame) for frame in clip.frames]
             return clip

@@ -7,12 +7,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 
-from mmembed.models.base import EmbedInput
+from mmembed.models.base import EmbedInput, RerankPair
 
 TRIM_AFTER_IMAGES = 32  # images and frames in one request or pass worth a trim
 
 
-def images_in(inp: EmbedInput) -> int:
+def images_in(inp: EmbedInput | RerankPair) -> int:
     return len(inp.images) + sum(len(clip.frames) for clip in inp.videos)
 
 

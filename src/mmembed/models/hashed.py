@@ -30,6 +30,7 @@ class HashBackend(PooledBackend):
         crash_on: str = "",
         crash_on_count: str = "",
         delay_s: float = 0.0,
+        count_gate: str = "",
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -40,6 +41,9 @@ class HashBackend(PooledBackend):
         self.crash_on = crash_on
         self.crash_on_count = crash_on_count  # the same, when counting its tokens
         self.delay_s = delay_s  # per forward pass: a stand-in for a slow model
+        # For fairness tests: "MARKER:PATH" holds the token count of a text containing MARKER
+        # until the file PATH exists (a stand-in for a slow tokenizer, across processes).
+        self.count_gate = count_gate
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
         if self.delay_s:
@@ -52,6 +56,11 @@ class HashBackend(PooledBackend):
     def count_tokens(self, text: str) -> int:
         if self.crash_on_count and self.crash_on_count in text:
             os.abort()
+        marker, _, gate = self.count_gate.partition(":")
+        if marker and marker in text:
+            deadline = time.monotonic() + 60  # (a guard: the test opens the gate)
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
         return len(text.split()) + 2  # stand-in for [CLS] ... [SEP]
 
     def embed_texts(self, texts: list[str], instruct: str | None) -> np.ndarray:

@@ -33,7 +33,9 @@ resize/normalise/patchify steps for video are done here with Pillow and numpy, i
 Options: ``weights``, ``device``, ``dtype`` (see ``torchutil``), ``instruction``, ``max_length``,
 ``image_min_pixels``, ``image_max_pixels``, ``video_min_pixels``, ``video_max_pixels``,
 ``video_total_pixels``, ``attn_implementation`` (``sdpa``; ``flash_attention_2`` on a GPU with
-flash-attn), ``batch_size`` (items per forward pass), ``threads``.
+flash-attn), ``batch_size`` (most items per forward pass), ``batch_tokens`` (most positions in
+one pass, padding included: items are sorted by length and grouped so that neither bound is
+exceeded), ``threads``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from mmembed.extras import install_hint
 from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, EmbedInput, l2_normalize
 from mmembed.models.torchutil import (
     TokenCounter,
@@ -57,6 +60,8 @@ from mmembed.types import VideoClip
 
 DEFAULT_INSTRUCTION = "Represent the user's input."
 _FACTOR = 32  # patch 16 x merge 2: resized sides are multiples of this
+TEMPORAL_PATCH = 2  # frames per temporal patch (Qwen3-VL's temporal_patch_size)
+STAMP_TOKENS = 6  # about what "<1.5 seconds>" costs before a frame pair
 REFERENCE_MAX_LENGTH = 8192  # the reference embedder's MAX_LENGTH
 VIDEO_MIN_FRAMES = 4  # qwen-vl-utils' FPS_MIN_FRAMES
 FRAME_FACTOR = 2  # qwen-vl-utils' FRAME_FACTOR: frame counts are even
@@ -140,7 +145,8 @@ class Qwen3VLBackend:
         video_total_pixels: int = VIDEO_TOTAL_PIXELS,
         max_length: int = REFERENCE_MAX_LENGTH,
         attn_implementation: str = "sdpa",
-        batch_size: int = 8,
+        batch_size: int = 32,
+        batch_tokens: int = 16384,
         threads: int = 0,
         cache_dir: str = "",
         revision: str | None = None,
@@ -154,6 +160,7 @@ class Qwen3VLBackend:
         self.attn_implementation = attn_implementation
         self.max_length = int(max_length)
         self.batch_size = max(1, int(batch_size))
+        self.batch_tokens = max(1, int(batch_tokens))
         self.threads = int(threads)
         self.native_dim = 0
         # Decoded images need no more than the pixel budget allows.
@@ -165,7 +172,7 @@ class Qwen3VLBackend:
         if not hasattr(transformers, "Qwen3VLModel"):
             raise RuntimeError(
                 f"transformers {transformers.__version__} does not know Qwen3-VL "
-                "(4.57 or newer needed): pip install -U 'mmembed[open-weights]'"
+                "(4.57 or newer needed): " + install_hint("open-weights")
             )
         model = self._load_model(transformers)
         self.model = model.to(self.device).eval()
@@ -201,6 +208,50 @@ class Qwen3VLBackend:
     def count_tokens(self, text: str) -> int:
         return self._count(text)
 
+    # -- preparation on the decode pool (no weights needed) ---------------------------------------
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """The image at the size the model sees it: sides multiples of 32 px within the pixel
+        budget, resized bicubic as the checkpoint's processor does (Qwen's rule), so the forward
+        pass only rescales, normalises and cuts patches (a resize of an image already at its
+        size is none). Runs on the decode pool; idempotent."""
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        lo, hi = self.image_pixels
+        h, w = smart_resize(image.height, image.width, _FACTOR, lo, hi)
+        return image if (w, h) == image.size else image.resize((w, h), Image.Resampling.BICUBIC)
+
+    def prepare_video(self, clip: VideoClip) -> VideoClip:
+        """The clip's frames at the size ``video_patches`` gives them (the per-frame share of
+        the video budget), on the decode pool; idempotent."""
+        if clip.frames:
+            h, w = self._frame_size(clip.frames[0].size, len(clip.frames))
+            clip.frames = [
+                f if f.size == (w, h) and f.mode == "RGB"
+                else f.convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+                for f in clip.frames
+            ]  # fmt: skip
+        return clip
+
+    def _frame_size(self, size: tuple[int, int], n: int) -> tuple[int, int]:
+        lo, frame_hi, total = self.video_pixels
+        hi = max(min(frame_hi, total / n * TEMPORAL_PATCH), int(lo * 1.05))
+        width, height = size
+        return smart_resize(height, width, _FACTOR, lo, hi)
+
+    def vision_tokens(self, item: EmbedInput) -> int:
+        """The language-model tokens of an input's images and video frames, by the patch
+        arithmetic (one token per 32x32 px after resizing; frames in pairs, each pair with its
+        timestamp and markers): what batching budgets a pass by."""
+        tokens = 0
+        for image in item.images:
+            h, w = smart_resize(image.height, image.width, _FACTOR, *self.image_pixels)
+            tokens += h * w // _FACTOR**2 + 2
+        for clip in item.videos:
+            if clip.frames:
+                h, w = self._frame_size(clip.frames[0].size, len(clip.frames))
+                pairs = -(-len(clip.frames) // TEMPORAL_PATCH)
+                tokens += pairs * (h * w // _FACTOR**2 + 2 + STAMP_TOKENS)
+        return tokens
+
     # Where the engine's video sampler takes frames: the reference's frame indices. A plain
     # function (not a method), so it pickles by name into the video decoding process.
     frame_times = staticmethod(reference_frame_times)
@@ -222,22 +273,39 @@ class Qwen3VLBackend:
         ]
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
+        """Inputs in sub-passes of similar length (fewer padded positions), each at most
+        ``batch_size`` inputs and ``batch_tokens`` positions padded; rows back in order."""
         out = np.empty((len(inputs), self.native_dim), dtype=np.float32)
-        for start in range(0, len(inputs), self.batch_size):
-            chunk = inputs[start : start + self.batch_size]
-            out[start : start + len(chunk)] = self._embed_batch(chunk)
+        for chunk in self._chunks(inputs):
+            out[chunk] = self._embed_batch([inputs[i] for i in chunk])
         return l2_normalize(out)
+
+    def _chunks(self, inputs: list[EmbedInput]) -> list[list[int]]:
+        length = [self.vision_tokens(x) + sum(len(t) for t in x.texts) // 3 + 24 for x in inputs]
+        order = sorted(range(len(inputs)), key=lambda i: -length[i])
+        chunks: list[list[int]] = []
+        for i in order:  # longest first: a chunk's first input sets its padded length
+            if (
+                chunks
+                and len(chunks[-1]) < self.batch_size
+                and (length[chunks[-1][0]] * (len(chunks[-1]) + 1) <= self.batch_tokens)
+            ):
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
 
     def _embed_batch(self, items: list[EmbedInput]) -> np.ndarray:
         torch = self._torch
-        images = [im.convert("RGB") for item in items for im in item.images]
+        images = [self.prepare_image(im) for item in items for im in item.images]
         image_inputs: dict[str, Any] = {}
         if images:
             lo, hi = self.image_pixels
             image_inputs = dict(
                 self.image_processor(
-                    images=images,
+                    images=[np.asarray(im) for im in images],
                     size={"shortest_edge": lo, "longest_edge": hi},
+                    do_resize=False,  # prepare_image resized them
                     return_tensors="pt",
                 )
             )
@@ -315,15 +383,9 @@ class Qwen3VLBackend:
         self, clip: VideoClip
     ) -> tuple[np.ndarray, tuple[int, int, int], list[float]]:
         """(patches, (t, h, w) grid, one timestamp per temporal patch) for a sampled clip."""
-        frames = [f.convert("RGB") for f in clip.frames]
-        n = len(frames)
-        lo, frame_hi, total = self.video_pixels
-        hi = max(min(frame_hi, total / n * self.temporal), int(lo * 1.05))
-        width, height = frames[0].size
-        h, w = smart_resize(height, width, self.patch * self.merge, lo, hi)
-        arr = np.stack(
-            [np.asarray(f.resize((w, h), Image.Resampling.BICUBIC), np.float32) for f in frames]
-        ).transpose(0, 3, 1, 2)
+        frames = self.prepare_video(VideoClip(list(clip.frames), clip.duration)).frames
+        n, (w, h) = len(frames), frames[0].size
+        arr = np.stack([np.asarray(f, np.float32) for f in frames]).transpose(0, 3, 1, 2)
         arr = (arr / 255.0 - self.mean) / self.std
         stamps = list(clip.timestamps) if len(clip.timestamps) == n else _even(clip.duration, n)
         if pad := -n % self.temporal:  # whole temporal patches: repeat the last frame

