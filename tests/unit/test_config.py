@@ -57,7 +57,23 @@ def test_packaged_catalog_has_the_four_api_names_and_their_limits():
         "qwen3-vl-embedding",
         "multimodal-embedding-v1",
         "qwen2.5-vl-embedding",
+        # the text-embedding API's names and the rerank API's (issue 20)
+        "text-embedding-v4",
+        "text-embedding-v3",
+        "text-embedding-v2",
+        "text-embedding-v1",
+        "qwen3-vl-rerank",
+        "gte-rerank-v2",
+        "qwen3-rerank",
     }
+    v4 = cat.models["text-embedding-v4"]
+    assert v4.dimensions == (1024, 2048, 1536, 768, 512, 256, 128, 64) and v4.max_elements == 10
+    assert v4.text_max_tokens == 8192 and v4.text_only and v4.default_text_type == "document"
+    vl = cat.models["qwen3-vl-rerank"]
+    assert (vl.task, vl.max_texts, vl.max_images, vl.max_videos) == ("rerank", 100, 40, 4)
+    assert (vl.text_max_tokens, vl.max_request_tokens) == (8000, 120_000)
+    assert (vl.price_text_per_mtok, vl.price_image_per_mtok) == (0.1, 0.258)
+    assert cat.get("gte-rerank") is cat.models["gte-rerank-v2"]  # LangChain's default name
     assert cat.models["qwen2.5-vl-embedding"].fuse_contents
     plus = cat.models["tongyi-embedding-vision-plus"]
     assert plus.dimensions == (1152, 1024, 512, 256, 128, 64) and plus.multi_images == 8
