@@ -292,7 +292,7 @@ def create_app(
         settings=settings,
         keyed=keyed,
         render=_render_for_route,
-        form_paths=frozenset({uploads.UPLOAD_PATH}),
+        form_paths=frozenset({uploads.UPLOAD_PATH}) | batches.FORM_PATHS,
     )
     app.add_middleware(RequestIdMiddleware, inflight=inflight)  # outside the guard: ids for all
     if settings.metrics:

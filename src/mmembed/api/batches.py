@@ -46,6 +46,7 @@ from mmembed.errors import ApiError, ErrorCode, echo
 log = logging.getLogger("mmembed.api")
 
 PREFIXES = ("/v1", "/compatible-mode/v1")
+FORM_PATHS = frozenset(f"{prefix}/files" for prefix in PREFIXES)  # multipart uploads
 WINDOW = re.compile(r"^(\d{1,3})([hd])$")
 MAX_WINDOW_S = 7 * 86400
 MAX_METADATA = 16
