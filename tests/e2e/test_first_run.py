@@ -120,6 +120,8 @@ def test_empty_cache_first_start_explains_itself(tmp_path):
         stop(proc)
     text = log.read_text()
     assert "exporting efficientnet-lite0 to ONNX (first start only" in text
+    assert re.search(r"exported efficientnet-lite0 to ONNX in [0-9.]+ s", text)  # progress
+    assert "class prompts" not in text  # the default prompts' vectors ship with the package
     ready = [line for line in text.splitlines() if " ready in " in line]
     assert len(ready) == 1, text
     assert url + "/api/v1/services/embeddings" in ready[0] and url + "/v1/embeddings" in ready[0]
