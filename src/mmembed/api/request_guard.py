@@ -125,6 +125,7 @@ class RequestGuard:
     def check(self, scope: Scope) -> ApiError | None:
         hosts: list[str] = []  # every Host header is checked (one is echoed, which?)
         content_type = None
+        has_body = False  # a POST without a body (cancel routes) carries nothing to embed
         for key, value in scope.get("headers", ()):  # (cheaper than a Headers object)
             if key == b"host" or key.lower() == b"host":
                 hosts.append(value.decode("latin-1"))
@@ -132,6 +133,10 @@ class RequestGuard:
                 key == b"content-type" or key.lower() == b"content-type"
             ):
                 content_type = value.decode("latin-1")
+            elif key.lower() == b"content-length":
+                has_body = has_body or value.strip() not in (b"", b"0")
+            elif key.lower() == b"transfer-encoding":
+                has_body = True
         bad = [h for h in hosts if not host_allowed(h, self.allowed)]
         host = bad[0] if bad else None
         if bad and (self.allowed or not self.keyed()):
@@ -141,7 +146,7 @@ class RequestGuard:
                 "without API keys only loopback names (localhost, 127.0.0.1, [::1]) are "
                 "answered; add the name to allowed_hosts (MMEMBED_ALLOWED_HOSTS) to serve it.",
             )
-        if scope.get("method") in BODY_METHODS:
+        if scope.get("method") in BODY_METHODS and (has_body or content_type is not None):
             content_type = content_type or ""
             path = scope.get("path", "")
             if path in self.form_paths:
