@@ -150,7 +150,10 @@ def test_half_sent_requests_are_dropped_after_the_header_timeout(hserver: Server
 
 
 def test_a_paused_body_is_dropped(hserver: Server):
-    head = b"POST " + EMBED_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+    head = (
+        b"POST " + EMBED_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+        b"Content-Type: application/json\r\n"
+    )
     with connect(hserver, "127.0.0.7") as sock:
         sock.sendall(head + b"Authorization: Bearer " + API_KEY.encode() + b'\r\n\r\n{"m')
         answer = read_all(sock)
