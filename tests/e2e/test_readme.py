@@ -74,6 +74,14 @@ COVERED_ELSEWHERE = {
     "POSTGRES_PASSWORD=change-me": "tests/e2e/test_container.py (compose settings)",
     "scripts/container build": "tests/e2e/test_container.py (scripts/container)",
     "src/mmembed/": "the source tree, not a command",
+    "curl -s http://127.0.0.1:8000/api/v1/services/rerank/": (
+        "tests/e2e/test_rerank_api.py (the native rerank route, the same body)"
+    ),
+    "import io, json, time": (
+        "tests/e2e/test_batch_http.py::"
+        "test_openai_sdk_batch_of_texts_and_images_equals_the_embeddings_route (the same calls)"
+    ),
+    "import json": ("tests/e2e/test_batch_http.py::test_dashscope_async_task_with_the_sdk_helpers"),
 }
 
 
@@ -108,7 +116,8 @@ def test_sdk_blocks_run_as_written(server, tmp_path):
 
     (tmp_path / "cat.png").write_bytes(make_image("PNG", size=(96, 64)))
     (tmp_path / "clip.mp4").write_bytes(make_video("MP4", seconds=2.0))
-    code = block("import dashscope", "python").code + block('input=[{"image": "cat.png"}').code
+    first = block('model="qwen3-vl-embedding",  # one fused vector', "python").code
+    code = first + block('input=[{"image": "cat.png"}').code
     code = code.replace("http://127.0.0.1:8000", server.url).replace("your-key", API_KEY)
     out = subprocess.run(
         [sys.executable, "-"], input=code, cwd=tmp_path, capture_output=True, text=True, timeout=300
@@ -213,11 +222,7 @@ def test_first_block_serves(tmp_path):
     from tests.e2e.test_scripts import fake_checkout
 
     code = block("scripts/serve    #", "bash").code.splitlines()
-    assert [line.split()[0] for line in code] == [
-        "scripts/serve",
-        "scripts/test",
-        "scripts/mmembed",
-    ]
+    assert [line.split()[0] for line in code] == ["scripts/serve", "scripts/test"]
     root = fake_checkout(tmp_path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -239,6 +244,11 @@ def test_first_block_serves(tmp_path):
         proc.terminate()
         proc.wait(30)
     models = subprocess.run(
-        ["bash", "-c", code[2]], cwd=root, env=env, capture_output=True, text=True, timeout=120
+        ["bash", "-c", "scripts/mmembed models"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert models.returncode == 0 and "tongyi-embedding-vision-plus" in models.stdout

@@ -96,7 +96,7 @@ class BackendSpec:
     ray: RayOptions = field(default_factory=RayOptions)  # `mmembed serve --ray` only
 
 
-_SNAPSHOT = re.compile(r"^(?P<base>.+)-\d{4}-\d{2}-\d{2}$")
+_SNAPSHOT = re.compile(r"(?P<base>.+)-\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Catalog:
         """The spec for a served name, one of its aliases, or a dated snapshot of either
         (``<name>-YYYY-MM-DD``, as the hosted service names its snapshots)."""
         spec = self.models.get(name) or self.models.get(self.aliases.get(name, ""))
-        if spec is None and (m := _SNAPSHOT.match(name)) and m["base"] != name:
+        if spec is None and (m := _SNAPSHOT.fullmatch(name)) and m["base"] != name:
             return self.get(m["base"])
         return spec
 
