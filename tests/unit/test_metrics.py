@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,14 +33,22 @@ def run(app, calls: list[tuple[str, str]]) -> dict[tuple, float]:
     return samples
 
 
+def isolated(**settings) -> Settings:  # type: ignore[no-untyped-def]
+    """Settings that keep the app off ~/.cache (whose accounts database other processes on
+    the machine may hold busy: a 503 instead of the engine's answer)."""
+    return Settings(
+        cache_dir=tempfile.mkdtemp(prefix="mmembed-metrics-"), database_url="none", **settings
+    )
+
+
 def requests(samples: dict, route: str, model: str, status: str) -> float:
     key = ("mmembed_requests_total", ("model", model), ("route", route), ("status", status))
     return samples.get(key, 0.0)
 
 
 def test_throttled_and_crashed_requests_are_counted_per_app():
-    throttling = create_app(Settings(), engine=BrokenEngine("throttle"))  # type: ignore[arg-type]
-    crashing = create_app(Settings(), engine=BrokenEngine("bug"))  # type: ignore[arg-type]
+    throttling = create_app(isolated(), engine=BrokenEngine("throttle"))  # type: ignore[arg-type]
+    crashing = create_app(isolated(), engine=BrokenEngine("bug"))  # type: ignore[arg-type]
     a = run(throttling, [("POST", EMBED_PATH)] * 3)
     b = run(crashing, [("POST", EMBED_PATH), ("GET", "/nowhere")])
     # the stand-in engine's catalog serves "m"
@@ -66,7 +75,7 @@ def test_metrics_can_be_switched_off():
 
 
 def _app_with_clock(**settings):  # type: ignore[no-untyped-def]
-    app = create_app(Settings(**settings), engine=BrokenEngine("throttle"))  # type: ignore[arg-type]
+    app = create_app(isolated(**settings), engine=BrokenEngine("throttle"))  # type: ignore[arg-type]
     now = [100.0]
     app.state.metrics.clock = lambda: now[0]
     return app, now

@@ -310,7 +310,7 @@ def _errors(schema: str, *statuses: int) -> dict[str, Any]:
     return {str(s): _json(schema, "error") for s in statuses}
 
 
-_DS_ERRORS = (400, 401, 403, 408, 413, 429, 500, 503)
+_DS_ERRORS = (400, 401, 403, 408, 413, 415, 421, 429, 500, 503)  # 415/421: request_guard
 _SECURE: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
@@ -467,7 +467,8 @@ PATHS: dict[str, Any] = {
                 "200": {
                     "description": "text exposition format",
                     "content": {"text/plain": {"schema": _STR}},
-                }
+                },
+                **_errors("Error", 401),  # only with metrics_keys
             },
         }
     },
@@ -515,7 +516,7 @@ PATHS: dict[str, Any] = {
             },
             "responses": {
                 "200": _json("UploadResult", "stored"),
-                **_errors("Error", 400, 403, 409, 413),
+                **_errors("Error", 400, 401, 403, 409, 413),
             },
         }
     },
