@@ -119,7 +119,7 @@ def test_errors_have_the_servers_codes(server, embedder, origin):
 def test_closed_embedder_refuses_calls(tmp_path):
     settings = Settings.from_env({}, cache_dir=str(tmp_path))
     emb = mmembed.Embedder(settings)
-    assert emb.status() == {"offline": "ready"}
+    assert emb.status() == {"offline": "ready", "offline-rerank": "ready"}
     assert emb.dimension(PLUS) == 1152 and emb.dimension(PLUS, 64) == 64
     with pytest.raises(ApiError):
         emb.dimension(PLUS, 100)
