@@ -145,6 +145,18 @@ class Running:
     def mmembed(self, *args: str) -> str:
         return podman("exec", self.name, "mmembed", *args)
 
+    def wait_key(self, key: str, timeout: float = 10) -> None:
+        """Until the server accepts a key the CLI just made (it reloads the key list every
+        ``accounts_poll_s``, 0.25 s: a request sent at once may still get 401)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            auth = {"Authorization": f"Bearer {key}"}
+            got = httpx.get(self.url + "/v1/models", headers=auth, timeout=10)
+            if got.status_code == 200:
+                return
+            assert got.status_code == 401 and time.monotonic() < deadline, got.text
+            time.sleep(0.1)
+
 
 @pytest.fixture
 def names() -> Iterator[tuple[str, str]]:
@@ -227,6 +239,7 @@ def test_sdk_keys_and_ledger_survive_a_restart_and_sigterm_drains(image, names, 
     key = container(*create).strip().splitlines()[-1]
     assert key.startswith("mmk-"), key
     created_as = create[create.index("--name", create.index("create")) + 1]
+    server.wait_key(key)
 
     items, cosines = golden_inputs()
     tokens = 0

@@ -174,6 +174,28 @@ def test_backend_replicas_get_their_own_catalog_and_threads():
     assert "threads" not in only_a.backends["a"].options and only_a.aliases == {"ma-old": "ma"}
 
 
+def test_a_cosine_reranker_is_served_by_the_replicas_of_the_backend_it_scores_with():
+    from mmembed.serving.deployments import backend_catalog
+
+    raw = {
+        "backends": {
+            "emb": {"family": "hash", "dim": 8},
+            "rr": {"family": "cosine", "backend": "emb"},
+            "other": {"family": "hash", "dim": 8},
+        },
+        "models": {
+            "e": {"backend": "emb", "dimensions": [8]},
+            "r": {"backend": "rr", "task": "rerank"},
+            "o": {"backend": "other", "dimensions": [8]},
+        },
+    }
+    cat = parse_catalog(raw)
+    assert [cat.host(b) for b in ("emb", "rr", "other")] == ["emb", "emb", "other"]
+    hosted = backend_catalog(cat, "emb")
+    assert sorted(hosted.backends) == ["emb", "rr"] and sorted(hosted.models) == ["e", "r"]
+    assert sorted(backend_catalog(cat, "other").models) == ["o"]
+
+
 def test_the_serve_run_builder_takes_settings_by_name(tmp_path: Path):
     from ray.serve import Application
 

@@ -99,9 +99,9 @@ class Engine:
         reranker that scores with another backend's embeddings (``cosine`` with ``backend``)
         is attached to that backend once it is loaded: no second copy of the model."""
         used = {m.backend for m in self.catalog.models.values()}
-        used |= {_embedder_backend(self.catalog.backends[n]) for n in used} - {""}
+        used |= {self.catalog.backends[n].embedder for n in used} - {""}
         names = [name for name in self.catalog.backends if name in used]
-        attached = [n for n in names if _embedder_backend(self.catalog.backends[n])]
+        attached = [n for n in names if self.catalog.backends[n].embedder]
         for name in [n for n in names if n not in attached] + attached:
             spec = self.catalog.backends[name]
             try:
@@ -119,7 +119,7 @@ class Engine:
     def _load_backend(self, name: str, spec: BackendSpec) -> None:
         options = {"cache_dir": self.settings.cache_path, **spec.options}
         backend: Any
-        embedder = _embedder_backend(spec)
+        embedder = spec.embedder
         if embedder:
             if embedder not in self._backends:
                 why = self._load_errors.get(embedder, "not in the catalog's loaded backends")
@@ -538,11 +538,6 @@ class Engine:
 def _mapper(backend: Any) -> DimensionMapper:
     basis = reduction_basis(backend)
     return DimensionMapper(backend.native_dim, matryoshka=backend.matryoshka, basis=basis)
-
-
-def _embedder_backend(spec: BackendSpec) -> str:
-    """The catalog backend a reranker scores with (``cosine``'s ``backend`` option), or ""."""
-    return str(spec.options.get("backend") or "") if spec.family == "cosine" else ""
 
 
 def _score_column(backend: Any, pairs: list[RerankPair]) -> np.ndarray:

@@ -95,6 +95,11 @@ class BackendSpec:
     options: dict[str, Any] = field(default_factory=dict)
     ray: RayOptions = field(default_factory=RayOptions)  # `mmembed serve --ray` only
 
+    @property
+    def embedder(self) -> str:
+        """The catalog backend a reranker scores with (``cosine``'s ``backend`` option), or ""."""
+        return str(self.options.get("backend") or "") if self.family == "cosine" else ""
+
 
 _SNAPSHOT = re.compile(r"(?P<base>.+)-\d{4}-\d{2}-\d{2}")
 
@@ -113,6 +118,12 @@ class Catalog:
         if spec is None and (m := _SNAPSHOT.fullmatch(name)) and m["base"] != name:
             return self.get(m["base"])
         return spec
+
+    def host(self, backend: str) -> str:
+        """The backend whose process (or Ray replica) serves BACKEND: a reranker that scores
+        with an embedding backend's vectors runs beside that backend, which loads the model
+        once; every other backend is its own host."""
+        return self.backends[backend].embedder or backend
 
 
 def load_catalog(path_or_profile: str = "") -> Catalog:

@@ -82,7 +82,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Any:
     from ray import serve
 
     catalog = catalog or load_catalog(settings.catalog)
-    used = {m.backend for m in catalog.models.values()}
+    hosts = {catalog.host(m.backend) for m in catalog.models.values()}
     board = serve.deployment(
         StatsBoard,
         name="stats-board",
@@ -96,7 +96,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Any:
             settings, catalog, name, board
         )
         for name, spec in catalog.backends.items()
-        if name in used
+        if name in hosts
     }
     ingress = serve.deployment(
         serve.ingress()(IngressReplica),

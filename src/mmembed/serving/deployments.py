@@ -39,18 +39,15 @@ class SharedUploadStore(UploadStore):
         return 0
 
 
-def backend_catalog(catalog: Catalog, backend: str) -> Catalog:
-    """The catalog restricted to one backend and its models: a replica loads only its model
-    (and, for a reranker scoring with an embedding backend's vectors, that backend too)."""
-    spec = catalog.backends[backend]
-    keep = [backend]
-    if spec.family == "cosine" and spec.options.get("backend"):
-        keep.append(str(spec.options["backend"]))
+def backend_catalog(catalog: Catalog, host: str) -> Catalog:
+    """The catalog restricted to what one deployment serves: a backend, the rerankers it
+    hosts, and their models (a replica loads only its model)."""
+    keep = {name for name in catalog.backends if catalog.host(name) == host}
     return Catalog(
-        backends={name: catalog.backends[name] for name in keep},
-        models={n: m for n, m in catalog.models.items() if m.backend == backend},
+        backends={name: spec for name, spec in catalog.backends.items() if name in keep},
+        models={n: m for n, m in catalog.models.items() if m.backend in keep},
         source=catalog.source,
-        aliases={a: n for a, n in catalog.aliases.items() if catalog.models[n].backend == backend},
+        aliases={a: n for a, n in catalog.aliases.items() if catalog.models[n].backend in keep},
     )
 
 

@@ -45,7 +45,7 @@ class RemoteEngine:
     ) -> None:
         self.settings = settings
         self.catalog = catalog
-        self._handles = backends  # backend name -> DeploymentHandle
+        self._handles = backends  # hosting backend name (Catalog.host) -> handle
         self._board = board
         self._identity = identity  # this ingress replica's entry on the board
         self._entries: list[dict[str, Any]] = []
@@ -103,7 +103,7 @@ class RemoteEngine:
         gone = _replica_gone_errors()
 
         spec = ctx.spec if ctx and ctx.spec else resolve_model(self.catalog, req.model)
-        handle = self._handles.get(spec.backend)
+        handle = self._handles.get(self.catalog.host(spec.backend))
         if handle is None:
             raise ApiError(
                 ErrorCode.MODEL_UNAVAILABLE,
@@ -143,11 +143,10 @@ class RemoteEngine:
     def status(self) -> dict[str, str]:
         """Per backend that has reported: "ready" if any replica is, else a replica's error."""
         out: dict[str, str] = {}
-        for entry in self._backend_entries():
-            name = entry["backend"]
-            state = entry["status"].get(name, "not loaded")
-            if out.get(name) != "ready":
-                out[name] = state
+        for entry in self._backend_entries():  # a replica's status covers the backends it hosts
+            for name, state in entry["status"].items():
+                if out.get(name) != "ready":
+                    out[name] = state
         return out
 
     def batch_stats(self) -> dict[str, dict[str, float]]:
