@@ -436,3 +436,26 @@ def test_mmembed_jobs_list_show_cancel(tmp_path, db_url, hash_catalog, capsys):
     assert "runner" not in shown  # (internal)
     assert cancelled["status"] == "cancelling" and ended["status"] == "cancelled"
     assert ended["request_counts"]["completed"] == 0
+
+
+def test_without_a_database_batch_routes_say_why(tmp_path, hash_catalog):
+    settings = settings_for(tmp_path, "none", hash_catalog)
+
+    async def scenario(app, client):
+        files = await client.get("/v1/files", headers=auth(K1))
+        task = await client.post(
+            "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding",
+            json={"model": MODEL, "input": {"url": "https://example.com/a.jsonl"}},
+            headers={**auth(K1), "X-DashScope-Async": "enable"},
+        )
+        sync = await client.post(
+            "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding",
+            json={"model": MODEL, "input": {"contents": ["still served"]}},
+            headers=auth(K1),
+        )
+        return files, task, sync
+
+    files, task, sync = run(settings, scenario)
+    assert files.status_code == 503 and "database_url=none" in files.json()["error"]["message"]
+    assert task.status_code == 503 and task.json()["code"] == "ServiceUnavailable"
+    assert sync.status_code == 200
