@@ -240,6 +240,11 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
         probed = server_round(root, jsonl, args, probe=True)
 
+    if not cli:  # --rounds 0: the probe round only
+        print_probes(args, probed)
+        rate = probed["batch"]["items_per_s"]
+        print(f"\nbatch with the probe running: {rate:.1f} items/s")
+        return
     best_cli = max(cli)
     best = max(http, key=lambda b: b["items_per_s"])
     print(f"mmembed embed rounds (items/s): {[round(r, 1) for r in cli]}")
@@ -266,6 +271,10 @@ def main() -> None:
         f"\n(best batch: {best['seconds']:.1f} s end to end; output file "
         f"{best['output_lines']} lines, {best['output_mb']:.1f} MB)"
     )
+    print_probes(args, probed)
+
+
+def print_probes(args: argparse.Namespace, probed: dict) -> None:
     interval = args.probe_interval
     print(f"\n| probe: 1 text, POST /v1/embeddings, every {interval:g} s | requests | p50 ms "
           "| p99 ms | max ms | errors |")  # fmt: skip

@@ -151,11 +151,18 @@ def test_openai_batch_runs_like_the_route_and_is_billed_at_half_price(
         errors = await content(client, K1, done["error_file_id"])
         listed = await client.get("/v1/batches", headers=auth(K1))
         usage = await client.get("/admin/usage?by=route", headers=auth(ADMIN))
-        return online.json(), done, outputs, errors, listed.json(), usage.json()
+        await app.state.jobs.tick()  # (the counts by status are refreshed every tick)
+        metrics = await client.get("/metrics")
+        return online.json(), done, outputs, errors, listed.json(), usage.json(), metrics.text
 
-    online, done, outputs, errors, listed, usage = run(
+    online, done, outputs, errors, listed, usage, metrics = run(
         settings_for(tmp_path, db_url, hash_catalog), scenario
     )
+    assert 'mmembed_batch_jobs{status="completed"} 1.0' in metrics
+    assert 'mmembed_batch_jobs{status="in_progress"} 0.0' in metrics
+    assert 'mmembed_batch_lines_total{outcome="ok"} 10.0' in metrics
+    assert 'mmembed_batch_lines_total{outcome="failed"} 2.0' in metrics
+    assert "mmembed_batch_inputs_in_flight 0.0" in metrics
     assert done["status"] == "completed"
     assert done["request_counts"] == {"total": 12, "completed": 10, "failed": 2}
     assert done["model"] is None  # (the lines name two models)
@@ -429,3 +436,26 @@ def test_mmembed_jobs_list_show_cancel(tmp_path, db_url, hash_catalog, capsys):
     assert "runner" not in shown  # (internal)
     assert cancelled["status"] == "cancelling" and ended["status"] == "cancelled"
     assert ended["request_counts"]["completed"] == 0
+
+
+def test_without_a_database_batch_routes_say_why(tmp_path, hash_catalog):
+    settings = settings_for(tmp_path, "none", hash_catalog)
+
+    async def scenario(app, client):
+        files = await client.get("/v1/files", headers=auth(K1))
+        task = await client.post(
+            "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding",
+            json={"model": MODEL, "input": {"url": "https://example.com/a.jsonl"}},
+            headers={**auth(K1), "X-DashScope-Async": "enable"},
+        )
+        sync = await client.post(
+            "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding",
+            json={"model": MODEL, "input": {"contents": ["still served"]}},
+            headers=auth(K1),
+        )
+        return files, task, sync
+
+    files, task, sync = run(settings, scenario)
+    assert files.status_code == 503 and "database_url=none" in files.json()["error"]["message"]
+    assert task.status_code == 503 and task.json()["code"] == "ServiceUnavailable"
+    assert sync.status_code == 200

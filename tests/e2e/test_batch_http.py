@@ -253,3 +253,75 @@ def test_dashscope_async_submission_errors_are_400s(server):
     for body, code in cases:
         r = httpx.post(server.url + EMBED_PATH, json=body, headers=headers, timeout=30)
         assert r.status_code == 400 and r.json()["code"] == code, (body, r.text)
+
+
+def test_rerank_and_text_embedding_lines_answer_as_their_routes(server):
+    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    docs = ["a cat asleep on a sofa", "stock market news", "a kitten playing with yarn"]
+    lines = {
+        "native": (
+            "/api/v1/services/rerank/text-rerank/text-rerank",
+            {
+                "model": "gte-rerank-v2",
+                "input": {"query": "cats", "documents": docs},
+                "parameters": {"top_n": 2, "return_documents": True},
+            },
+        ),
+        "compatible": (
+            "/compatible-api/v1/reranks",
+            {"model": "qwen3-rerank", "query": "cats", "documents": docs},
+        ),
+        "v1": (
+            "/v1/rerank",
+            {"model": "qwen3-rerank", "query": "cats", "documents": docs, "top_n": 1},
+        ),
+        "texts": (
+            "/api/v1/services/embeddings/text-embedding/text-embedding",
+            {"model": "text-embedding-v4", "input": {"texts": ["hello", "你好"]},
+             "parameters": {"dimension": 256}},
+        ),
+        "no-documents": ("/v1/rerank", {"model": "qwen3-rerank", "query": "x", "documents": []}),
+    }  # fmt: skip
+    data = "\n".join(
+        json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body})
+        for cid, (url, body) in lines.items()
+    ).encode()
+    upload = client.files.create(file=("mixed.jsonl", io.BytesIO(data)), purpose="batch")
+    done = wait_batch(
+        client,
+        client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/rerank", completion_window="24h"
+        ).id,
+    )
+    assert done.status == "completed" and done.request_counts.completed == 4, done
+    results = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    (error,) = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert error["custom_id"] == "no-documents"
+    assert error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["code"] == "BadRequest.EmptyInput"
+    assert "documents" in error["response"]["body"]["error"]["message"]
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for out in results:
+        url, body = lines[out["custom_id"]]
+        online = httpx.post(server.url + url, json=body, headers=headers, timeout=60).json()
+        got = out["response"]["body"]
+        if out["custom_id"] == "texts":
+            mine = np.array([e["embedding"] for e in got["output"]["embeddings"]])
+            theirs = np.array([e["embedding"] for e in online["output"]["embeddings"]])
+            assert mine.shape == (2, 256) and cosines(mine, theirs).min() >= 0.9999
+            assert got["usage"] == online["usage"]
+            continue
+        mine_results = got["output"]["results"] if "output" in got else got["results"]
+        theirs_results = online["output"]["results"] if "output" in online else online["results"]
+        assert [r["index"] for r in mine_results] == [r["index"] for r in theirs_results]
+        assert np.allclose(
+            [r["relevance_score"] for r in mine_results],
+            [r["relevance_score"] for r in theirs_results],
+            atol=1e-5,
+        )
+        assert [r.get("document") for r in mine_results] == [
+            r.get("document") for r in theirs_results
+        ]
+        assert got["usage"] == online["usage"]
+        assert set(got) == set(online)  # the same shape as that route's answer

@@ -3,7 +3,8 @@ how it runs, and what its result line looks like.
 
 - ``OpenAIBatches`` — OpenAI's Batch API: each line ``{"custom_id", "method": "POST", "url",
   "body"}`` is one request to one of ``LINE_ROUTES`` (``/v1/embeddings``, the DashScope
-  multimodal route, and whatever other routes register: ``register_line_route``); results are
+  multimodal and text-embedding routes, the three rerank routes, and whatever other routes
+  register: ``register_line_route``); results are
   ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`` lines, in
   an output file (200s) and an error file (the rest).
 - ``DashScopeTasks`` — DashScope's async tasks over a table (JSONL or CSV, the
@@ -30,7 +31,7 @@ from typing import Any
 import orjson
 
 from mmembed.accounts.jobs import JobRecord
-from mmembed.api import door
+from mmembed.api import door, rerank, text_embedding
 from mmembed.api.openai_compat import (
     PATHS as OPENAI_EMBED_PATHS,
 )
@@ -122,9 +123,86 @@ async def _run_dashscope(engine: Any, body: Any, ctx: RequestContext) -> LineRes
     return LineResult(200, render_result(result, rid), ctx.model, ctx.spec, items, result.usage)
 
 
+def _text_embedding_error(error: ApiError, rid: str) -> bytes:
+    message = error.message.replace("input.contents[", "input.texts[")
+    return render_error(ApiError(error.error, message, headers=error.headers), rid)
+
+
+async def _run_text_embedding(engine: Any, body: Any, ctx: RequestContext) -> LineResult:
+    items = 0
+    rid = ctx.request_id
+    try:
+        req, output_type = text_embedding.parse(orjson.dumps(body))
+        items = len(req.items)
+        door.resolve_in(engine.catalog, ctx, req.model)
+        if output_type in text_embedding.SPARSE:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMETER,
+                f"parameters.output_type: {output_type!r} needs a backend with a sparse head; "
+                f"{ctx.model} is served by a dense model here: use 'dense'.",
+            )
+        result = await engine.embed(req, ctx)
+    except ApiError as exc:
+        return _failed(exc, ctx, _text_embedding_error(exc, rid), items)
+    except Exception:
+        error = _internal(ctx)
+        return _failed(error, ctx, render_error(error, rid), items)
+    out = text_embedding.render(result, rid)
+    return LineResult(200, out, ctx.model, ctx.spec, items, result.usage)
+
+
+def _flat_rerank_error(error: ApiError, _rid: str) -> bytes:
+    # the flat bodies have no "input" object: name the fields as they were sent
+    message = error.message.replace("input.documents", "documents").replace("input.query", "query")
+    return orjson.dumps(openai_error_body(ApiError(error.error, message)))
+
+
+def _rerank_route(shape: str) -> LineRoute:
+    """A line to one of the rerank routes: ``native`` (DashScope), ``compatible``
+    (``/compatible-api/v1/reranks``) or ``v1`` (``/v1/rerank``), answered as that route."""
+    error_body = _dashscope_error if shape == "native" else _flat_rerank_error
+
+    async def run(engine: Any, body: Any, ctx: RequestContext) -> LineResult:
+        items = 0
+        rid = ctx.request_id
+        try:
+            raw = orjson.dumps(body)
+            call = rerank.parse_native(raw) if shape == "native" else rerank.parse_flat(raw, True)
+            items = len(call.request.documents)
+            door.resolve_in(engine.catalog, ctx, call.request.model)
+            result = await engine.rerank(call.request, ctx)
+        except ApiError as exc:
+            return _failed(exc, ctx, error_body(exc, rid), items)
+        except Exception:
+            error = _internal(ctx)
+            return _failed(error, ctx, error_body(error, rid), items)
+        results = rerank.ranked(result, call)
+        usage = {"total_tokens": result.usage.total_tokens}
+        answer: dict[str, Any]
+        if shape == "native":
+            answer = {"output": {"results": results}, "usage": usage, "request_id": rid}
+        elif shape == "compatible":
+            answer = {
+                "id": rid,
+                "object": "list",
+                "model": ctx.model,
+                "results": results,
+                "usage": usage,
+            }
+        else:
+            answer = {"id": rid, "model": ctx.model, "results": results, "usage": usage}
+        return LineResult(200, orjson.dumps(answer), ctx.model, ctx.spec, items, result.usage)
+
+    return LineRoute(run, error_body)
+
+
 for _path in OPENAI_EMBED_PATHS:
     register_line_route(_path, LineRoute(_run_openai, _openai_error))
 register_line_route(DASHSCOPE_EMBED_PATH, LineRoute(_run_dashscope, _dashscope_error))
+register_line_route(text_embedding.PATH, LineRoute(_run_text_embedding, _text_embedding_error))
+register_line_route(rerank.NATIVE_PATH, _rerank_route("native"))
+register_line_route(rerank.COMPATIBLE_PATH, _rerank_route("compatible"))
+register_line_route(rerank.V1_PATH, _rerank_route("v1"))
 
 
 def batch_endpoints() -> list[str]:
@@ -144,9 +222,12 @@ class RequestLine:
 
 
 def _count_inputs(body: dict[str, Any]) -> int:
+    """Inputs a line holds (what it keeps in flight): items, texts, or rerank documents."""
     inp = body.get("input")
     if isinstance(inp, dict):
-        inp = inp.get("contents")
+        inp = inp.get("contents") or inp.get("texts") or inp.get("documents")
+    if inp is None:
+        inp = body.get("documents")
     return max(1, len(inp)) if isinstance(inp, list) else 1
 
 

@@ -319,7 +319,10 @@ class Engine:
                 limits.check_text_length(spec, f"{r.where}.text", r.item.text)
 
         units = estimate(spec, [req.query]) * len(docs) + estimate(spec, req.documents)
-        with loaded.admission.admit(units):
+        admitted = (  # (a batch job's line: see ``embed``)
+            contextlib.nullcontext() if ctx.background else loaded.admission.admit(units)
+        )
+        with admitted:
             items = [r.item for r in records]
             if ctx.resolve_oss:
                 await self.media.resolve_text_files(items, oss_owner, [r.where for r in records])
@@ -362,7 +365,7 @@ class Engine:
             await stage(records=docs, lookup=pair_hit)
             for d in docs:
                 d.key = None if d.key is None or query.key is None else pair_key(query.key, d.key)
-            scores = await self._score_cached(loaded, spec, query, docs, ctx.owner)
+            scores = await self._score_cached(loaded, spec, query, docs, ctx.owner, ctx.background)
             usage = self._rerank_usage(spec, query, docs)
             usage.truncated_texts = truncated
             if sum(r.stats.images + r.stats.frames for r in records) >= TRIM_AFTER_IMAGES:
@@ -400,9 +403,10 @@ class Engine:
         query: Prepared,
         docs: list[Prepared],
         owner: str | None,
+        background: bool = False,
     ) -> np.ndarray:
         """Scores for every document: cached pairs as stored, the rest through the batcher
-        (then stored under their pair keys)."""
+        (then stored under their pair keys; a batch job's are not)."""
         scores = np.empty(len(docs), np.float32)
         misses = [(n, d) for n, d in enumerate(docs) if d.hit is None]
         for n, d in enumerate(docs):
@@ -413,10 +417,16 @@ class Engine:
         q_tokens = query.tokens + images_in(query.input) * spec.image_tokens
         pairs = [RerankPair(query.input, d.input) for _, d in misses]
         tokens = [q_tokens + d.tokens + images_in(d.input) * spec.image_tokens for _, d in misses]
-        fresh = await loaded.batcher.submit(pairs, tokens, [d.where for _, d in misses], owner)
+        fresh = await loaded.batcher.submit(
+            pairs,
+            tokens,
+            [d.where for _, d in misses],
+            f"batch:{owner}" if background else owner,
+            background=background,
+        )
         for (n, d), row in zip(misses, fresh, strict=True):
             scores[n] = float(row[0])
-            if d.key is not None:
+            if d.key is not None and not background:
                 self.cache.put(d.key, np.asarray(row[:1], np.float32), d.stats)
         return scores
 
