@@ -17,16 +17,15 @@ def get(app, *paths: str) -> list[httpx.Response]:
     async def go() -> list[httpx.Response]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://localhost"
-            ) as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
                 return [await client.get(p) for p in paths]
 
     return asyncio.run(go())
 
 
-def test_document_is_valid_and_lists_every_route():
-    app = create_app(Settings(), engine=BrokenEngine("bug"))  # type: ignore[arg-type]
+def test_document_is_valid_and_lists_every_route(tmp_path):
+    settings = Settings(cache_dir=str(tmp_path))  # not the user's cache dir (accounts database)
+    app = create_app(settings, engine=BrokenEngine("bug"))  # type: ignore[arg-type]
     doc_resp, docs_resp = get(app, "/openapi.json", "/docs")
     assert doc_resp.status_code == 200
     doc = doc_resp.json()
