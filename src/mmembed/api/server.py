@@ -258,10 +258,10 @@ def _fd_bounded(cap: int) -> int:
     return room if cap <= 0 else min(cap, room)
 
 
-def run(app: Any, settings: Settings) -> int:
-    """Serve ``app`` until SIGINT/SIGTERM; returns the exit status."""
+def config(app: Any, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``: the guard, TLS, keep-alive and grace settings."""
     guard = ConnectionGuard.from_settings(settings)
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -275,6 +275,10 @@ def run(app: Any, settings: Settings) -> int:
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
         backlog=2048,
     )
-    server = uvicorn.Server(config)
+
+
+def run(app: Any, settings: Settings) -> int:
+    """Serve ``app`` until SIGINT/SIGTERM; returns the exit status."""
+    server = uvicorn.Server(config(app, settings))
     server.run()
     return 0 if server.started else 3
