@@ -136,6 +136,8 @@ def test_deployment_options_follow_the_catalog(tmp_path: Path):
     spec = parse_catalog(raw).backends["h"]
     opts = backend_options(spec, Settings(queue_max_items=300))
     assert opts["name"] == "backend-h" and opts["num_replicas"] == 3
+    router = opts["request_router_config"]["request_router_class"]
+    assert router == "mmembed.serving.router:ContentAffinityRouter"
     assert opts["max_ongoing_requests"] == 300  # never Serve's 5: the batcher needs company
     actor = opts["ray_actor_options"]
     assert (actor["num_cpus"], actor["num_gpus"]) == (2.0, 0.5)
@@ -198,3 +200,171 @@ def test_files_deleted_by_another_process_free_the_quota(tmp_path: Path):
         path.unlink()
     put(store, ALICE, "c", os.urandom(4000))
     assert store.usage(ALICE) == 4000
+
+
+# -- cache affinity across replicas (serving.affinity, serving.router, ColocatedEngine) ----------
+def _req(*items, model: str = "m", instruct: str | None = None):
+    from mmembed.types import ContentItem, EmbedRequest
+
+    return EmbedRequest(
+        model=model,
+        items=[ContentItem(index=i, **item) for i, item in enumerate(items)],
+        instruct=instruct,
+    )
+
+
+def test_the_affinity_key_follows_what_the_replicas_cache():
+    from mmembed.serving.affinity import affinity_key
+
+    cat = {"image": "http://h/cat.png"}
+    assert affinity_key(_req({"text": "hello"})) is None  # texts are not cached by default
+    assert affinity_key(_req({"text": "hello"}), texts=True) is not None
+    key = affinity_key(_req(cat, {"text": "hello"}))
+    assert key == affinity_key(_req(cat, {"text": "hello"}))  # the same request: one owner
+    assert key == affinity_key(_req(cat, {"text": "bye"}))  # an uncached text does not count
+    others = [
+        _req({"image": "http://h/dog.png"}),
+        _req({"video": "http://h/cat.png"}),
+        _req(cat, model="other"),
+        _req(cat, instruct="find the animal"),
+        _req({"image": "http://h/cat.png", "text": "a cat"}),  # fused: the text is part of it
+        _req({"multi_images": ["http://h/cat.png", "http://h/dog.png"]}),
+    ]
+    keys = {affinity_key(r) for r in others} | {affinity_key(_req(cat))}
+    assert len(keys) == len(others) + 1 and None not in keys
+    # data: URIs of megabytes are keyed by length, head and tail: still one key per content
+    big = "data:image/png;base64," + "A" * 200_000
+    assert affinity_key(_req({"image": big})) == affinity_key(_req({"image": big}))
+    variants = {big[:-1] + "B", big[:30] + "B" + big[31:], big + "A"}
+    assert len({affinity_key(_req({"image": v})) for v in variants | {big}}) == 4
+
+
+def test_rendezvous_ranking_is_stable_and_moves_only_the_keys_of_a_lost_replica():
+    from mmembed.serving.affinity import rank
+
+    keys = [f"key-{i}" for i in range(2000)]
+    three = {k: rank(k, ["a", "b", "c"]) for k in keys}
+    assert all(sorted(r) == ["a", "b", "c"] for r in three.values())
+    assert all(rank(k, ["c", "a", "b"]) == three[k] for k in keys[:50])  # order-independent
+    owners = [r[0] for r in three.values()]
+    assert all(550 < owners.count(x) < 780 for x in "abc")  # about a third each
+    for k in keys:  # "c" leaves: its keys go to their second choice, the rest stay
+        assert rank(k, ["a", "b"])[0] == (three[k][1] if three[k][0] == "c" else three[k][0])
+
+
+def test_the_router_offers_the_owner_first_and_spreads_the_rest():
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from mmembed.serving.affinity import rank
+    from mmembed.serving.router import ContentAffinityRouter
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=u)) for u in "pqrs"]
+    router = object.__new__(ContentAffinityRouter)  # choose_replicas reads only its arguments
+
+    async def choose(**kwargs):
+        meta = RequestMetadata(request_id="r", internal_request_id="i")
+        pending = PendingRequest(args=[b"payload"], kwargs=kwargs, metadata=meta)
+        ranks = await router.choose_replicas(replicas, pending)
+        assert pending.routing_context.should_backoff
+        return [[r.replica_id.unique_id for r in group] for group in ranks]
+
+    for key in ("k1", "k2", "k3"):
+        assert asyncio.run(choose(affinity=key)) == [[u] for u in rank(key, list("pqrs"))]
+    for _ in range(20):  # no key: two distinct random replicas, the less busy one takes it
+        (pair,) = asyncio.run(choose(affinity=None))
+        assert len(pair) == 2 and len(set(pair)) == 2 and set(pair) <= set("pqrs")
+    assert asyncio.run(router.choose_replicas([], None)) == []
+
+
+class _Handle:
+    """Serve's deployment handle as ``RemoteEngine`` uses it (``handle.embed.remote``), calling
+    the peer replica's answer function in process instead of over Ray."""
+
+    def __init__(self, engine) -> None:
+        from types import SimpleNamespace
+
+        self.engine = engine
+        self.calls: list[str | None] = []
+        self.embed = SimpleNamespace(remote=self._remote)
+
+    async def _remote(self, payload: bytes, affinity: str | None = None) -> bytes:
+        from mmembed.serving.deployments import answer
+
+        self.calls.append(affinity)
+        return await answer(self.engine, payload)
+
+
+def test_a_colocated_replica_embeds_what_it_owns_and_hands_the_rest_to_the_owner():
+    import asyncio
+    import base64
+
+    from mmembed.config import Settings
+    from mmembed.engine.engine import Engine
+    from mmembed.serving.affinity import affinity_key, rank
+    from mmembed.serving.remote import ColocatedEngine, snapshot
+    from tests.media_util import make_image
+
+    cat = parse_catalog(_catalog({"num_replicas": 2}))
+    settings = Settings(model_isolation="thread")
+    here, peer = Engine(settings, cat), Engine(settings, cat)
+    handle = _Handle(peer)
+    me = {"replica": "me", "role": "backend", "pid": 1, "node": "n", "backend": "h"}
+    eng = ColocatedEngine(settings, cat, {"h": handle}, None, me, here, "h")
+
+    def image(i: int) -> dict:
+        data = base64.b64encode(make_image("PNG", (40 + i, 32))).decode()
+        return {"image": f"data:image/png;base64,{data}"}
+
+    async def run() -> None:
+        eng._reported.set()  # as the board poll does once every backend has reported
+        await asyncio.to_thread(eng.load)
+        peer.load()
+        assert eng.loaded.is_set() and eng.status() == {"h": "ready"}
+        them = me | {"replica": "peer", "pid": 2}
+        eng._entries = [snapshot(peer, them, None)]  # as the board lists the peer
+        mine = next(i for i in range(40) if eng.owns(affinity_key(_req(image(i)))))
+        theirs = next(i for i in range(40) if not eng.owns(affinity_key(_req(image(i)))))
+        assert rank(affinity_key(_req(image(theirs))), ["me", "peer"])[0] == "peer"
+        for _ in range(3):
+            for i in (mine, theirs):
+                got = await eng.embed(_req(image(i)))
+                assert got.kinds == ["image"] and got.vectors.shape == (1, 8)
+        assert await eng.embed(_req({"text": "hi"}))  # nothing cached: here, no hop
+        # each image embedded once, by its owner; its repeats are hits there
+        assert here.cache.stats()["entries"] == 1 and here.cache.stats()["hits"] == 2
+        assert peer.cache.stats()["entries"] == 1 and peer.cache.stats()["hits"] == 2
+        assert handle.calls == [affinity_key(_req(image(theirs)))] * 3
+        # the peer's refusal arrives whole
+        bad = _req(image(theirs))
+        bad.dimension = 7
+        with pytest.raises(ApiError) as info:
+            await eng.embed(bad)
+        assert info.value.error is ErrorCode.INVALID_PARAMETER and "dimension" in info.value.message
+        # /health: the board's entries, this replica's own taken live
+        eng._entries = [snapshot(peer, them, None), snapshot(here, me, None)]
+        assert eng.cache.stats()["entries"] == 2 and eng.batch_stats()["h"]["replicas"] == 2
+        await eng.aclose()
+        await peer.aclose()
+
+    asyncio.run(run())
+
+
+def test_colocated_mode_is_checked_when_the_app_is_built(tmp_path: Path):
+    from ray.serve import Application
+
+    from mmembed.serving import app_builder
+
+    toml = tmp_path / "c.toml"
+    base = '[backends.h]\nfamily = "hash"\n[models.m]\nbackend = "h"\ndimensions = [64]\n'
+    toml.write_text(base)
+    app = app_builder({"catalog": str(toml), "ray_mode": "colocated"})
+    assert isinstance(app, Application)
+    toml.write_text(base + "[backends.h.ray]\nmin_replicas = 1\nmax_replicas = 3\n")
+    with pytest.raises(ValueError, match="backend h: ray_mode colocated cannot autoscale"):
+        app_builder({"catalog": str(toml), "ray_mode": "colocated"})
+    with pytest.raises(ValueError, match="ray_mode 'sideways' is not one of split, colocated"):
+        app_builder({"catalog": str(toml), "ray_mode": "sideways"})

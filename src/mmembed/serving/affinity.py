@@ -39,13 +39,14 @@ def affinity_key(req: EmbedRequest, *, texts: bool = False) -> str | None:
     _update(h, req.instruct or "")  # part of the cache key of instruction-aware models
     cached = False
     for item in req.items:
-        refs = [r for r in (item.image, item.video) if r is not None]
-        refs += item.multi_images or []
-        if item.text is not None and (texts or refs):  # a fused item is cached whole
-            refs.append("text:" + item.text)
-        for ref in refs:
+        parts = [(role, ref) for role in ("image", "video") if (ref := getattr(item, role))]
+        parts += [("multi", ref) for ref in item.multi_images or []]
+        if item.text is not None and (texts or parts):  # a fused item is cached whole
+            parts.append(("text", item.text))
+        for role, ref in parts:
+            _update(h, role)
             _update(h, ref)
-        cached = cached or bool(refs)
+        cached = cached or bool(parts)
     return h.hexdigest() if cached else None
 
 

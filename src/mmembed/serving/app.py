@@ -40,6 +40,7 @@ from mmembed.serving.router import ROUTER
 log = logging.getLogger("mmembed.serving")
 
 APP_NAME = "mmembed"
+MODES = ("split", "colocated")
 INGRESS_MAX_ONGOING = 1024  # requests per ingress replica; the engine's queues bound the rest
 BOARD_MAX_ONGOING = 1024
 # No Serve access log line per call: the ingress logs each request with its id (and the
@@ -108,6 +109,8 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Any:
     """The Serve application (``serve.run`` it, or return it from a ``serve run`` builder)."""
     from ray import serve
 
+    if settings.ray_mode not in MODES:  # (the CLI checks it; `serve run` arguments too)
+        raise ValueError(f"ray_mode {settings.ray_mode!r} is not one of {', '.join(MODES)}")
     catalog = catalog or load_catalog(settings.catalog)
     used = used_backends(catalog)
     board = serve.deployment(
