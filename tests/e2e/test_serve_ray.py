@@ -327,15 +327,17 @@ def _sockets(pids: set[int]) -> set[str]:
     return inodes
 
 
-def _tcp(inodes: set[str]) -> list[tuple[str, str, str]]:
-    """(state, local ip, remote ip) of the TCP sockets with these inodes (hex as in /proc)."""
+def _tcp(inodes: set[str]) -> list[tuple[str, str, str, int]]:
+    """(state, local ip, remote ip, local port) of the TCP sockets with these inodes (state
+    and addresses in hex, as in /proc)."""
     rows = []
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(name) as f:
             for line in f.readlines()[1:]:
                 cols = line.split()
                 if cols[9] in inodes:
-                    rows.append((cols[3], cols[1].split(":")[0], cols[2].split(":")[0]))
+                    local, _, port = cols[1].partition(":")
+                    rows.append((cols[3], local, cols[2].split(":")[0], int(port, 16)))
     return rows
 
 
