@@ -368,3 +368,14 @@ def test_colocated_mode_is_checked_when_the_app_is_built(tmp_path: Path):
         app_builder({"catalog": str(toml), "ray_mode": "colocated"})
     with pytest.raises(ValueError, match="ray_mode 'sideways' is not one of split, colocated"):
         app_builder({"catalog": str(toml), "ray_mode": "sideways"})
+
+
+def test_the_serving_app_imports_no_ray_before_it_is_pinned_to_loopback():
+    """raylocal sets Ray's loopback switch before Ray is first imported; a module-level Ray
+    import on the way (the router, say) would let the cluster use the outward address."""
+    import subprocess
+    import sys
+
+    code = "import sys, mmembed.cli, mmembed.serving.app; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

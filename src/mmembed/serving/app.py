@@ -35,7 +35,6 @@ from mmembed.config import Settings
 from mmembed.models.catalog import BackendSpec, Catalog, load_catalog
 from mmembed.serving.board import BOARD, StatsBoard
 from mmembed.serving.deployments import BackendReplica, ColocatedReplica, IngressReplica
-from mmembed.serving.router import ROUTER
 
 log = logging.getLogger("mmembed.serving")
 
@@ -48,6 +47,8 @@ BOARD_MAX_ONGOING = 1024
 QUIET = {"enable_access_log": False}
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "mmembed.serving.proxy:middlewares"  # one x-request-id (serving.proxy)
+# By import path: importing it here would import Ray before raylocal pins it to 127.0.0.1.
+ROUTER = "mmembed.serving.router:ContentAffinityRouter"
 
 
 def backend_options(spec: BackendSpec, settings: Settings) -> dict[str, Any]:

@@ -19,8 +19,6 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from mmembed.serving.affinity import rank
 
-ROUTER = "mmembed.serving.router:ContentAffinityRouter"
-
 
 def affinity_of(request: PendingRequest | None) -> str | None:
     if request is None:
