@@ -8,6 +8,7 @@ catalog, or checked across replicas.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -241,6 +242,32 @@ def test_metrics_sum_over_replicas(server):
     per_replica = [r for r in h["replicas"] if r.get("backend") == "hash"]
     assert sum(r["batches"] for r in per_replica) == h["batching"]["hash"]["batches"]
     assert passes >= before_passes + 1
+
+
+def test_repeated_media_meet_the_replica_that_caches_them(server):
+    """The backend's router sends a request holding media to the replica that owns it by
+    content: five images, three passes, each embedded once across the two hash replicas."""
+    images = []
+    for i in range(5):
+        data = base64.b64encode(make_image("PNG", (70 + i, 36))).decode()
+        images.append({"image": f"data:image/png;base64,{data}"})
+
+    def hash_hits(h: dict) -> int:
+        return sum(r["cache_hits"] for r in h["replicas"] if r.get("backend") == "hash")
+
+    before = eventually(
+        lambda: (h := health(server))["batching"].get("hash", {}).get("replicas") == 2 and h,
+        "both hash replicas on the board",
+    )
+    for _ in range(3):
+        for image in images:
+            resp = post(server, body(HASH, [image]))
+            assert resp.status_code == 200, resp.text
+    after = eventually(
+        lambda: hash_hits(h := health(server)) >= hash_hits(before) + 10 and h, "10 more hits"
+    )
+    assert hash_hits(after) == hash_hits(before) + 10
+    assert after["cache"]["entries"] == before["cache"]["entries"] + 5  # once, not twice
 
 
 # -- uploads: stored by an ingress replica, resolved by a backend replica ---------------------
