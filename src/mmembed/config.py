@@ -273,6 +273,14 @@ class Settings:
         "serve --ray: replicas of the HTTP layer (auth, parsing, uploads, metering); backend "
         "replicas are set per backend in the catalog's [backends.NAME.ray] table.",
     )
+    ray_mode: str = _setting(
+        "split",
+        "serve --ray: 'split' runs the HTTP layer in ingress replicas behind Serve's proxy and "
+        "each backend in its own replicas; 'colocated' runs the HTTP layer inside each backend "
+        "replica, which listens on host:port itself (no proxy, one process per request; no "
+        "autoscaling).",
+        choices=("split", "colocated"),
+    )
 
     def __post_init__(self) -> None:
         for entry in self.api_keys:

@@ -8,6 +8,7 @@ catalog, or checked across replicas.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -51,6 +52,14 @@ num_cpus = 0.25
 [models."hash-embed"]
 backend = "hash"
 dimensions = [64, 32]
+
+[backends.hash-rerank]
+family = "cosine"
+backend = "hash"
+
+[models."hash-rerank"]
+task = "rerank"
+backend = "hash-rerank"
 """
 ENV = {
     "MMEMBED_MAX_BODY_BYTES": str(8 * 1024 * 1024),
@@ -210,6 +219,7 @@ def test_health_lists_every_replica(server):
     h = eventually(complete, "2 hash, 1 offline and 2 ingress replicas in /health")
     # the offline reranker runs in the offline backend's replica (no deployment of its own)
     ready = {"hash": "ready", "offline": "ready", "offline-rerank": "ready"}
+    ready |= {"hash-rerank": "ready"}
     assert h["status"] == "ok" and h["backends"] == ready
     pids = [r["pid"] for r in h["replicas"]]
     assert len(set(pids)) == 5  # five processes
@@ -262,6 +272,70 @@ def test_metrics_sum_over_replicas(server):
     per_replica = [r for r in h["replicas"] if r.get("backend") == "hash"]
     assert sum(r["batches"] for r in per_replica) == h["batching"]["hash"]["batches"]
     assert passes >= before_passes + 1
+
+
+def test_repeated_media_meet_the_replica_that_caches_them(server):
+    """The backend's router sends a request holding media to the replica that owns it by
+    content: five images, three passes, each embedded once across the two hash replicas."""
+    images = []
+    for i in range(5):
+        data = base64.b64encode(make_image("PNG", (70 + i, 36))).decode()
+        images.append({"image": f"data:image/png;base64,{data}"})
+
+    def hash_hits(h: dict) -> int:
+        return sum(r["cache_hits"] for r in h["replicas"] if r.get("backend") == "hash")
+
+    before = eventually(
+        lambda: (h := health(server))["batching"].get("hash", {}).get("replicas") == 2 and h,
+        "both hash replicas on the board",
+    )
+    for _ in range(3):
+        for image in images:
+            resp = post(server, body(HASH, [image]))
+            assert resp.status_code == 200, resp.text
+    after = eventually(
+        lambda: hash_hits(h := health(server)) >= hash_hits(before) + 10 and h, "10 more hits"
+    )
+    assert hash_hits(after) == hash_hits(before) + 10
+    assert after["cache"]["entries"] == before["cache"]["entries"] + 5  # once, not twice
+
+
+def rerank(srv: Server, data: dict) -> httpx.Response:
+    return httpx.post(
+        srv.url + "/api/v1/services/rerank/text-rerank/text-rerank",
+        json=data,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+
+
+def test_repeated_rerank_documents_meet_the_replica_that_caches_them(server):
+    """A reranker hosted by the hash backend's two replicas: a rerank request holding images
+    goes to the replica that owns it by its query and documents, so each (query, document)
+    pair is scored once across the replicas and its repeats are hits there."""
+
+    def image(i: int) -> dict:
+        data = base64.b64encode(make_image("PNG", (90 + i, 30))).decode()
+        return {"image": f"data:image/png;base64,{data}"}
+
+    def hash_hits(h: dict) -> int:
+        return sum(r["cache_hits"] for r in h["replicas"] if r.get("backend") == "hash")
+
+    before = eventually(
+        lambda: (h := health(server))["batching"].get("hash", {}).get("replicas") == 2 and h,
+        "both hash replicas on the board",
+    )
+    queries = [{"query": f"picture {i}", "documents": [image(i), image(i + 10)]} for i in range(4)]
+    for _ in range(3):
+        for q in queries:
+            resp = rerank(server, {"model": "hash-rerank", "input": q})
+            assert resp.status_code == 200, resp.text
+            assert len(resp.json()["output"]["results"]) == 2
+    after = eventually(
+        lambda: hash_hits(h := health(server)) >= hash_hits(before) + 16 and h, "16 more hits"
+    )
+    assert hash_hits(after) == hash_hits(before) + 16  # 4 requests x 2 pairs x 2 repeats
+    assert after["cache"]["entries"] == before["cache"]["entries"] + 8  # each pair once
 
 
 # -- uploads: stored by an ingress replica, resolved by a backend replica ---------------------
@@ -351,15 +425,17 @@ def _sockets(pids: set[int]) -> set[str]:
     return inodes
 
 
-def _tcp(inodes: set[str]) -> list[tuple[str, str, str]]:
-    """(state, local ip, remote ip) of the TCP sockets with these inodes (hex as in /proc)."""
+def _tcp(inodes: set[str]) -> list[tuple[str, str, str, int]]:
+    """(state, local ip, remote ip, local port) of the TCP sockets with these inodes (state
+    and addresses in hex, as in /proc)."""
     rows = []
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(name) as f:
             for line in f.readlines()[1:]:
                 cols = line.split()
                 if cols[9] in inodes:
-                    rows.append((cols[3], cols[1].split(":")[0], cols[2].split(":")[0]))
+                    local, _, port = cols[1].partition(":")
+                    rows.append((cols[3], local, cols[2].split(":")[0], int(port, 16)))
     return rows
 
 

@@ -286,11 +286,10 @@ def bind_error(settings: Settings, exc: OSError) -> str:
     return f"mmembed: cannot listen on {where}: {reason}; check --host and --port"
 
 
-def run(app: Any, settings: Settings, sock: socket.socket | None = None) -> int:
-    """Serve ``app`` until SIGINT/SIGTERM on ``sock`` (from ``bind``; default: bound here);
-    returns the exit status."""
+def config(app: Any, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``: the guard, TLS, keep-alive and grace settings."""
     guard = ConnectionGuard.from_settings(settings)
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -304,6 +303,11 @@ def run(app: Any, settings: Settings, sock: socket.socket | None = None) -> int:
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
         backlog=2048,
     )
-    server = uvicorn.Server(config)
+
+
+def run(app: Any, settings: Settings, sock: socket.socket | None = None) -> int:
+    """Serve ``app`` until SIGINT/SIGTERM on ``sock`` (from ``bind``; default: bound here);
+    returns the exit status."""
+    server = uvicorn.Server(config(app, settings))
     server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 3

@@ -11,12 +11,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
+BOARD = "stats-board"  # the deployment's name
 REPORT_S = 0.5
 STALE_S = 10.0
 
 
 class StatsBoard:
-    def __init__(self) -> None:
+    def __init__(self, members: Any = None) -> None:
+        # ``members``: the colocated replicas' deployments, bound here only so that they are
+        # part of the application (the board is its root; they find it by name).
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
 
     def report(self, entry: dict[str, Any]) -> list[dict[str, Any]]:

@@ -5,7 +5,14 @@ The ingress replica's Starlette app (auth, parsing, limits per key, uploads, met
 checks the model name here (the same 400 as ``Engine``) and forwards the ``EmbedRequest`` to
 the deployment of the model's backend, which runs the whole ``Engine.embed`` (limits,
 admission, media, cache, batcher, worker) and returns its ``EmbedResult``, or the ``ApiError``
-it refused with, which arrives here whole (it pickles) and is raised as it was.
+it refused with, which arrives here whole (it pickles) and is raised as it was. Both travel
+as pickled bytes (``pack``): Ray passes bytes through untouched, where an object argument goes
+through its own serializer on both sides. A request holding media carries an affinity key,
+which the backend's router (``serving.router``) turns into the replica that caches it.
+
+``ColocatedEngine`` is the same for a replica that serves HTTP itself (``ray_mode =
+colocated``): requests for its own backend run on its own ``Engine``, in process, unless the
+media in them belong to another replica of the backend; the rest go through the handles.
 
 Status and counters come from the stats board (``serving.board``), refreshed in the background,
 summed over replicas for the existing /health and /metrics code, with a per-replica list.
@@ -16,22 +23,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import threading
 from collections import Counter
 from typing import Any
 
 from mmembed.config import Settings
-from mmembed.engine.engine import resolve_model
+from mmembed.engine.engine import Engine, resolve_model
 from mmembed.errors import ApiError, ErrorCode
 from mmembed.logs import request_id_var
-from mmembed.models.catalog import Catalog
+from mmembed.models.catalog import Catalog, ModelSpec
 from mmembed.request import RequestContext
+from mmembed.serving.affinity import affinity_key, rank
 from mmembed.serving.board import REPORT_S
 from mmembed.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult
 
 log = logging.getLogger("mmembed.serving")
 
 _MAXED = {"largest_batch", "largest_images"}  # per-replica maxima; every other count sums
+
+
+def pack(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes) -> Any:
+    return pickle.loads(data)  # only ever our own replicas' bytes
 
 
 class RemoteEngine:
@@ -57,10 +74,14 @@ class RemoteEngine:
     # -- board ---------------------------------------------------------------------------------
     async def poll(self) -> None:
         """Report this replica and read everyone's entries, every ``REPORT_S`` (a task on the
-        replica's loop, started by the ingress)."""
+        replica's loop, started by the replica)."""
         while not self._closed.is_set():
             try:
-                self._entries = await self._board.report.remote(self._identity)
+                entry = self._report()
+                if entry is None:
+                    self._entries = await self._board.view.remote()
+                else:
+                    self._entries = await self._board.report.remote(entry)
                 if not self._waiting_for():
                     self._reported.set()
             except asyncio.CancelledError:
@@ -69,12 +90,19 @@ class RemoteEngine:
                 log.warning("stats board unreachable: %s", exc)
             await asyncio.sleep(REPORT_S)
 
+    def _report(self) -> dict[str, Any] | None:
+        """This replica's entry on the board (None: not yet)."""
+        return self._identity
+
+    def _live_entries(self) -> list[dict[str, Any]]:
+        return self._entries
+
     def _waiting_for(self) -> list[str]:
         reported = {e.get("backend") for e in self._entries if e["role"] == "backend"}
         return [name for name in self._handles if name not in reported]
 
     def _backend_entries(self) -> list[dict[str, Any]]:
-        return [e for e in self._entries if e["role"] == "backend"]
+        return [e for e in self._live_entries() if e["role"] == "backend"]
 
     # -- lifecycle (the app's Loader calls load on a thread) -----------------------------------
     def load(self) -> None:
@@ -88,6 +116,12 @@ class RemoteEngine:
         self._closed.set()
 
     # -- one request ---------------------------------------------------------------------------
+    def affinity(self, req: EmbedRequest | RerankRequest, model: str) -> str | None:
+        """The request's routing key when the replicas cache what it holds (else None)."""
+        if self.settings.embed_cache_mb <= 0:
+            return None
+        return affinity_key(req, model, texts=self.settings.embed_cache_text)
+
     async def embed(self, req: EmbedRequest, ctx: RequestContext | None = None) -> EmbedResult:
         result: EmbedResult = await self._forward("embed", req, ctx)
         return result
@@ -96,13 +130,29 @@ class RemoteEngine:
         result: RerankResult = await self._forward("rerank", req, ctx)
         return result
 
-    async def _forward(self, method: str, req: Any, ctx: RequestContext | None) -> Any:
+    def _spec(self, req: EmbedRequest | RerankRequest, ctx: RequestContext | None) -> ModelSpec:
+        return ctx.spec if ctx and ctx.spec else resolve_model(self.catalog, req.model)
+
+    async def _forward(
+        self, method: str, req: EmbedRequest | RerankRequest, ctx: RequestContext | None
+    ) -> Any:
+        spec = self._spec(req, ctx)
+        return await self.call_backend(method, spec, req, ctx, self.affinity(req, spec.name))
+
+    async def call_backend(
+        self,
+        method: str,
+        spec: ModelSpec,
+        req: EmbedRequest | RerankRequest,
+        ctx: RequestContext | None,
+        affinity: str | None,
+    ) -> Any:
+        """``req`` answered by ``method`` of a replica of the deployment hosting ``spec``'s
+        backend (``Catalog.host``), the one ``affinity`` prefers (``serving.router``)."""
         from ray.exceptions import RayTaskError
         from ray.serve.exceptions import BackPressureError
 
         gone = _replica_gone_errors()
-
-        spec = ctx.spec if ctx and ctx.spec else resolve_model(self.catalog, req.model)
         handle = self._handles.get(self.catalog.host(spec.backend))
         if handle is None:
             raise ApiError(
@@ -116,7 +166,8 @@ class RemoteEngine:
             headers={"Retry-After": "1"},
         )
         try:
-            answer = await getattr(handle, method).remote(req, request_id_var.get(), ctx)
+            payload = pack((req, request_id_var.get(), ctx))
+            answer = unpack(await getattr(handle, method).remote(payload, affinity=affinity))
         except RayTaskError as exc:  # the replica raised: an ApiError in it is the answer
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ApiError):
@@ -177,7 +228,7 @@ class RemoteEngine:
     def replicas(self) -> list[dict[str, Any]]:
         """One line per live replica (for /health): role, backend, process, node, counters."""
         out = []
-        for entry in self._entries:
+        for entry in self._live_entries():
             row = {k: entry[k] for k in ("replica", "role", "pid", "node") if k in entry}
             if entry["role"] == "backend":
                 name = entry["backend"]
@@ -234,6 +285,83 @@ class _FetchTotals:
 
     async def aclose(self) -> None:
         pass
+
+
+class ColocatedEngine(RemoteEngine):
+    """The engine of a replica that serves HTTP itself (``ray_mode = colocated``): requests for
+    its own backend run on ``local`` in this process, unless what they hold belongs to another
+    replica of the backend (``serving.affinity``); everything else goes through the handles.
+    /health and /metrics sum the board's entries, with this replica's own taken live."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        backends: dict[str, Any],
+        board: Any,
+        identity: dict[str, Any],
+        local: Engine,
+        backend: str,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(settings, catalog, backends, board, identity)
+        self.local = local
+        self.backend = backend
+        self.threads = threads
+        self.loaded = threading.Event()  # the local engine has loaded (or failed to)
+
+    def load(self) -> None:
+        try:
+            self.local.load()
+        finally:
+            self.loaded.set()
+        super().load()  # and every other backend has a replica on the board
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.local.aclose()
+
+    async def _forward(
+        self, method: str, req: EmbedRequest | RerankRequest, ctx: RequestContext | None
+    ) -> Any:
+        spec = self._spec(req, ctx)
+        key = self.affinity(req, spec.name)
+        if self.catalog.host(spec.backend) == self.backend and (key is None or self.owns(key)):
+            return await getattr(self.local, method)(req, ctx)
+        return await self.call_backend(method, spec, req, ctx, key)
+
+    def owns(self, key: str) -> bool:
+        """Whether ``key`` ranks this replica first among the ready replicas of its backend
+        the board lists (the router ranks Serve's live replicas the same way)."""
+        me = self._identity["replica"]
+        peers = {
+            e["replica"]
+            for e in self._entries
+            if e.get("backend") == self.backend and e["status"].get(self.backend) == "ready"
+        }
+        return rank(key, sorted(peers | {me}))[0] == me
+
+    def _report(self) -> dict[str, Any] | None:
+        return snapshot(self.local, self._identity, self.threads) if self.loaded.is_set() else None
+
+    def _live_entries(self) -> list[dict[str, Any]]:
+        me = self._identity["replica"]
+        others = [e for e in self._entries if e["replica"] != me]
+        own = self._report()
+        return sorted([*others, own], key=lambda e: e["replica"]) if own else others
+
+
+def snapshot(engine: Engine, identity: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    """A backend replica's entry on the board: its engine's status and counters."""
+    return identity | {
+        "status": engine.status(),
+        "batching": engine.batch_stats(),
+        "batch_sizes": engine.batch_sizes(),
+        "cache": engine.cache.stats(),
+        "media_bytes": dict(engine.fetcher.bytes_loaded),
+        "fetch_failures": dict(engine.fetcher.failures),
+        "threads": threads,
+    }
 
 
 def identity(role: str) -> dict[str, Any]:
