@@ -16,6 +16,17 @@ Then the embedding cache with two replicas: the same 32 images, 4 passes (ideal 
 0.75), hit rate summed over the replicas (each has its own cache).
 
     PYTHONPATH=src:. python benchmarks/bench_serve_ray.py [--rounds 2] [--base-src /tmp/base/src]
+
+Issue 19's acceptance (on a quiet machine; about 25 minutes on 2 cores: 6 Ray clusters):
+
+    PYTHONPATH=src:. .venv/bin/python benchmarks/bench_serve_ray.py \
+        --concurrency 32 --texts 512 --images 128 --rounds 2 --modes split,colocated
+
+reads: the "median texts / images" lines, split and colocated against plain serve with one
+backend replica at 32 clients (target >= 0.85x for both texts and images), and the cache
+table, the hit rate with two backend replicas over 4 passes of the same 32 images (target
+>= 0.70; 0.75 is ideal). A smoke run (minutes): ``--texts 32 --images 16 --concurrency 4
+--rounds 1``.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def serve(settings: Settings, ray: str | None = None) -> int:
     if ray is not None:  # the same app on Ray Serve: a local cluster or the one at ADDRESS
         from mmembed.serving.app import run as run_on_ray
 
-        sock.close()  # (Serve's proxy binds it)
+        sock.close()  # (Serve's proxy binds it, or the colocated replicas do)
         return run_on_ray(settings, ray)
     scheme = "https" if settings.ssl_certfile else "http"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
