@@ -37,6 +37,7 @@ from tests.e2e.test_serve_ray import (
     body,
     eventually,
     health,
+    on_hash,
     post,
     stop_ray_server,
     test_repeated_rerank_documents_meet_the_replica_that_caches_them,  # noqa: F401
@@ -143,8 +144,7 @@ def test_repeated_media_meet_the_replica_that_caches_them(server):
         images.append({"image": f"data:image/png;base64,{data}"})
 
     seen = eventually(lambda: len(replicas(server)) == 3 and health(server), "board")
-    before_hits = sum(r["cache_hits"] for r in seen["replicas"] if r["backend"] == "hash")
-    before_entries = seen["cache"]["entries"]
+    before_hits, before_entries = on_hash("cache_hits", seen), on_hash("cache_entries", seen)
     for _ in range(3):
         for image in images:
             resp = post(server, body(HASH, [image]))
@@ -153,14 +153,11 @@ def test_repeated_media_meet_the_replica_that_caches_them(server):
 
     def settled() -> dict | None:
         h = health(server)
-        hits = sum(r["cache_hits"] for r in h["replicas"] if r["backend"] == "hash")
-        return h if hits >= before_hits + 12 else None
+        return h if on_hash("cache_hits", h) >= before_hits + 12 else None
 
     h = eventually(settled, "12 more cache hits")
-    assert sum(r["cache_hits"] for r in h["replicas"] if r["backend"] == "hash") == (
-        before_hits + 12
-    )
-    assert h["cache"]["entries"] == before_entries + 6  # each image cached once, not twice
+    assert on_hash("cache_hits", h) == before_hits + 12
+    assert on_hash("cache_entries", h) == before_entries + 6  # each image once, not twice
 
 
 def test_an_upload_crosses_replicas(server, tmp_path, shared):

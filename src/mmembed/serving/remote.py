@@ -240,6 +240,7 @@ class RemoteEngine:
                     "requests": stats.get("requests", 0),
                     "batches": stats.get("batches", 0),
                     "cache_hits": entry["cache"].get("hits", 0),
+                    "cache_entries": entry["cache"].get("entries", 0),
                     "media_bytes": entry["media_bytes"],
                 }
             out.append(row)
