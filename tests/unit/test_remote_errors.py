@@ -29,7 +29,7 @@ class _Method:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
-    async def remote(self, *args: object) -> object:
+    async def remote(self, *args: object, **kwargs: object) -> object:  # (payload, affinity=)
         raise self.exc
 
 
