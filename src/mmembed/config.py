@@ -214,7 +214,9 @@ class Settings:
         16, "Most unfinished (queued or running) batch jobs per API key (429 beyond; 0: any)."
     )
     batch_jobs_per_process: int = _setting(
-        1, "Batch jobs one server process runs at once (the rest wait, in creation order)."
+        1,
+        "Batch jobs one server process runs at once (the rest wait, in creation order). 0: this "
+        "process runs none (other servers on the same accounts database do).",
     )
     batch_concurrency: int = _setting(
         0,

@@ -9,6 +9,7 @@ catalog, or checked across replicas.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -106,7 +107,9 @@ def server(shared, tmp_path_factory) -> Iterator[Server]:
 def plain(shared, server, tmp_path_factory) -> Iterator[Server]:
     """Plain ``mmembed serve`` on the same catalog and directories (started after the Serve
     one, so the offline model's exports are cached)."""
-    srv = start_server(tmp_path_factory.mktemp("plain-log"), shared)
+    # (it shares the accounts database: batch jobs are left to the Serve application)
+    env = {**shared, "MMEMBED_BATCH_JOBS_PER_PROCESS": "0"}
+    srv = start_server(tmp_path_factory.mktemp("plain-log"), env)
     yield srv
     stop_server(srv)
 
@@ -154,6 +157,41 @@ def test_rerank_is_answered_as_plain_serve_answers_it(server, plain):
             [(r["index"], round(r["relevance_score"], 6)) for r in resp.json()["output"]["results"]]
         )
     assert got[0] == got[1] and len(got[0]) == 3
+
+
+def test_a_batch_job_runs_on_the_backend_replicas(server, plain):
+    """The OpenAI Batch API on Serve: the ingress runs the job, its lines reach the backend
+    replicas as background work; every vector equals plain serve's synchronous answer."""
+    from openai import OpenAI
+
+    from tests.e2e.test_batch_http import cosines, vectors, wait_batch
+
+    bodies = [{"model": HASH, "input": [f"ray batch {i}", f"second {i}"]} for i in range(6)]
+    bodies.append({"model": "tongyi-embedding-vision-plus", "input": "a cup of coffee"})
+    lines = [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/embeddings", "body": b}
+        for i, b in enumerate(bodies)
+    ]
+    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    upload = client.files.create(file=("lines.jsonl", data), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    before = health(server)["batching"]["hash"]["inputs"]
+    done = wait_batch(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == len(lines), done
+    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == sorted(x["custom_id"] for x in lines)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for o in out:
+        body = bodies[int(o["custom_id"][1:])]
+        want = httpx.post(plain.url + "/v1/embeddings", json=body, headers=auth, timeout=60)
+        assert want.status_code == 200, want.text
+        got = vectors(o["response"]["body"])
+        assert (cosines(got, vectors(want.json())) >= 0.9999).all(), o["custom_id"]
+    # the hash lines' 12 texts went through the Serve backend replicas' batchers
+    eventually(lambda: health(server)["batching"]["hash"]["inputs"] >= before + 12, "inputs")
 
 
 # -- errors and request ids: as plain serve answers them -------------------------------------

@@ -17,7 +17,9 @@ def get(app, *paths: str) -> list[httpx.Response]:
     async def go() -> list[httpx.Response]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://127.0.0.1"
+            ) as client:
                 return [await client.get(p) for p in paths]
 
     return asyncio.run(go())
