@@ -127,7 +127,8 @@ def role(pid: int, root: int) -> str:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "gone"
-    if "multiprocessing" in cmd:
+    # (``python -m mmembed.engine.worker``; a multiprocessing child in older checkouts)
+    if "mmembed.engine.worker" in cmd or "multiprocessing" in cmd:
         return "model worker"
     if "ProxyActor" in cmd:
         return "proxy"

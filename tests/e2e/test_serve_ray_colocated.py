@@ -4,7 +4,8 @@
 
 The SDK's core cases run against it; errors and request ids are compared with plain ``mmembed
 serve``; repeated media (and rerank documents) meet the replica that caches them; rerank
-requests are answered as plain serve answers them; uploads cross replicas.
+requests are answered as plain serve answers them; a batch job's lines reach the replicas (as
+background work, also when handed to another replica); uploads cross replicas.
 (A module of its own, so that its cluster does not run beside test_serve_ray's.)
 """
 
@@ -40,6 +41,7 @@ from tests.e2e.test_serve_ray import (
     on_hash,
     post,
     stop_ray_server,
+    test_a_batch_job_runs_on_the_backend_replicas,  # noqa: F401
     test_repeated_rerank_documents_meet_the_replica_that_caches_them,  # noqa: F401
     test_rerank_is_answered_as_plain_serve_answers_it,  # noqa: F401
 )
@@ -77,6 +79,8 @@ def server(shared, tmp_path_factory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def plain(shared, server, tmp_path_factory) -> Iterator[Server]:
     env = {k: v for k, v in shared.items() if k != "MMEMBED_RAY_MODE"}
+    # (it shares the accounts database: batch jobs are left to the Serve application)
+    env["MMEMBED_BATCH_JOBS_PER_PROCESS"] = "0"
     srv = start_server(tmp_path_factory.mktemp("plain-log"), env)
     yield srv
     stop_server(srv)
