@@ -164,6 +164,24 @@ def _cmdline(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace")[:120]
 
 
+# Ray's dashboard process, even with the dashboard off (it then loads only its usage-stats
+# module) and RAY_USAGE_STATS_ENABLED=0, asks the cloud metadata address which cloud it runs on
+# (usage_stats_head.run -> get_cluster_config_to_report, 1 s timeout), once at start; no setting
+# turns it off. Its own probe, never a connection of mmembed's: told apart, not counted.
+_CLOUD_METADATA = ipaddress.ip_address("169.254.169.254")
+
+
+def _ray_cloud_probe(
+    rip: ipaddress.IPv4Address | ipaddress.IPv6Address, remote: str, pid: int
+) -> bool:
+    if rip != _CLOUD_METADATA or int(remote.split(":")[1], 16) != 80:
+        return False
+    try:
+        return b"/ray/dashboard/dashboard.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def non_loopback_sockets(pids: list[int]) -> list[str]:
     """Sockets of ``pids`` bound to or connected to a non-loopback address (a listener on
     0.0.0.0 or :: counts), as readable lines; [] when all is on loopback."""
@@ -184,6 +202,8 @@ def non_loopback_sockets(pids: list[int]) -> list[str]:
             if not lip.is_loopback or (not listening and not rip.is_loopback):
                 port = int(local.split(":")[1], 16)
                 pid = owner[inode]
+                if _ray_cloud_probe(rip, remote, pid):
+                    continue
                 bad.append(f"{proto} {lip}:{port} -> {rip} (state {state}) {pid} {_cmdline(pid)}")
     return bad
 
