@@ -83,44 +83,56 @@ def _internal(ctx: RequestContext) -> ApiError:
     return ApiError(ErrorCode.INTERNAL, "An internal error occurred; quote the request_id.")
 
 
+class _Line:
+    """What a line's work has learned so far: the inputs it holds (0 until its body parses)."""
+
+    items = 0
+
+
+Work = Callable[[Any, Any, RequestContext, _Line], Awaitable[LineResult]]
+
+
+def _route(work: Work, error_body: Callable[[ApiError, str], bytes]) -> LineRoute:
+    """A line route: ``work`` answers the line; what it refuses (and any internal error)
+    becomes an error line in the route's own shape."""
+
+    async def run(engine: Any, body: Any, ctx: RequestContext) -> LineResult:
+        line = _Line()
+        try:
+            return await work(engine, body, ctx, line)
+        except ApiError as exc:
+            return _failed(exc, ctx, error_body(exc, ctx.request_id), line.items)
+        except Exception:
+            error = _internal(ctx)
+            return _failed(error, ctx, error_body(error, ctx.request_id), line.items)
+
+    return LineRoute(run, error_body)
+
+
 def _openai_error(error: ApiError, _rid: str) -> bytes:
     return orjson.dumps(openai_error_body(error))
 
 
-async def _run_openai(engine: Any, body: Any, ctx: RequestContext) -> LineResult:
-    items = 0
-    try:
-        req, encoding = openai_request_from_data(body)
-        items = len(req.items)
-        door.resolve_in(engine.catalog, ctx, req.model)
-        result = await engine.embed(req, ctx)
-    except ApiError as exc:
-        return _failed(exc, ctx, _openai_error(exc, ctx.request_id), items)
-    except Exception:
-        error = _internal(ctx)
-        return _failed(error, ctx, _openai_error(error, ctx.request_id), items)
+async def _openai(engine: Any, body: Any, ctx: RequestContext, line: _Line) -> LineResult:
+    req, encoding = openai_request_from_data(body)
+    line.items = len(req.items)
+    door.resolve_in(engine.catalog, ctx, req.model)
+    result = await engine.embed(req, ctx)
     out = render_embeddings(result, ctx.model, encoding)
-    return LineResult(200, out, ctx.model, ctx.spec, items, result.usage)
+    return LineResult(200, out, ctx.model, ctx.spec, line.items, result.usage)
 
 
 def _dashscope_error(error: ApiError, rid: str) -> bytes:
     return render_error(error, rid)
 
 
-async def _run_dashscope(engine: Any, body: Any, ctx: RequestContext) -> LineResult:
-    items = 0
-    rid = ctx.request_id
-    try:
-        req = request_from_data(body)
-        items = len(req.items)
-        door.resolve_in(engine.catalog, ctx, req.model)
-        result = await engine.embed(req, ctx)
-    except ApiError as exc:
-        return _failed(exc, ctx, render_error(exc, rid), items)
-    except Exception:
-        error = _internal(ctx)
-        return _failed(error, ctx, render_error(error, rid), items)
-    return LineResult(200, render_result(result, rid), ctx.model, ctx.spec, items, result.usage)
+async def _dashscope(engine: Any, body: Any, ctx: RequestContext, line: _Line) -> LineResult:
+    req = request_from_data(body)
+    line.items = len(req.items)
+    door.resolve_in(engine.catalog, ctx, req.model)
+    result = await engine.embed(req, ctx)
+    out = render_result(result, ctx.request_id)
+    return LineResult(200, out, ctx.model, ctx.spec, line.items, result.usage)
 
 
 def _text_embedding_error(error: ApiError, rid: str) -> bytes:
@@ -128,27 +140,19 @@ def _text_embedding_error(error: ApiError, rid: str) -> bytes:
     return render_error(ApiError(error.error, message, headers=error.headers), rid)
 
 
-async def _run_text_embedding(engine: Any, body: Any, ctx: RequestContext) -> LineResult:
-    items = 0
-    rid = ctx.request_id
-    try:
-        req, output_type = text_embedding.parse(orjson.dumps(body))
-        items = len(req.items)
-        door.resolve_in(engine.catalog, ctx, req.model)
-        if output_type in text_embedding.SPARSE:
-            raise ApiError(
-                ErrorCode.INVALID_PARAMETER,
-                f"parameters.output_type: {output_type!r} needs a backend with a sparse head; "
-                f"{ctx.model} is served by a dense model here: use 'dense'.",
-            )
-        result = await engine.embed(req, ctx)
-    except ApiError as exc:
-        return _failed(exc, ctx, _text_embedding_error(exc, rid), items)
-    except Exception:
-        error = _internal(ctx)
-        return _failed(error, ctx, render_error(error, rid), items)
-    out = text_embedding.render(result, rid)
-    return LineResult(200, out, ctx.model, ctx.spec, items, result.usage)
+async def _text_embedding(engine: Any, body: Any, ctx: RequestContext, line: _Line) -> LineResult:
+    req, output_type = text_embedding.parse(orjson.dumps(body))
+    line.items = len(req.items)
+    door.resolve_in(engine.catalog, ctx, req.model)
+    if output_type in text_embedding.SPARSE:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMETER,
+            f"parameters.output_type: {output_type!r} needs a backend with a sparse head; "
+            f"{ctx.model} is served by a dense model here: use 'dense'.",
+        )
+    result = await engine.embed(req, ctx)
+    out = text_embedding.render(result, ctx.request_id)
+    return LineResult(200, out, ctx.model, ctx.spec, line.items, result.usage)
 
 
 def _flat_rerank_error(error: ApiError, _rid: str) -> bytes:
@@ -160,24 +164,16 @@ def _flat_rerank_error(error: ApiError, _rid: str) -> bytes:
 def _rerank_route(shape: str) -> LineRoute:
     """A line to one of the rerank routes: ``native`` (DashScope), ``compatible``
     (``/compatible-api/v1/reranks``) or ``v1`` (``/v1/rerank``), answered as that route."""
-    error_body = _dashscope_error if shape == "native" else _flat_rerank_error
 
-    async def run(engine: Any, body: Any, ctx: RequestContext) -> LineResult:
-        items = 0
-        rid = ctx.request_id
-        try:
-            raw = orjson.dumps(body)
-            call = rerank.parse_native(raw) if shape == "native" else rerank.parse_flat(raw, True)
-            items = len(call.request.documents)
-            door.resolve_in(engine.catalog, ctx, call.request.model)
-            result = await engine.rerank(call.request, ctx)
-        except ApiError as exc:
-            return _failed(exc, ctx, error_body(exc, rid), items)
-        except Exception:
-            error = _internal(ctx)
-            return _failed(error, ctx, error_body(error, rid), items)
+    async def work(engine: Any, body: Any, ctx: RequestContext, line: _Line) -> LineResult:
+        raw = orjson.dumps(body)
+        call = rerank.parse_native(raw) if shape == "native" else rerank.parse_flat(raw, True)
+        line.items = len(call.request.documents)
+        door.resolve_in(engine.catalog, ctx, call.request.model)
+        result = await engine.rerank(call.request, ctx)
         results = rerank.ranked(result, call)
         usage = {"total_tokens": result.usage.total_tokens}
+        rid = ctx.request_id
         answer: dict[str, Any]
         if shape == "native":
             answer = {"output": {"results": results}, "usage": usage, "request_id": rid}
@@ -191,15 +187,16 @@ def _rerank_route(shape: str) -> LineRoute:
             }
         else:
             answer = {"id": rid, "model": ctx.model, "results": results, "usage": usage}
-        return LineResult(200, orjson.dumps(answer), ctx.model, ctx.spec, items, result.usage)
+        return LineResult(200, orjson.dumps(answer), ctx.model, ctx.spec, line.items, result.usage)
 
-    return LineRoute(run, error_body)
+    return _route(work, _dashscope_error if shape == "native" else _flat_rerank_error)
 
 
 for _path in OPENAI_EMBED_PATHS:
-    register_line_route(_path, LineRoute(_run_openai, _openai_error))
-register_line_route(DASHSCOPE_EMBED_PATH, LineRoute(_run_dashscope, _dashscope_error))
-register_line_route(text_embedding.PATH, LineRoute(_run_text_embedding, _text_embedding_error))
+    register_line_route(_path, _route(_openai, _openai_error))
+_DASHSCOPE_LINE = _route(_dashscope, _dashscope_error)  # (the async tasks' rows run as it too)
+register_line_route(DASHSCOPE_EMBED_PATH, _DASHSCOPE_LINE)
+register_line_route(text_embedding.PATH, _route(_text_embedding, _text_embedding_error))
 register_line_route(rerank.NATIVE_PATH, _rerank_route("native"))
 register_line_route(rerank.COMPATIBLE_PATH, _rerank_route("compatible"))
 register_line_route(rerank.V1_PATH, _rerank_route("v1"))
@@ -390,7 +387,7 @@ class DashScopeTasks:
 
     async def run(self, job: JobRecord, line: Line, ctx: RequestContext) -> LineResult:
         body = {"model": job.model, "input": {"contents": [line.payload]}, "parameters": job.params}
-        return await _run_dashscope(self.engine, body, ctx)
+        return await _DASHSCOPE_LINE.run(self.engine, body, ctx)
 
     def failure(self, job: JobRecord, line: Line, error: ApiError, request_id: str) -> LineResult:
         body = render_error(error, request_id)
