@@ -69,6 +69,9 @@ class BackendHost:
         return out
 
     def count_tokens(self, texts: list[str]) -> list[int]:
+        many = getattr(self.backend, "count_tokens_batch", None)  # one tokenizer call
+        if many is not None:
+            return many(texts)
         return [self.backend.count_tokens(t) for t in texts]
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:

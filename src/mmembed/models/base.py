@@ -50,6 +50,8 @@ class Backend(Protocol):
     # size depends on the clip); ``vision_tokens(input) -> int`` is the input's image and video
     # tokens as the model counts them (batching budgets passes by it; else the API name's
     # ``image_tokens`` per image and frame). Without them, media reach ``embed`` as decoded.
+    # Optional: ``count_tokens_batch(texts) -> list[int]``, ``count_tokens`` of several texts
+    # in one tokenizer call (the worker counts a group of requests' texts with it).
     # Optional: ``packaged_basis() -> np.ndarray | None``, a (native_dim, native_dim) basis for
     # shorter dimensions shipped with the weights, so every machine serves the same short vectors
     # (``engine/dims.py``); None, or without it, the engine fits one to ``basis_samples()``.

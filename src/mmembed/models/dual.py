@@ -35,7 +35,8 @@ from PIL import Image
 from mmembed.models import basis
 from mmembed.models.base import PooledBackend, l2_normalize
 from mmembed.models.torchutil import (
-    TokenCounter,
+    Encoding,
+    TokenIds,
     begin_load,
     load_pretrained,
     pooled,
@@ -90,7 +91,8 @@ class DualBackend(PooledBackend):
             )
         self.model = model.to(self.device).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
-        self._count = TokenCounter(self.tokenizer)
+        self._count = TokenIds(self.tokenizer)
+        self._specials = self.tokenizer.num_special_tokens_to_add()
         self._processor()
 
         model_type = str(getattr(model.config, "model_type", ""))
@@ -121,9 +123,14 @@ class DualBackend(PooledBackend):
         self.native_dim = int(self.embed_texts(["warm-up"], None).shape[1])
 
     def count_tokens(self, text: str) -> int:
+        return self.count_tokens_batch([text])[0]
+
+    def count_tokens_batch(self, texts: list[str]) -> list[int]:
+        """Token counts in one tokenizer call; the encodings wait for the pass (``TokenIds``):
+        SigLIP's are the ones its rows are built from, CLIP's the ones it pads."""
         if self.siglip:  # the text's tokens and the EOS, before truncation
-            return self._count(self._text(text), special=False) + 1
-        return self._count(self._text(text))
+            return [n + 1 for n in self._count.counts([self._text(t) for t in texts], False)]
+        return self._count.counts([self._text(t) for t in texts])
 
     def _text(self, text: str) -> str:
         return text.lower() if self.lowercase else text
@@ -144,16 +151,25 @@ class DualBackend(PooledBackend):
         tokens = self.tokenizer([self._text(t) for t in texts], add_special_tokens=False)
         return [self._siglip_row(ids) for ids in tokens["input_ids"]]
 
-    def _pieces(self, text: str) -> list[Any]:
-        """What goes through the text tower for one text: SigLIP id rows or CLIP strings; more
-        than one when ``long_text = "chunks"`` and the text is longer than the model's length
-        (consecutive windows of its tokens, each with the model's special tokens)."""
+    def _pieces(self, text: str, counted: Encoding) -> list[Any]:
+        """What goes through the text tower for one text: SigLIP id rows, CLIP encodings (or
+        strings, for a text longer than the model's length); more than one when ``long_text =
+        "chunks"`` and the text is longer than the model's length (consecutive windows of its
+        tokens, each with the model's special tokens). ``counted`` is the text's encoding as
+        ``count_tokens_batch`` made it."""
         if self.siglip:
-            body = self.tokenizer(self._text(text), add_special_tokens=False)["input_ids"]
+            body = counted["input_ids"]
             n = self.text_max_length - 1
             if self.long_text == "chunks" and len(body) > n:
                 return [self._siglip_row(body[i : i + n]) for i in range(0, len(body), n)]
             return [self._siglip_row(body)]
+        # Within the model's length (and, for chunks, not over the window below, which the
+        # tokenizer's fixed count of special tokens turns into this bound), the tokenizer's
+        # truncating call would give this very encoding.
+        size = len(counted["input_ids"])
+        length = self.text_max_length
+        if size <= length and (self.long_text != "chunks" or size - self._specials <= length - 2):
+            return [counted]
         if self.long_text == "chunks":
             body = self.tokenizer(self._text(text), add_special_tokens=False)["input_ids"]
             n = self.text_max_length - 2  # BOS and EOS
@@ -165,8 +181,9 @@ class DualBackend(PooledBackend):
         # CLIP and SigLIP are not instruction-tuned: ``instruct`` is not used. A text in chunks
         # is the normalised mean of its chunks' vectors.
         owners, pieces = [], []
-        for i, text in enumerate(texts):
-            parts = self._pieces(text)
+        counted = self._count.take([self._text(t) for t in texts], special=not self.siglip)
+        for i, (text, enc) in enumerate(zip(texts, counted, strict=True)):
+            parts = self._pieces(text, enc)
             owners += [i] * len(parts)
             pieces += parts
         vecs = self._encode_pieces(pieces)
@@ -185,12 +202,16 @@ class DualBackend(PooledBackend):
                 if self.siglip:  # input ids only: the checkpoints were trained without a mask
                     ids = torch.tensor(batch, device=self.device)
                     out = self.model.get_text_features(input_ids=ids)
-                else:
-                    enc = self.tokenizer(
+                else:  # as tokenizer(batch, padding=..., truncation=True, max_length=...)
+                    strings = [i for i, p in enumerate(batch) if isinstance(p, str)]
+                    cut = self._count.truncated([batch[i] for i in strings], self.text_max_length)
+                    for i, e in zip(strings, cut, strict=True):
+                        batch[i] = e
+                    fixed = self.text_padding == "max_length"
+                    enc = self.tokenizer.pad(
                         batch,
-                        padding="max_length" if self.text_padding == "max_length" else True,
-                        truncation=True,
-                        max_length=self.text_max_length,
+                        padding="max_length" if fixed else True,
+                        max_length=self.text_max_length if fixed else None,
                         return_tensors="pt",
                     ).to(self.device)
                     out = self.model.get_text_features(**enc)

@@ -52,6 +52,7 @@ from PIL import Image
 from mmembed.extras import install_hint
 from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, EmbedInput, l2_normalize
 from mmembed.models.torchutil import (
+    Encoding,
     TokenCounter,
     begin_load,
     load_pretrained,
@@ -206,6 +207,10 @@ class Qwen3VLBackend:
         )
 
     def count_tokens(self, text: str) -> int:
+        # The text alone (usage). Not kept for the pass, which tokenises the rendered chat (the
+        # text inside the template, after "\n" or a vision marker): the byte-level BPE's
+        # pre-tokeniser can join the text's leading whitespace to what precedes it, so the
+        # text's own ids are not always a run of the sequence's ids.
         return self._count(text)
 
     # -- preparation on the decode pool (no weights needed) ---------------------------------------
@@ -311,7 +316,7 @@ class Qwen3VLBackend:
             )
         image_grids = iter(image_inputs.get("image_grid_thw", []))
 
-        video_patches, video_grids, prompts = [], [], []
+        video_patches, video_grids, sequences = [], [], []
         for item in items:
             video_marks = []
             for clip in item.videos:
@@ -320,9 +325,10 @@ class Qwen3VLBackend:
                 video_grids.append(grid)
                 video_marks.append(self._video_tokens(grid, stamps))
             image_marks = [self._image_tokens(next(image_grids)) for _ in item.images]
-            prompts.append(self._fit(item, video_marks, image_marks))
+            sequences.append(self._fit(item, video_marks, image_marks))
 
-        enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        # The encodings ``_fit`` measured, padded: each sequence is tokenised once per pass.
+        enc = self.tokenizer.pad(sequences, padding=True, return_tensors="pt")
         ids = enc["input_ids"]
         kwargs: dict[str, Any] = {
             "input_ids": ids.to(self.device),
@@ -352,18 +358,21 @@ class Qwen3VLBackend:
         prompt = _fill(prompt, self._mark(self.video_pad), video_marks)
         return _fill(prompt, self._mark(self.image_pad), image_marks)
 
-    def _fit(self, item: EmbedInput, video_marks: list[str], image_marks: list[str]) -> str:
-        """The item's sequence, its last text shortened until the whole fits ``max_length``."""
+    def _fit(self, item: EmbedInput, video_marks: list[str], image_marks: list[str]) -> Encoding:
+        """The item's sequence, tokenised, its last text shortened until the whole fits
+        ``max_length``."""
         prompt = self._render(item, video_marks, image_marks)
+        enc = self.tokenizer(prompt)
         for _ in range(4):  # token boundaries can shift by one on re-tokenising
-            excess = len(self.tokenizer(prompt)["input_ids"]) - self.max_length
+            excess = len(enc["input_ids"]) - self.max_length
             if not self.max_length or excess <= 0 or not item.texts:
                 break
             ids = self.tokenizer(item.texts[-1], add_special_tokens=False)["input_ids"]
             cut = self.tokenizer.decode(ids[: max(0, len(ids) - excess)])
             item = EmbedInput([*item.texts[:-1], cut], item.images, item.videos, item.instruct)
             prompt = self._render(item, video_marks, image_marks)
-        return prompt
+            enc = self.tokenizer(prompt)
+        return {name: enc[name] for name in enc}
 
     def _mark(self, pad: str) -> str:
         return f"{self.vision_start}{pad}{self.vision_end}"

@@ -31,7 +31,7 @@ import numpy as np
 from mmembed.models import basis, onnxrt
 from mmembed.models.base import TEXT, EmbedInput, l2_normalize
 from mmembed.models.torchutil import (
-    TokenCounter,
+    TokenIds,
     begin_load,
     load_pretrained,
 )
@@ -161,7 +161,7 @@ class SentenceBackend:
         elif not self.prompt and folder.default_prompt_name:
             self.prompt = folder.prompts.get(folder.default_prompt_name, "")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
-        self._count = TokenCounter(self.tokenizer)
+        self._count = TokenIds(self.tokenizer)
         # BERT's pooler is not used for sentence vectors; many folders leave it out.
         model = load_pretrained(
             transformers.AutoModel, self.path, ignore_missing=("pooler.",), dtype=self.dtype
@@ -236,6 +236,10 @@ class SentenceBackend:
     def count_tokens(self, text: str) -> int:
         return self._count(self._input(text))
 
+    def count_tokens_batch(self, texts: list[str]) -> list[int]:
+        """Token counts in one tokenizer call; the encodings wait for the pass (``TokenIds``)."""
+        return self._count.counts([self._input(t) for t in texts])
+
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         out: np.ndarray | None = None
@@ -255,9 +259,16 @@ class SentenceBackend:
         return l2_normalize(out)
 
     def _tokenize(self, batch: list[str], tensors: str) -> Any:
-        return self.tokenizer(
-            batch, padding=True, truncation=True, max_length=self.max_length, return_tensors=tensors
-        )
+        """The padded batch, as ``tokenizer(batch, padding=True, truncation=True,
+        max_length=...)`` gives it, from the encodings counting kept (the rest tokenised now);
+        a text over ``max_length`` is tokenised again with the tokenizer's own truncation."""
+        encodings = self._count.take(batch)
+        long = [i for i, e in enumerate(encodings) if len(e["input_ids"]) > self.max_length]
+        if long:
+            cut = self._count.truncated([batch[i] for i in long], self.max_length)
+            for i, enc in zip(long, cut, strict=True):
+                encodings[i] = enc
+        return self.tokenizer.pad(encodings, padding=True, return_tensors=tensors)
 
     def _encode_torch(self, batch: list[str]) -> np.ndarray:
         enc = self._tokenize(batch, "pt").to(self.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from mmembed.extras import MissingExtra, needs_extra
@@ -86,6 +87,76 @@ class TokenCounter:
     def __call__(self, text: str, special: bool = True) -> int:
         with self._lock:
             return len(self._tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+Encoding = dict[str, list[int]]  # one text's tokenizer output, unpadded: input_ids, masks, ...
+
+
+class TokenIds(TokenCounter):
+    """Token counts that keep what they computed: each counted text's encoding (untruncated,
+    unpadded) waits here, bounded, until the forward pass takes it (``take``) and pads it into
+    its batch instead of tokenising the text again. Counting runs where a tokenizer crash costs
+    only the worker (the engine's AUX lane), and the pass then tokenises nothing it was sent
+    counted. Keyed by the exact string tokenised and whether special tokens were added, so an
+    encoding taken is the one the tokenizer gives for that call: results never change.
+
+    Bounded by entries and tokens (~70 bytes a token kept); the least recently counted go
+    first. A text counted but never embedded (over a limit, a cache hit) ages out.
+    """
+
+    def __init__(self, tokenizer: Any, max_entries: int = 16384, max_tokens: int = 1 << 19) -> None:
+        super().__init__(tokenizer)
+        self.max_entries, self.max_tokens = max_entries, max_tokens
+        self._kept: OrderedDict[tuple[str, bool], Encoding] = OrderedDict()
+        self._tokens = 0
+
+    def __call__(self, text: str, special: bool = True) -> int:
+        return self.counts([text], special)[0]
+
+    def counts(self, texts: list[str], special: bool = True) -> list[int]:
+        """Token counts of ``texts``, their encodings kept for the pass."""
+        encodings = self._encode(texts, special)
+        with self._lock:
+            for text, enc in zip(texts, encodings, strict=True):
+                self._keep((text, special), enc)
+        return [len(enc["input_ids"]) for enc in encodings]
+
+    def take(self, texts: list[str], special: bool = True) -> list[Encoding]:
+        """The encodings of ``texts``: those kept by counting handed over (and forgotten), the
+        rest tokenised now, in one call."""
+        with self._lock:
+            found = [self._kept.pop((t, special), None) for t in texts]
+            for enc in found:
+                if enc is not None:
+                    self._tokens -= len(enc["input_ids"])
+        missing = [t for t, enc in zip(texts, found, strict=True) if enc is None]
+        fresh = iter(self._encode(missing, special))
+        return [enc if enc is not None else next(fresh) for enc in found]
+
+    def truncated(self, texts: list[str], max_length: int, special: bool = True) -> list[Encoding]:
+        """Encodings of ``texts`` cut to ``max_length`` tokens by the tokenizer's truncation
+        (never kept: a pass asks for these only for texts longer than it reads)."""
+        return self._encode(texts, special, truncation=True, max_length=max_length)
+
+    def _encode(self, texts: list[str], special: bool, **options: Any) -> list[Encoding]:
+        if not texts:
+            return []
+        with self._lock:
+            enc = self._tokenizer(texts, add_special_tokens=special, **options)
+        return [{name: enc[name][i] for name in enc} for i in range(len(texts))]
+
+    def _keep(self, key: tuple[str, bool], enc: Encoding) -> None:
+        old = self._kept.pop(key, None)
+        if old is not None:
+            self._tokens -= len(old["input_ids"])
+        n = len(enc["input_ids"])
+        if n > self.max_tokens:
+            return
+        self._kept[key] = enc
+        self._tokens += n
+        while len(self._kept) > self.max_entries or self._tokens > self.max_tokens:
+            _, dropped = self._kept.popitem(last=False)
+            self._tokens -= len(dropped["input_ids"])
 
 
 def begin_load(backend: Any) -> Any:
