@@ -85,6 +85,18 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
+def every_replica_ready(srv: Server, in_a_row: int = 20, timeout: float = 120) -> None:
+    """Until /health answers 200 ``in_a_row`` times running: the first 200 came from one
+    ingress replica; another may still be loading ("loading", 503 with Retry-After, as a
+    starting `mmembed serve` answers), and Serve's proxy spreads requests over them."""
+    deadline, streak = time.monotonic() + timeout, 0
+    while streak < in_a_row:
+        assert time.monotonic() < deadline, f"replicas not all ready:\n{srv.logs()[-3000:]}"
+        ok = httpx.get(srv.url + "/health", timeout=10).status_code == 200
+        streak = streak + 1 if ok else 0
+        time.sleep(0 if ok else 0.3)
+
+
 def stop_ray_server(srv: Server) -> int | None:
     srv.proc.terminate()  # SIGTERM: Serve shuts down, then the local cluster
     try:
@@ -98,6 +110,7 @@ def stop_ray_server(srv: Server) -> int | None:
 def server(shared, tmp_path_factory) -> Iterator[Server]:
     """``mmembed serve --ray`` (overrides the session's plain server for this module)."""
     srv = start_server(tmp_path_factory.mktemp("ray-log"), shared, ("--ray",), start_s=420)
+    every_replica_ready(srv)
     yield srv
     assert stop_ray_server(srv) == 0, srv.logs()[-3000:]
     assert "Traceback" not in srv.logs(), srv.logs()

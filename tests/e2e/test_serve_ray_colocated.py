@@ -37,6 +37,7 @@ from tests.e2e.test_serve_ray import (
     _tcp,
     body,
     eventually,
+    every_replica_ready,
     health,
     on_hash,
     post,
@@ -71,6 +72,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def server(shared, tmp_path_factory) -> Iterator[Server]:
     """``mmembed serve --ray`` colocated (overrides the session's plain server here)."""
     srv = start_server(tmp_path_factory.mktemp("ray-log"), shared, ("--ray",), start_s=600)
+    every_replica_ready(srv)
     yield srv
     assert stop_ray_server(srv) == 0, srv.logs()[-3000:]
     assert "Traceback" not in srv.logs(), srv.logs()
