@@ -106,25 +106,36 @@ def stop_ray_server(srv: Server) -> int | None:
         return None
 
 
-@pytest.fixture(scope="module")
-def server(shared, tmp_path_factory) -> Iterator[Server]:
-    """``mmembed serve --ray`` (overrides the session's plain server for this module)."""
-    srv = start_server(tmp_path_factory.mktemp("ray-log"), shared, ("--ray",), start_s=420)
+def ray_server(shared: dict[str, str], tmp_path_factory, start_s: float) -> Iterator[Server]:
+    """``mmembed serve --ray`` with ``shared``'s settings, every replica ready; after the
+    module it must stop by itself, without a traceback."""
+    srv = start_server(tmp_path_factory.mktemp("ray-log"), shared, ("--ray",), start_s=start_s)
     every_replica_ready(srv)
     yield srv
     assert stop_ray_server(srv) == 0, srv.logs()[-3000:]
     assert "Traceback" not in srv.logs(), srv.logs()
 
 
-@pytest.fixture(scope="module")
-def plain(shared, server, tmp_path_factory) -> Iterator[Server]:
-    """Plain ``mmembed serve`` on the same catalog and directories (started after the Serve
-    one, so the offline model's exports are cached)."""
-    # (it shares the accounts database: batch jobs are left to the Serve application)
-    env = {**shared, "MMEMBED_BATCH_JOBS_PER_PROCESS": "0"}
+def plain_server(shared: dict[str, str], tmp_path_factory) -> Iterator[Server]:
+    """Plain ``mmembed serve`` on the same catalog and directories. It shares the accounts
+    database, so it runs no batch jobs: they are left to the Serve application."""
+    env = {k: v for k, v in shared.items() if k != "MMEMBED_RAY_MODE"}
+    env["MMEMBED_BATCH_JOBS_PER_PROCESS"] = "0"
     srv = start_server(tmp_path_factory.mktemp("plain-log"), env)
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def server(shared, tmp_path_factory) -> Iterator[Server]:
+    """``mmembed serve --ray`` (overrides the session's plain server for this module)."""
+    yield from ray_server(shared, tmp_path_factory, start_s=420)
+
+
+@pytest.fixture(scope="module")
+def plain(shared, server, tmp_path_factory) -> Iterator[Server]:
+    """Plain serve, started after the Serve one (so the offline model's exports are cached)."""
+    yield from plain_server(shared, tmp_path_factory)
 
 
 def body(model: str, contents: list, **parameters) -> dict:

@@ -22,7 +22,7 @@ import dashscope
 import pytest
 
 from mmembed.models.catalog import PACKAGED_PROFILES
-from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.conftest import Server
 from tests.e2e.test_sdk import (  # noqa: F401  (the SDK's core cases, run against Serve)
     media,
     test_image_url,
@@ -37,11 +37,11 @@ from tests.e2e.test_serve_ray import (
     _tcp,
     body,
     eventually,
-    every_replica_ready,
     health,
     on_hash,
+    plain_server,
     post,
-    stop_ray_server,
+    ray_server,
     test_repeated_rerank_documents_meet_the_replica_that_caches_them,  # noqa: F401
     test_rerank_is_answered_as_plain_serve_answers_it,  # noqa: F401
 )
@@ -70,21 +70,12 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(shared, tmp_path_factory) -> Iterator[Server]:
     """``mmembed serve --ray`` colocated (overrides the session's plain server here)."""
-    srv = start_server(tmp_path_factory.mktemp("ray-log"), shared, ("--ray",), start_s=600)
-    every_replica_ready(srv)
-    yield srv
-    assert stop_ray_server(srv) == 0, srv.logs()[-3000:]
-    assert "Traceback" not in srv.logs(), srv.logs()
+    yield from ray_server(shared, tmp_path_factory, start_s=600)
 
 
 @pytest.fixture(scope="module")
 def plain(shared, server, tmp_path_factory) -> Iterator[Server]:
-    env = {k: v for k, v in shared.items() if k != "MMEMBED_RAY_MODE"}
-    # (it shares the accounts database: batch jobs are left to the Serve application)
-    env["MMEMBED_BATCH_JOBS_PER_PROCESS"] = "0"
-    srv = start_server(tmp_path_factory.mktemp("plain-log"), env)
-    yield srv
-    stop_server(srv)
+    yield from plain_server(shared, tmp_path_factory)
 
 
 def replicas(srv: Server) -> list[dict]:
