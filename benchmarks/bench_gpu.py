@@ -641,7 +641,9 @@ def start_server(catalog_path: str, args, src: str | None = None) -> tuple[subpr
         **os.environ,
         "MMEMBED_PORT": str(port),
         "MMEMBED_CATALOG": catalog_path,
-        "MMEMBED_CACHE_DIR": args.cache_dir,
+        # Each checkout its own cache dir: it holds the accounts database, whose schema
+        # version differs between checkouts.
+        "MMEMBED_CACHE_DIR": args.cache_dir + ("-baseline" if src else ""),
         "MMEMBED_EMBED_CACHE_MB": "0",
         "MMEMBED_LOG_LEVEL": "error",
         "PYTHONPATH": os.pathsep.join(

@@ -51,6 +51,7 @@ from PIL import Image
 
 from mmembed.extras import install_hint
 from mmembed.models.base import FUSED, IMAGE, TEXT, VIDEO, EmbedInput, l2_normalize
+from mmembed.models.pixels import PixelTable
 from mmembed.models.torchutil import (
     Encoding,
     TokenCounter,
@@ -188,8 +189,14 @@ class Qwen3VLBackend:
         vision = config.vision_config
         self.patch, self.merge = int(vision.patch_size), int(vision.spatial_merge_size)
         self.temporal = int(vision.temporal_patch_size)
-        self.mean = np.asarray(self.image_processor.image_mean, np.float32).reshape(1, 3, 1, 1)
-        self.std = np.asarray(self.image_processor.image_std, np.float32).reshape(1, 3, 1, 1)
+        # Frames: (x / 255 - mean) / std in float32, per value (transformers' video processor
+        # needs torchvision); images: the image processor's own steps, where a table matches.
+        mean = np.asarray(self.image_processor.image_mean, np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.image_processor.image_std, np.float32).reshape(3, 1, 1)
+        self._video_table = PixelTable.from_function(
+            lambda v: (v.astype(np.float32) / 255.0 - mean) / std
+        )
+        self._table: PixelTable | bool | None = None
         self.image_token_id, self.video_token_id = config.image_token_id, config.video_token_id
         token = self.tokenizer.convert_ids_to_tokens
         self.image_pad, self.video_pad = token(config.image_token_id), token(config.video_token_id)
@@ -303,17 +310,7 @@ class Qwen3VLBackend:
     def _embed_batch(self, items: list[EmbedInput]) -> np.ndarray:
         torch = self._torch
         images = [self.prepare_image(im) for item in items for im in item.images]
-        image_inputs: dict[str, Any] = {}
-        if images:
-            lo, hi = self.image_pixels
-            image_inputs = dict(
-                self.image_processor(
-                    images=[np.asarray(im) for im in images],
-                    size={"shortest_edge": lo, "longest_edge": hi},
-                    do_resize=False,  # prepare_image resized them
-                    return_tensors="pt",
-                )
-            )
+        image_inputs = self.image_pixels_of([np.asarray(im) for im in images]) if images else {}
         image_grids = iter(image_inputs.get("image_grid_thw", []))
 
         video_patches, video_grids, sequences = [], [], []
@@ -350,6 +347,46 @@ class Qwen3VLBackend:
             last = kwargs["attention_mask"].sum(dim=1) - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return pooled.float().cpu().numpy()
+
+    def image_pixels_of(self, images: list[np.ndarray]) -> dict[str, Any]:
+        """``pixel_values`` and ``image_grid_thw`` for prepared (already resized) uint8 images,
+        as the checkpoint's image processor gives them: by table lookup where that gives the
+        same bytes (checked once on a sample), else by the processor."""
+        if self._table is None:
+
+            def same(table: PixelTable) -> bool:
+                rng = np.random.default_rng(0)
+                sample = [
+                    rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in ((64, 32), (32, 96))
+                ]
+                want = self._processed(sample)
+                got = self._table_pixels(table, sample)
+                return all(np.array_equal(got[k], want[k].numpy()) for k in want)
+
+            self._table = PixelTable.of(self.image_processor, same) or False
+        if not self._table:
+            return self._processed(images)
+        return {
+            k: self._torch.from_numpy(v) for k, v in self._table_pixels(self._table, images).items()
+        }
+
+    def _processed(self, images: list[np.ndarray]) -> dict[str, Any]:
+        lo, hi = self.image_pixels
+        return dict(
+            self.image_processor(
+                images=images,
+                size={"shortest_edge": lo, "longest_edge": hi},
+                do_resize=False,  # prepare_image resized them
+                return_tensors="pt",
+            )
+        )
+
+    def _table_pixels(self, table: PixelTable, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+        p, m, tp = self.patch, self.merge, self.temporal
+        return {
+            "pixel_values": np.concatenate([table.image_patches(im, p, m, tp) for im in images]),
+            "image_grid_thw": np.array([(1, im.shape[0] // p, im.shape[1] // p) for im in images]),
+        }
 
     def _render(self, item: EmbedInput, video_marks: list[str], image_marks: list[str]) -> str:
         prompt = self.tokenizer.apply_chat_template(
@@ -394,22 +431,16 @@ class Qwen3VLBackend:
         """(patches, (t, h, w) grid, one timestamp per temporal patch) for a sampled clip."""
         frames = self.prepare_video(VideoClip(list(clip.frames), clip.duration)).frames
         n, (w, h) = len(frames), frames[0].size
-        arr = np.stack([np.asarray(f, np.float32) for f in frames]).transpose(0, 3, 1, 2)
-        arr = (arr / 255.0 - self.mean) / self.std
+        arr = np.stack([np.asarray(f) for f in frames])
         stamps = list(clip.timestamps) if len(clip.timestamps) == n else _even(clip.duration, n)
         if pad := -n % self.temporal:  # whole temporal patches: repeat the last frame
             arr = np.concatenate([arr, np.repeat(arr[-1:], pad, axis=0)])
             stamps += [stamps[-1]] * pad
-        t, c = arr.shape[0] // self.temporal, arr.shape[1]
         p, m, tp = self.patch, self.merge, self.temporal
-        gh, gw = h // p, w // p
-        patches = (
-            arr.reshape(t, tp, c, gh // m, m, p, gw // m, m, p)
-            .transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-            .reshape(t * gh * gw, c * tp * p * p)
-        )
+        t, gh, gw = arr.shape[0] // tp, h // p, w // p
+        patches = self._video_table.patches(arr, p, m, tp)
         mids = [(stamps[i] + stamps[i + tp - 1]) / 2 for i in range(0, len(stamps), tp)]
-        return np.ascontiguousarray(patches, np.float32), (t, gh, gw), mids
+        return patches, (t, gh, gw), mids
 
 
 def _fill(prompt: str, mark: str, replacements: list[str]) -> str:

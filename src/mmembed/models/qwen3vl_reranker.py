@@ -163,12 +163,7 @@ class Qwen3VLReranker(Qwen3VLBackend):
     def _image(self, image: Any, prepared: dict[int, Any]) -> tuple[Any, Any]:
         key = id(image)
         if key not in prepared:
-            lo, hi = self.image_pixels
-            enc = self.image_processor(
-                images=[image.convert("RGB")],
-                size={"shortest_edge": lo, "longest_edge": hi},
-                return_tensors="pt",
-            )
+            enc = self.image_pixels_of([np.asarray(self.prepare_image(image))])
             prepared[key] = (image, enc["pixel_values"], enc["image_grid_thw"][0])
         return prepared[key][1:]
 
