@@ -384,7 +384,7 @@ class Qwen3VLBackend:
     def _table_pixels(self, table: PixelTable, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         p, m, tp = self.patch, self.merge, self.temporal
         return {
-            "pixel_values": np.concatenate([table.image_patches(im, p, m, tp) for im in images]),
+            "pixel_values": np.concatenate([table.patches(im[None], p, m, tp) for im in images]),
             "image_grid_thw": np.array([(1, im.shape[0] // p, im.shape[1] // p) for im in images]),
         }
 
