@@ -41,12 +41,14 @@ class PixelTable:
         except Exception:  # a processor of another shape: its own path is used
             return None
 
-    def chw(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 -> (N, 3, H, W) float32."""
-        out = np.empty((images.shape[0], 3, *images.shape[1:3]), np.float32)
+    def chw(self, images: np.ndarray, channels_last: bool = False) -> np.ndarray:
+        """(N, 3, H, W) uint8, or (N, H, W, 3) with ``channels_last``, -> (N, 3, H, W) float32."""
+        hw = images.shape[1:3] if channels_last else images.shape[2:]
+        out = np.empty((images.shape[0], 3, *hw), np.float32)
         for i in range(images.shape[0]):  # a take into each contiguous plane: 4x one gather
             for c in range(3):
-                np.take(self.table[c], images[i, ..., c], out=out[i, c], mode="clip")
+                plane = images[i, ..., c] if channels_last else images[i, c]
+                np.take(self.table[c], plane, out=out[i, c], mode="clip")
         return out
 
     def patches(self, frames: np.ndarray, patch: int, merge: int, temporal: int) -> np.ndarray:
@@ -55,7 +57,9 @@ class PixelTable:
         channel x time x patch x patch, as Qwen2-VL's image processor lays them out."""
         n, h, w, _ = frames.shape
         t, gh, gw, m = max(1, n // temporal), h // patch, w // patch, merge
-        values = self.chw(frames).reshape(t, n // t, 3, gh // m, m, patch, gw // m, m, patch)
+        values = self.chw(frames, channels_last=True).reshape(
+            t, n // t, 3, gh // m, m, patch, gw // m, m, patch
+        )
         # (t, gh', gw', mh, mw, c, time, ph, pw); one frame is broadcast over time
         order = values.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
         out = np.empty((t * gh * gw, 3 * temporal * patch * patch), np.float32)
