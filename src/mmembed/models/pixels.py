@@ -51,10 +51,19 @@ class PixelTable:
                 np.take(self.table[c], plane, out=out[i, c], mode="clip")
         return out
 
-    def patches(self, frames: np.ndarray, patch: int, merge: int, temporal: int) -> np.ndarray:
+    def patches(
+        self,
+        frames: np.ndarray,
+        patch: int,
+        merge: int,
+        temporal: int,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Qwen-VL's flat patches from (T, H, W, 3) uint8 frames, T a multiple of ``temporal``
         or 1 (an image: the frame repeated over time): rows in merge-window order, each row
-        channel x time x patch x patch, as Qwen2-VL's image processor lays them out."""
+        channel x time x patch x patch, as Qwen2-VL's image processor lays them out. Written
+        into ``out`` when given (a batch's rows in one allocation: fresh pages cost more than
+        the copy)."""
         n, h, w, _ = frames.shape
         t, gh, gw, m = max(1, n // temporal), h // patch, w // patch, merge
         values = self.chw(frames, channels_last=True).reshape(
@@ -62,7 +71,8 @@ class PixelTable:
         )
         # (t, gh', gw', mh, mw, c, time, ph, pw); one frame is broadcast over time
         order = values.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        out = np.empty((t * gh * gw, 3 * temporal * patch * patch), np.float32)
+        if out is None:
+            out = np.empty((t * gh * gw, 3 * temporal * patch * patch), np.float32)
         np.copyto(out.reshape(t, gh // m, gw // m, m, m, 3, temporal, patch, patch), order)
         return out
 
