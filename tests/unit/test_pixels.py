@@ -54,12 +54,17 @@ def test_dual_pixels_are_the_processors_bytes(dual):
 
 
 def test_dual_prepared_pixels_are_the_processors_resize(dual):
+    """SigLIP's fixed-size resize is done by PIL directly (checked once), CLIP's resize and
+    crop by the processor; either way the bytes are the processor's."""
     proc = dual._processor()
-    image = photos([(123, 77)])[0]
-    want = proc(images=[image], do_rescale=False, do_normalize=False, return_tensors="np")
-    got = dual.prepare_image(image)
-    assert got.dtype == np.uint8
-    assert got.flags.c_contiguous and np.array_equal(got, want["pixel_values"][0])
+    for image in photos([(123, 77), (384, 384), (31, 500)]):
+        want = proc(
+            images=[image.convert("RGB")], do_rescale=False, do_normalize=False, return_tensors="np"
+        )["pixel_values"][0]
+        got = dual.prepare_image(image)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        assert np.array_equal(got, want), image.size
+    assert bool(dual._direct) is dual.siglip
 
 
 def test_qwen_image_patches_are_the_processors_bytes(qwen):
