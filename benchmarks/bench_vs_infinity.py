@@ -20,6 +20,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 
 from loadgen import (
     EMBED_PATH,
@@ -44,13 +45,13 @@ def minilm_folder() -> str:
     return str(get_model_path())
 
 
-def start_infinity(path: str) -> tuple[subprocess.Popen, str]:
+def start_infinity(path: str, dtype: str) -> tuple[subprocess.Popen, str]:
     if not os.path.exists(path):
         raise SystemExit(f"infinity-emb not installed at {path}; see this script's docstring")
     port = free_port()
     cmd = [path, "v2", "--model-id", minilm_folder(), "--served-model-name", "minilm",
            "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning"]  # fmt: skip
+           "--log-level", "warning", "--dtype", dtype]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url + "/health", proc)
@@ -63,10 +64,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--infinity", default=INFINITY, help="infinity_emb executable")
     ap.add_argument("--baseline", default="", help="another checkout's src to compare with")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="both servers' weights (bfloat16: torch on CPUs with AMX, for both)",
+    )
     args = ap.parse_args()
 
     corpus = sentences(100_000)
     catalog = os.path.join(HERE, "minilm.toml")
+    if args.dtype != "float32":
+        work = tempfile.mkdtemp(prefix="bench-vs-infinity-")
+        with open(catalog) as f:
+            text = f.read().replace(
+                'family = "sentence"', f'family = "sentence"\ndtype = "{args.dtype}"'
+            )
+        catalog = os.path.join(work, "minilm.toml")
+        with open(catalog, "w") as f:
+            f.write(text)
     mm_proc, mm_url = start_mmembed(
         {"MMEMBED_CATALOG": catalog, "MMEMBED_LOG_LEVEL": "error"}, quiet=False
     )
@@ -74,7 +90,7 @@ def main() -> None:
     if args.baseline:
         env = {"MMEMBED_CATALOG": catalog, "MMEMBED_LOG_LEVEL": "error"}
         base_proc, base_url = start_mmembed({**env, "PYTHONPATH": args.baseline}, quiet=False)
-    inf_proc, inf_url = start_infinity(args.infinity)
+    inf_proc, inf_url = start_infinity(args.infinity, args.dtype)
 
     def bodies(per_request: int):
         def mm(i: int) -> dict:
@@ -122,7 +138,8 @@ def main() -> None:
             stop(base_proc)
 
     print(
-        f"\nall-MiniLM-L6-v2, {os.cpu_count()} cores, best of {args.rounds} alternating rounds, "
+        f"\nall-MiniLM-L6-v2 ({args.dtype}), {os.cpu_count()} cores, "
+        f"best of {args.rounds} alternating rounds, "
         f"load average {os.getloadavg()[0]:.1f} at the end"
     )
     header = ["scenario", "mmembed texts/s", "infinity texts/s", "ratio",

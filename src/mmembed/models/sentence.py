@@ -16,7 +16,7 @@ all-MiniLM-L6-v2 folder), ``device``, ``dtype`` (see ``torchutil``), ``pooling``
 the folder), ``max_length`` (0: from the folder, else the model's position limit), ``prompt``
 (a prefix for every text, e.g. ``"query: "``; empty: the folder's default prompt),
 ``prompt_name`` (one of the folder's prompts, e.g. ``query``), ``batch_size``, ``threads``,
-``runtime`` (``auto``: ONNX Runtime on CPU, torch elsewhere).
+``runtime`` (``auto``: ONNX Runtime on CPU in float32, torch otherwise).
 """
 
 from __future__ import annotations
@@ -177,8 +177,11 @@ class SentenceBackend:
             for kind, step in folder.steps
             if kind == "dense"
         ]
-        if self.runtime == "auto":
-            self.runtime = "onnxruntime" if self.device.type == "cpu" else "torch"
+        fp32 = self.dtype == self._torch.float32
+        if self.runtime == "auto":  # the ONNX export is float32: another dtype runs in torch
+            self.runtime = "onnxruntime" if self.device.type == "cpu" and fp32 else "torch"
+        elif self.runtime == "onnxruntime" and not fp32:
+            raise ValueError(f"runtime onnxruntime runs float32 only, not {self.dtype}")
         self._onnx = self._onnx_session() if self.runtime == "onnxruntime" else None
         if self._onnx is not None:
             del self.model  # the session holds its own copy of the weights
