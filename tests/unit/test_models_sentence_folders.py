@@ -97,3 +97,18 @@ def test_legacy_folder_format(tmp_path):
     folder = build_sentence(tmp_path / "legacy")
     backend = assert_parity(folder)
     assert backend.pooling == "mean" and backend.max_length == 64
+
+
+def test_bfloat16_runs_in_torch_and_onnxruntime_stays_float32(tmp_path):
+    """``dtype = "bfloat16"`` (for CPUs with bf16 matrix units) runs in torch under ``auto``,
+    close to the float32 reference; asking ONNX Runtime, which runs the float32 export, for
+    bfloat16 is refused by name rather than silently ignored."""
+    import torch
+
+    folder = build_st_folder(tmp_path / "st", "mean")
+    backend = served(folder, "auto", dtype="bfloat16", cache_dir=str(tmp_path / "cache"))
+    assert backend.runtime == "torch" and backend.dtype == torch.bfloat16
+    assert cosines(backend.embed_texts(TEXTS), reference(folder, TEXTS)).min() >= 0.99
+    assert served(folder, "auto", cache_dir=str(tmp_path / "cache")).runtime == "onnxruntime"
+    with pytest.raises(ValueError, match="onnxruntime runs float32 only"):
+        served(folder, "onnxruntime", dtype="bfloat16")
