@@ -42,6 +42,7 @@ from tests.e2e.test_serve_ray import (
     plain_server,
     post,
     ray_server,
+    test_a_batch_job_runs_on_the_backend_replicas,  # noqa: F401
     test_repeated_rerank_documents_meet_the_replica_that_caches_them,  # noqa: F401
     test_rerank_is_answered_as_plain_serve_answers_it,  # noqa: F401
 )
