@@ -5,7 +5,11 @@
 - Base64 data: URIs: the strict C decode (well-formed input) vs the careful path that tolerates
   whitespace and gives diagnostics (taken by MIME-style line-wrapped input), 16 x ~1.2 MB PNG.
 - The default model's classifier (EfficientNet-Lite0) on 16 images: ONNX Runtime vs eager torch.
-- all-MiniLM-L6-v2 on 1 and on 32 sentences: ONNX Runtime vs eager torch.
+- all-MiniLM-L6-v2 on 1 and on 32 sentences: ONNX Runtime vs eager torch; on 64 sentences:
+  float32 ONNX Runtime (the default) vs bfloat16 torch (``dtype = "bfloat16"``, for CPUs with
+  bf16 matrix units), with the lowest cosine between their vectors.
+- Image pixels for the model, 8 x 384 px: the image processor's rescale + normalise (+ Qwen's
+  patch layout) vs the table lookup of ``models/pixels.py`` (byte-equal, checked here).
 Best of ``--repeat``; ratio = baseline time / fast-path time.
 """
 
@@ -44,6 +48,38 @@ def data_uris() -> tuple[list[str], list[str]]:
         strict.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
         wrapped.append("data:image/png;base64," + base64.encodebytes(buf.getvalue()).decode())
     return strict, wrapped
+
+
+def pixel_rows(row: Callable[..., None], repeat: int) -> None:
+    """The image processors of Qwen2-VL (16 px patches, 2x2 merge) and SigLIP (384 px) on eight
+    384 px images already at size: their own path vs ``PixelTable``, outputs byte-equal."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from mmembed.models.pixels import PixelTable
+
+    rng = np.random.default_rng(2)
+    hwc = [rng.integers(0, 256, (384, 384, 3), np.uint8) for _ in range(8)]
+    qwen = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2)
+    table = PixelTable.of(qwen, lambda _: True)
+    assert table is not None
+    want = qwen(images=hwc, do_resize=False, return_tensors="np")["pixel_values"]
+    assert np.array_equal(table.image_patches(hwc, 16, 2, 2)[0], want)
+    base = best(lambda: qwen(images=hwc, do_resize=False, return_tensors="np"), repeat)
+    fast = best(lambda: table.image_patches(hwc, 16, 2, 2), repeat)
+    row("Qwen-VL pixels, 8 x 384 px", "image processor", base, "table + one copy", fast)
+
+    siglip = SiglipImageProcessorPil(size={"height": 384, "width": 384})
+    chw = np.stack([np.ascontiguousarray(im.transpose(2, 0, 1)) for im in hwc])
+    table = PixelTable.of(siglip, lambda _: True)
+    assert table is not None
+    want = siglip(images=list(chw), do_resize=False, return_tensors="np")["pixel_values"]
+    assert np.array_equal(table.chw(chw), want)
+    base = best(lambda: siglip(images=list(chw), do_resize=False, return_tensors="np"), repeat)
+    fast = best(lambda: table.chw(chw), repeat)
+    row("SigLIP pixels, 8 x 384 px", "image processor", base, "table", fast)
 
 
 def main() -> None:
@@ -93,6 +129,16 @@ def main() -> None:
             row(f"all-MiniLM-L6-v2, {n} sentence(s)", "eager torch", t["torch"], "ONNX Runtime",
                 t["onnxruntime"])  # fmt: skip
 
+        texts = sentences(64)
+        fp32 = models["onnxruntime"]
+        bf16 = create_backend("sentence", {**options, "dtype": "bfloat16"})
+        bf16.load()
+        t = {m: best(lambda m=m: m.embed_texts(texts), args.repeat) for m in (fp32, bf16)}
+        low = float((fp32.embed_texts(texts) * bf16.embed_texts(texts)).sum(axis=1).min())
+        row(f"all-MiniLM-L6-v2, 64 sentences (min cos {low:.5f})", "float32 ONNX Runtime",
+            t[fp32], "bfloat16 torch", t[bf16])  # fmt: skip
+
+    pixel_rows(row, args.repeat)
     print(f"\n{os.cpu_count()} cores, best of {args.repeat}")
     header = ["work", "baseline", "ms", "fast path", "ms", "speed-up"]
     print(table(header, rows))

@@ -259,8 +259,8 @@ class DualBackend(PooledBackend):
 
     def _plain_resize(self) -> tuple[tuple[int, int], int] | None:
         """((width, height), resample) when the processor's resize is one PIL resize to a fixed
-        size and nothing else (SigLIP's: 2.8 ms per image where the processor, converting to
-        arrays and back, takes 3.8), checked once on a sample; None otherwise (CLIP crops)."""
+        size and nothing else (SigLIP's: the processor converts to arrays and back around the
+        same resize), checked once on a sample; None otherwise (CLIP crops)."""
         proc = self._processor()
         size = getattr(proc, "size", None)
         get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)

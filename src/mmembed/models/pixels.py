@@ -4,8 +4,8 @@ An image processor's rescale and normalise steps act on each value alone: output
 value). With 8-bit input there are only 3 x 256 outcomes, so the table holds f computed once by
 the processor's own functions, and an image costs a lookup per value instead of a float64
 multiply, a cast, a subtract and a divide (the processor's numpy path). Qwen's patch layout is
-then one strided copy into the batch's output, the temporal repeat included: about 1.2 ms per
-384 px image on this project's CPUs, where the processor takes 4.9 ms.
+then one strided copy into the batch's output, the temporal repeat included: 3x faster than
+the processor (``benchmarks/bench_cpu_paths.py``).
 
 ``PixelTable.of(processor, check)`` gives None when the caller's check (the table against the
 processor, on a random sample) finds one bit of difference, so a processor that does more than
@@ -62,8 +62,7 @@ class PixelTable:
         """Qwen-VL's flat patches from (T, H, W, 3) uint8 frames, T a multiple of ``temporal``
         or 1 (an image: the frame repeated over time): rows in merge-window order, each row
         channel x time x patch x patch, as Qwen2-VL's image processor lays them out. Written
-        into ``out`` when given (a batch's rows in one allocation: fresh pages cost more than
-        the copy)."""
+        into ``out`` when given."""
         n, h, w, _ = frames.shape
         t, gh, gw, m = max(1, n // temporal), h // patch, w // patch, merge
         values = self.chw(frames, channels_last=True).reshape(
@@ -75,6 +74,19 @@ class PixelTable:
             out = np.empty((t * gh * gw, 3 * temporal * patch * patch), np.float32)
         np.copyto(out.reshape(t, gh // m, gw // m, m, m, 3, temporal, patch, patch), order)
         return out
+
+    def image_patches(
+        self, images: list[np.ndarray], patch: int, merge: int, temporal: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(pixel_values, image_grid_thw) for (H, W, 3) uint8 images, as Qwen2-VL's image
+        processor gives them for images already at their size: every image's patches written
+        into one allocation (fresh pages cost more than the copy)."""
+        grids = np.array([(1, im.shape[0] // patch, im.shape[1] // patch) for im in images])
+        rows = np.concatenate([[0], np.cumsum(grids.prod(axis=1))])
+        out = np.empty((int(rows[-1]), 3 * temporal * patch * patch), np.float32)
+        for im, start, stop in zip(images, rows[:-1], rows[1:], strict=True):
+            self.patches(im[None], patch, merge, temporal, out=out[start:stop])
+        return out, grids
 
 
 def _processor_steps(processor: Any, chw: np.ndarray) -> np.ndarray:

@@ -382,13 +382,8 @@ class Qwen3VLBackend:
         )
 
     def _table_pixels(self, table: PixelTable, images: list[np.ndarray]) -> dict[str, np.ndarray]:
-        p, m, tp = self.patch, self.merge, self.temporal
-        grids = np.array([(1, im.shape[0] // p, im.shape[1] // p) for im in images])
-        rows = np.concatenate([[0], np.cumsum(grids.prod(axis=1))])
-        out = np.empty((int(rows[-1]), 3 * tp * p * p), np.float32)
-        for im, start, stop in zip(images, rows[:-1], rows[1:], strict=True):
-            table.patches(im[None], p, m, tp, out=out[start:stop])
-        return {"pixel_values": out, "image_grid_thw": grids}
+        pixels, grids = table.image_patches(images, self.patch, self.merge, self.temporal)
+        return {"pixel_values": pixels, "image_grid_thw": grids}
 
     def _render(self, item: EmbedInput, video_marks: list[str], image_marks: list[str]) -> str:
         prompt = self.tokenizer.apply_chat_template(

@@ -181,7 +181,8 @@ class SentenceBackend:
         if self.runtime == "auto":  # the ONNX export is float32: another dtype runs in torch
             self.runtime = "onnxruntime" if self.device.type == "cpu" and fp32 else "torch"
         elif self.runtime == "onnxruntime" and not fp32:
-            raise ValueError(f"runtime onnxruntime runs float32 only, not {self.dtype}")
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise ValueError(f"runtime onnxruntime runs float32 only, not dtype {dtype}")
         self._onnx = self._onnx_session() if self.runtime == "onnxruntime" else None
         if self._onnx is not None:
             del self.model  # the session holds its own copy of the weights
