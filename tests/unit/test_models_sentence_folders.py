@@ -86,9 +86,51 @@ def test_do_lower_case(tmp_path):
     assert backend.count_tokens("A RED CAR") == backend.count_tokens("a red car")
 
 
-def test_onnx_runtime_pools_like_torch(tmp_path):
-    folder = build_st_folder(tmp_path / "st", ["cls", "mean"], dense=True)
-    assert_parity(folder, runtime="onnxruntime", cache_dir=str(tmp_path / "cache"))
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_onnx_runtime_pools_like_torch(tmp_path, padding_side):
+    folder = build_st_folder(
+        tmp_path / "st", ["cls", "lasttoken"], dense=True, padding_side=padding_side
+    )
+    cache = tmp_path / "cache"
+    assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))
+    assert len(list(cache.glob("*.onnx"))) == 1
+    assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))  # from the cache
+
+
+def test_onnx_check_refuses_a_graph_that_ignores_the_mask(tmp_path):
+    """The check a traced export must pass: the real export passes it, and the same graph fed
+    an all-ones mask (what a tracer that baked in the unpadded branch would compute) fails."""
+    import numpy as np
+
+    from mmembed.models import onnxrt
+
+    folder = build_st_folder(tmp_path / "st", "mean")
+    cache = tmp_path / "cache"
+    names = served(folder, "onnxruntime", cache_dir=str(cache))._input_names
+    (path,) = cache.glob("*.onnx")
+    run = onnxrt.session(str(path), 1)
+    ref = served(folder)
+
+    def encoder(*tensors):
+        return ref.model(**dict(zip(names, tensors, strict=True))).last_hidden_state
+
+    def unmasked(feed):
+        return run({**feed, "attention_mask": np.ones_like(feed["attention_mask"])})
+
+    assert ref._matches(encoder, names, run)
+    assert not ref._matches(encoder, names, unmasked)
+
+
+def test_onnx_export_that_differs_from_torch_falls_back(tmp_path, monkeypatch, caplog):
+    from mmembed.models.sentence import SentenceBackend
+
+    monkeypatch.setattr(SentenceBackend, "_matches", lambda *args: False)
+    folder = build_st_folder(tmp_path / "st", "mean")
+    cache = tmp_path / "cache"
+    with caplog.at_level("WARNING", logger="mmembed.models"):
+        assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))
+    assert "differs from torch; exporting with torch.export" in caplog.text
+    assert len(list(cache.glob("*.onnx"))) == 1  # only the torch.export graph was stored
 
 
 def test_legacy_folder_format(tmp_path):

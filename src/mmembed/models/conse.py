@@ -204,12 +204,10 @@ class ConSEBackend(PooledBackend):
         size = self.image_size or 224
         weights = _weights_file(self.classifier_name)
 
-        def build() -> tuple[Any, tuple, dict]:
+        def build() -> tuple[Any, tuple, None]:
             import torch
 
-            example = (torch.zeros(2, 3, size, size),)
-            batch_dim = ({0: torch.export.Dim("n", min=1)},)
-            return _load_classifier(self.classifier_name), example, batch_dim
+            return _load_classifier(self.classifier_name), (torch.zeros(2, 3, size, size),), None
 
         model = onnxrt.export_cached(
             self.cache_dir,

@@ -2,9 +2,10 @@
 
 On this project's CPUs ONNX Runtime runs the default model's classifier ~5x faster than eager
 torch, and MiniLM ~1.5x on single sentences, about even on batches of 32
-(benchmarks/bench_cpu_paths.py, docs/benchmarks.md). The export uses torch's
-``torch.export``-based exporter: the older TorchScript tracer silently mis-exports
-transformers' BERT attention masks. Each caller checks parity in its tests.
+(benchmarks/bench_cpu_paths.py, docs/benchmarks.md). The default exporter is
+``torch.export``; the TorchScript tracer is faster to run and to export but records one path
+through data-dependent branches (it mis-exports transformers' SDPA attention masks, for one), so
+a caller uses it only where it is exact or where ``check`` compares the export with torch.
 """
 
 from __future__ import annotations
@@ -22,22 +23,28 @@ from typing import Any
 import numpy as np
 
 
+class ExportMismatch(Exception):
+    """A fresh export failed its caller's check against torch."""
+
+
 def export_cached(
     cache_dir: str,
     key: Sequence[str],
-    build: Callable[[], tuple[Any, tuple, dict]],
+    build: Callable[[], tuple[Any, tuple, Any]],
     input_names: list[str],
     output_names: list[str],
     *,
     tracer: bool = False,
+    check: Callable[[bytes], bool] | None = None,
 ) -> str | bytes:
     """The ONNX model for ``key``: a cached file path, or the bytes when there is no cache dir.
 
-    ``build`` returns (module, example args, dynamic_shapes as ``torch.onnx.export`` takes them)
-    and is called only on a miss, so a warm start never imports torch. ``tracer``: use the
-    TorchScript tracer rather than ``torch.export`` (only for models it exports exactly, such as
-    plain convnets: several times faster); the first dimension of each input and output is
-    then the dynamic one.
+    ``build`` returns (module, example args, dynamic shapes) and is called only on a miss, so a
+    warm start never imports torch. The dynamic shapes are ``torch.onnx.export``'s
+    ``dynamic_shapes``; with ``tracer`` (the TorchScript tracer rather than ``torch.export``)
+    they map each input and output name to ``{axis: name}``, and None makes the first axis of
+    each the dynamic one. ``check`` sees a fresh export before it is stored; when it says no,
+    nothing is stored and ``ExportMismatch`` is raised.
     """
     parts = [*key, "tracer"] if tracer else list(key)
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
@@ -63,11 +70,12 @@ def export_cached(
                 buf,
                 input_names=input_names,
                 output_names=output_names,
-                dynamic_axes={name: {0: "n"} for name in (*input_names, *output_names)},
+                dynamic_axes=dynamic_shapes
+                or {name: {0: "n"} for name in (*input_names, *output_names)},
                 opset_version=18,
                 dynamo=False,
             )
-        return _store(path, buf.getvalue(), key[0], started)
+        return _store(path, buf.getvalue(), key[0], started, check)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # exporter progress notes and deprecations are noise
         program = torch.onnx.export(
@@ -80,13 +88,17 @@ def export_cached(
             opset_version=18,
             dynamo=True,
         )
-    return _store(path, program.model_proto.SerializeToString(), key[0], started)
+    return _store(path, program.model_proto.SerializeToString(), key[0], started, check)
 
 
-def _store(path: str, data: bytes, name: str, started: float) -> str | bytes:
+def _store(
+    path: str, data: bytes, name: str, started: float, check: Callable[[bytes], bool] | None
+) -> str | bytes:
     logging.getLogger("mmembed.models").info(
         "exported %s to ONNX in %.1f s", name, time.monotonic() - started
     )
+    if check is not None and not check(data):
+        raise ExportMismatch(f"the ONNX export of {name} differs from torch")
     if not path:
         return data
     atomic_write(path, data)

@@ -22,6 +22,7 @@ the folder), ``max_length`` (0: from the folder, else the model's position limit
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -206,13 +207,18 @@ class SentenceBackend:
         return len(ids)
 
     def _onnx_session(self) -> Any:
-        """The encoder under ONNX Runtime (for MiniLM on CPU: ~1.5x eager torch
-        on single sentences, even on batches of 32; benchmarks/bench_cpu_paths.py)."""
+        """The encoder under ONNX Runtime, exported with eager attention by the tracer: ONNX
+        Runtime fuses that graph further than ``torch.export``'s graph of SDPA attention
+        (MiniLM on CPU: ~1.2x in batches, ~1.1x for one text; benchmarks/bench_cpu_paths.py).
+        The tracer records one path through data-dependent branches, so a fresh export is
+        compared with torch on padded and unpadded batches; ``torch.export`` serves a model
+        whose traced graph differs."""
         torch = self._torch
         names = ["input_ids", "attention_mask"]
         if "token_type_ids" in self.tokenizer.model_input_names:
             names.append("token_type_ids")
         model = self.model.float()
+        model.set_attn_implementation("eager")
 
         class Encoder(torch.nn.Module):
             def __init__(self) -> None:
@@ -226,16 +232,45 @@ class SentenceBackend:
                 out = self.inner(input_ids=input_ids, attention_mask=attention_mask, **extra)
                 return out.last_hidden_state
 
-        def build() -> tuple[Any, tuple, dict]:
-            example = self.tokenizer(["an example", "a longer example text"], padding=True)
-            args = tuple(torch.tensor(example[n]) for n in names)
-            batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
-            return Encoder(), args, {n: {0: batch, 1: seq} for n in names}
-
+        encoder = Encoder()
+        example = self.tokenizer(["an example", "a longer example text"], padding=True)
+        args = tuple(torch.tensor(example[n]) for n in names)
         key = ["sentence-onnx", self.path, basis.folder_fingerprint(self.path), *names]
-        path = onnxrt.export_cached(self.cache_dir, key, build, names, ["last_hidden_state"])
+        out = ["last_hidden_state"]
+        axes = {n: {0: "batch", 1: "seq"} for n in [*names, *out]}
+        try:
+            path = onnxrt.export_cached(
+                self.cache_dir,
+                [*key, "eager"],
+                lambda: (encoder, args, axes),
+                names,
+                out,
+                tracer=True,
+                check=lambda data: self._matches(encoder, names, onnxrt.session(data, 1)),
+            )
+        except onnxrt.ExportMismatch as exc:
+            logging.getLogger("mmembed.models").warning("%s; exporting with torch.export", exc)
+            batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
+            shapes = {n: {0: batch, 1: seq} for n in names}
+            path = onnxrt.export_cached(
+                self.cache_dir, key, lambda: (encoder, args, shapes), names, out
+            )
         self._input_names = names
         return onnxrt.session(path, self.threads)
+
+    def _matches(self, encoder: Any, names: list[str], run: Any) -> bool:
+        """Whether ``run`` gives ``encoder``'s hidden states on real tokens, for one text and
+        for a padded batch of other lengths than the export's example."""
+        probes = [["one"], ["a b", "a probe sentence with rather more words than the others", "c"]]
+        for texts in probes:
+            enc = self.tokenizer(texts, padding=True, return_tensors="np")
+            feed = {n: enc[n].astype(np.int64) for n in names}
+            with self._torch.inference_mode():
+                want = encoder(*(self._torch.from_numpy(feed[n]) for n in names)).numpy()
+            real = enc["attention_mask"].astype(bool)
+            if not np.allclose(run(feed)[real], want[real], rtol=1e-3, atol=1e-4):
+                return False
+        return True
 
     def count_tokens(self, text: str) -> int:
         return self._count(self._input(text))
