@@ -87,12 +87,14 @@ def test_do_lower_case(tmp_path):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_onnx_runtime_pools_like_torch(tmp_path, padding_side):
+def test_onnx_runtime_pools_like_torch(tmp_path, padding_side, caplog):
     folder = build_st_folder(
         tmp_path / "st", ["cls", "lasttoken"], dense=True, padding_side=padding_side
     )
     cache = tmp_path / "cache"
-    assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))
+    with caplog.at_level("WARNING", logger="mmembed.models"):
+        assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))
+    assert "differs from torch" not in caplog.text  # the traced graph passed its check
     assert len(list(cache.glob("*.onnx"))) == 1
     assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))  # from the cache
 

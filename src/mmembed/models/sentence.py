@@ -232,7 +232,8 @@ class SentenceBackend:
                 out = self.inner(input_ids=input_ids, attention_mask=attention_mask, **extra)
                 return out.last_hidden_state
 
-        encoder = Encoder()
+        # In eval mode: the export restores the wrapper's mode on every submodule after it.
+        encoder = Encoder().eval()
         example = self.tokenizer(["an example", "a longer example text"], padding=True)
         args = tuple(torch.tensor(example[n]) for n in names)
         key = ["sentence-onnx", self.path, basis.folder_fingerprint(self.path), *names]
