@@ -5,7 +5,9 @@
 - Base64 data: URIs: the strict C decode (well-formed input) vs the careful path that tolerates
   whitespace and gives diagnostics (taken by MIME-style line-wrapped input), 16 x ~1.2 MB PNG.
 - The default model's classifier (EfficientNet-Lite0) on 16 images: ONNX Runtime vs eager torch.
-- all-MiniLM-L6-v2 on 1 and on 32 sentences: ONNX Runtime vs eager torch; on 64 sentences:
+- all-MiniLM-L6-v2 on 1 and on 32 sentences: ONNX Runtime vs eager torch; on 1 and 64 the
+  ONNX graph ``torch.export`` makes of SDPA attention vs the traced graph of eager attention
+  that the ``sentence`` family exports (with the lowest cosine between their vectors); on 64:
   float32 ONNX Runtime (the default) vs bfloat16 torch (``dtype = "bfloat16"``, for CPUs with
   bf16 matrix units), with the lowest cosine between their vectors.
 - Image pixels for the model, 8 x 384 px: the image processor's rescale + normalise (+ Qwen's
@@ -22,6 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import numpy as np
 from loadgen import sentences, table
@@ -86,9 +89,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
+    from transformers import PreTrainedModel
+
     from mmembed.media.fetch import decode_data_uri
     from mmembed.models.conse import ConSEBackend
     from mmembed.models.registry import create_backend
+    from mmembed.models.sentence import SentenceBackend
 
     rows = []
 
@@ -129,7 +135,26 @@ def main() -> None:
             row(f"all-MiniLM-L6-v2, {n} sentence(s)", "eager torch", t["torch"], "ONNX Runtime",
                 t["onnxruntime"])  # fmt: skip
 
+        # The ONNX graph before: torch.export of SDPA attention (the traced graph's fallback;
+        # in a cache of its own, or the traced graph would be found there).
+        with (
+            mock.patch.object(SentenceBackend, "_matches", lambda *args: False),
+            mock.patch.object(PreTrainedModel, "set_attn_implementation", lambda *args: None),
+            tempfile.TemporaryDirectory() as other,
+        ):
+            exported = create_backend(
+                "sentence", {**options, "runtime": "onnxruntime", "cache_dir": other}
+            )
+            exported.load()
         texts = sentences(64)
+        traced = models["onnxruntime"]
+        for n in (1, 64):
+            t = {m: best(lambda m=m, n=n: m.embed_texts(texts[:n]), args.repeat)
+                 for m in (exported, traced)}  # fmt: skip
+            low = float((exported.embed_texts(texts) * traced.embed_texts(texts)).sum(1).min())
+            work = f"all-MiniLM-L6-v2 ONNX graph, {n} sentence(s) (min cos {low:.6f})"
+            row(work, "torch.export, SDPA", t[exported], "traced, eager", t[traced])
+
         fp32 = models["onnxruntime"]
         bf16 = create_backend("sentence", {**options, "dtype": "bfloat16"})
         bf16.load()
