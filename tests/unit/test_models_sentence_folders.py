@@ -123,15 +123,27 @@ def test_onnx_check_refuses_a_graph_that_ignores_the_mask(tmp_path):
     assert not ref._matches(encoder, names, unmasked)
 
 
-def test_onnx_export_that_differs_from_torch_falls_back(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("fault", ["differs from torch", "tracer failed"])
+def test_onnx_traced_export_falls_back_to_torch_export(tmp_path, monkeypatch, caplog, fault):
+    from mmembed.models import onnxrt
     from mmembed.models.sentence import SentenceBackend
 
-    monkeypatch.setattr(SentenceBackend, "_matches", lambda *args: False)
+    if fault == "differs from torch":
+        monkeypatch.setattr(SentenceBackend, "_matches", lambda *args: False)
+    else:
+        export = onnxrt.export_cached
+
+        def failing(*args, tracer=False, **kwargs):
+            if tracer:
+                raise RuntimeError("tracer failed")
+            return export(*args, **kwargs)
+
+        monkeypatch.setattr(onnxrt, "export_cached", failing)
     folder = build_st_folder(tmp_path / "st", "mean")
     cache = tmp_path / "cache"
     with caplog.at_level("WARNING", logger="mmembed.models"):
         assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))
-    assert "differs from torch; exporting with torch.export" in caplog.text
+    assert f"{fault}; exporting with torch.export" in caplog.text
     assert len(list(cache.glob("*.onnx"))) == 1  # only the torch.export graph was stored
 
 

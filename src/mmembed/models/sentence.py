@@ -21,6 +21,7 @@ the folder), ``max_length`` (0: from the folder, else the model's position limit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -212,13 +213,14 @@ class SentenceBackend:
         (MiniLM on CPU: 1.3x on 64 sentences, 1.2x on one; benchmarks/bench_cpu_paths.py).
         The tracer records one path through data-dependent branches, so a fresh export is
         compared with torch on padded and unpadded batches; ``torch.export`` serves a model
-        whose traced graph differs."""
+        whose traced graph differs, or that the tracer cannot export."""
         torch = self._torch
         names = ["input_ids", "attention_mask"]
         if "token_type_ids" in self.tokenizer.model_input_names:
             names.append("token_type_ids")
         model = self.model.float()
-        model.set_attn_implementation("eager")
+        with contextlib.suppress(ValueError):  # a model without eager attention: checked below
+            model.set_attn_implementation("eager")
 
         class Encoder(torch.nn.Module):
             def __init__(self) -> None:
@@ -249,7 +251,7 @@ class SentenceBackend:
                 tracer=True,
                 check=lambda data: self._matches(encoder, names, onnxrt.session(data, 1)),
             )
-        except onnxrt.ExportMismatch as exc:
+        except Exception as exc:  # a mismatch, or a model the tracer cannot follow
             logging.getLogger("mmembed.models").warning("%s; exporting with torch.export", exc)
             batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
             shapes = {n: {0: batch, 1: seq} for n in names}
