@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,10 @@ class RequestContext:
     background: bool = False  # a batch job's line: runs only when no online request waits
     started: float = field(default_factory=time.time)
     usage: Usage = field(default_factory=Usage)
+    # Called by the engine once ``usage`` is known, before the forward pass: the door starts
+    # the ledger's commit there, so it runs beside the pass (``billing``: what it queued).
+    on_usage: Callable[[Usage], None] | None = None
+    billing: Any = None
     extra: dict[str, Any] = field(default_factory=dict)  # route-specific notes for the log
 
     @property

@@ -211,40 +211,103 @@ def test_unknown_keys_do_not_grow_the_ledger(db_url: str, hash_catalog: str, tmp
     assert ledger_rows(store) == []
 
 
-def test_a_request_cancelled_at_shutdown_is_in_the_ledger(
-    db_url: str, hash_catalog: str, tmp_path: Path
-):
-    """The server answers 503 to requests it cancels at shutdown; those are recorded too."""
-    store = store_for(db_url)
-    _, secret = keys.create(store, "late")
+def counters_used(store: Store) -> dict[str, int]:
+    """Each counter kind's use, summed over keys and periods."""
+    used: dict[str, int] = {}
+    with store.read() as conn:
+        for kind, n in conn.execute(select(schema.counters.c.kind, schema.counters.c.used)):
+            used[kind] = used.get(kind, 0) + int(n)
+    return used
 
-    async def go() -> int:
+
+@pytest.mark.parametrize("where", ["before the pass", "in the pass"])
+def test_a_request_cancelled_at_shutdown_is_in_the_ledger(
+    db_url: str, hash_catalog: str, tmp_path: Path, where: str
+):
+    """The server answers 503 to requests it cancels at shutdown; those are recorded too, at
+    zero usage, also when the row was already queued as answered (the ledger commits a
+    request's row beside its forward pass) and its charge must be given back."""
+    store = store_for(db_url)
+    _, secret = keys.create(store, "late", limits=Limits(monthly_tokens=1000))
+
+    async def go() -> None:
         async with client(db_url, hash_catalog, tmp_path) as c:
             engine = c.app.state.engine  # type: ignore[attr-defined]
-            release = asyncio.Event()
-            original = engine.embed
+            entered, release = asyncio.Event(), asyncio.Event()
+            name = "embed" if where == "before the pass" else "_embed_cached"
+            original = getattr(engine, name)
 
-            async def stalled(req, ctx=None):
+            async def stalled(*args, **kwargs):
+                entered.set()
                 await release.wait()
-                return await original(req, ctx)
+                return await original(*args, **kwargs)
 
-            engine.embed = stalled
+            setattr(engine, name, stalled)
             task = asyncio.ensure_future(embed(c, secret, PLUS, ["slow"]))
-            for _ in range(200):
-                await asyncio.sleep(0.01)
-                if c.app.state.accounts.view.inflight:  # type: ignore[attr-defined]
-                    break
+            await asyncio.wait_for(entered.wait(), 10)
+            await asyncio.sleep(0.05)  # (in the pass: the answered row is committed by now)
             task.cancel()  # as the server does once its shutdown grace period is over
             with contextlib.suppress(asyncio.CancelledError):
-                r = await task
-                return r.status_code
-            return 503
+                await task
 
     asyncio.run(go())
     rows = ledger_rows(store)
-    assert [(r["key_name"], r["status"], r["code"]) for r in rows] == [
-        ("late", 503, "ServiceUnavailable")
+    assert [(r["key_name"], r["status"], r["code"], r["input_tokens"]) for r in rows] == [
+        ("late", 503, "ServiceUnavailable", 0)
     ]
+    assert counters_used(store).get("month", 0) == 0
+
+
+@pytest.mark.parametrize("when", ["after its row is committed", "before its row is committed"])
+def test_a_request_that_fails_after_its_charge_is_voided_and_refunded(
+    db_url: str, hash_catalog: str, tmp_path: Path, when: str
+):
+    """A request's row is queued as answered, and its key charged, before the forward pass.
+    When the pass then fails, the row becomes the failure (500, zero usage and cost) and the
+    charge is given back, in the database and in the server's view of the limits."""
+    store = store_for(db_url)
+    _, secret = keys.create(store, "k", limits=Limits(tpm=1000, monthly_tokens=1000))
+    texts = ["four words of text"] * 3  # 18 tokens
+
+    async def go() -> None:
+        async with client(db_url, hash_catalog, tmp_path) as c:
+            app = c.app  # type: ignore[attr-defined]
+            engine, ledger = app.state.engine, app.state.accounts.ledger
+            assert (await embed(c, secret, PLUS, texts)).status_code == 200
+            original = engine._embed_cached
+
+            async def failing(*args, **kwargs):
+                if when == "after its row is committed":
+                    rows = ledger.rows
+                    for _ in range(500):
+                        if ledger.rows > rows:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert ledger.rows > rows
+                raise RuntimeError("the forward pass failed")
+
+            def seen() -> dict[str, int]:
+                view = app.state.accounts.view.seen
+                return {kind: used for (_, kind), (_, used) in view.items()}
+
+            engine._embed_cached = failing
+            r = await embed(c, secret, PLUS, texts * 2)
+            assert r.status_code == 500, r.text
+            assert seen() == {"month": 18, "tpm": 18}  # given back before the answer
+            engine._embed_cached = original
+            assert (await embed(c, secret, PLUS, texts)).status_code == 200
+            assert seen() == {"month": 36, "tpm": 36}
+
+    asyncio.run(go())
+    rows = ledger_rows(store)
+    assert [(r["status"], r["code"], r["input_tokens"], r["cost"]) for r in rows][1] == (
+        500,
+        "InternalError",
+        0,
+        0.0,
+    )
+    assert [r["input_tokens"] for r in rows] == [18, 0, 18]
+    assert counters_used(store) == {"month": 36, "tpm": 36}
 
 
 def test_estimate_is_held_while_requests_are_in_flight():

@@ -6,6 +6,11 @@ every waiter when the commit is durable. While one commit runs, the next batch g
 database sees one transaction per batch, not per request. Only then is the answer sent: a
 request that got its answer is in the ledger even if the process is killed right after.
 ``request_id`` is unique, so no request is ever in the ledger twice.
+
+An embedding request queues its entry as soon as its usage is known, before the forward pass, so
+the commit runs beside the pass; the answer still waits for it. If the request then fails, a
+``Void`` turns the row into the failure it became (zero usage and cost) and gives its charge
+back.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import bindparam, insert, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from mmembed.accounts import limits, schema
@@ -31,6 +36,19 @@ from mmembed.types import Usage
 log = logging.getLogger("mmembed.accounts")
 SWEEP_EVERY_S = 60.0
 _INSERT = insert(schema.ledger)
+_VOID = (
+    update(schema.ledger)
+    .where(schema.ledger.c.request_id == bindparam("rid"))
+    .values(
+        status=bindparam("v_status"),
+        code=bindparam("v_code"),
+        input_tokens=0,
+        image_tokens=0,
+        image_count=0,
+        video_seconds=0.0,
+        cost=0.0,
+    )
+)
 
 
 @dataclass
@@ -47,10 +65,15 @@ class Entry:
     code: str | None
     cost: float
     limits: Limits | None = None  # a managed key's: charged when status is 200
+    charged_at: float | None = None  # set by the ledger when its commit charged the limits
 
     @property
     def tokens(self) -> int:
         return self.usage.total_tokens
+
+    @property
+    def row_id(self) -> str:
+        return _column(self.request_id, 64)
 
     def row(self, refusal: Refusal | None) -> dict[str, Any]:
         ok = self.status == 200 and refusal is None
@@ -58,7 +81,7 @@ class Entry:
         return {
             "ts": self.ts,
             "day": time.strftime("%Y-%m-%d", time.gmtime(self.ts)),
-            "request_id": _column(self.request_id, 64),
+            "request_id": self.row_id,
             "key_id": self.key_id,
             "key_name": _column(self.key_name, 64),
             "model": _column(self.model, 128),
@@ -72,6 +95,16 @@ class Entry:
             "code": _refusal_code(refusal) if refusal else self.code,
             "cost": self.cost if ok else 0.0,
         }
+
+
+@dataclass
+class Void:
+    """``entry``, already queued as answered, failed after all: its row gets this status and
+    code at zero usage and cost, and the limits it charged are given back."""
+
+    entry: Entry
+    status: int
+    code: str | None
 
 
 def _column(value: str, width: int) -> str:
@@ -97,7 +130,7 @@ class Ledger:
         self.view = view
         self.clock = clock
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmembed-ledger")
-        self.waiting: list[tuple[Entry, asyncio.Future]] = []
+        self.waiting: list[tuple[Entry | Void, asyncio.Future]] = []
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.last_sweep = 0.0
@@ -112,17 +145,17 @@ class Ledger:
 
     async def record(self, entry: Entry) -> limits.Refusal | None:
         """Wait until ``entry`` is durably in the ledger; a Refusal when a limit refused it."""
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append((entry, future))
-        self.wakeup.set()
-        return await asyncio.shield(future)  # a client that goes away does not unrecord
+        return await asyncio.shield(self.enqueue(entry))  # a client that leaves: still recorded
 
-    def submit(self, entry: Entry) -> None:
-        """Queue ``entry`` without waiting for its commit (``close`` commits what is queued)."""
+    def enqueue(self, op: Entry | Void) -> asyncio.Future:
+        """Queue ``op`` now, in order (a Void after its entry); the future is done when it is
+        committed: a Refusal or None for an entry, None for a Void. ``close`` commits what is
+        queued."""
         future = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it
-        self.waiting.append((entry, future))
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # may go unawaited
+        self.waiting.append((op, future))
         self.wakeup.set()
+        return future
 
     async def _run(self) -> None:
         while True:
@@ -136,19 +169,32 @@ class Ledger:
                 finally:
                     self.busy = False
 
-    async def _write(self, batch: list[tuple[Entry, asyncio.Future]]) -> None:
-        """Commit one batch and wake its waiters; never raises (the task must outlive faults)."""
+    async def _write(self, batch: list[tuple[Entry | Void, asyncio.Future]]) -> None:
+        """Commit one batch (its entries, then its voids) and wake its waiters; never raises
+        (the task must outlive faults)."""
         loop = asyncio.get_running_loop()
-        entries = [e for e, _ in batch]
-        try:
-            outcomes = await loop.run_in_executor(self.executor, self._commit_isolated, entries)
-        except Exception as exc:  # the database failed, not one entry
-            self.error = explain(exc)
-            log.warning("ledger commit of %d entries failed: %s", len(batch), self.error)
-            outcomes = [exc] * len(batch)
-        else:
-            self.error = None
-        for (_, fut), outcome in zip(batch, outcomes, strict=True):
+        entries = [(e, f) for e, f in batch if isinstance(e, Entry)]
+        voids = [(v, f) for v, f in batch if isinstance(v, Void)]
+        outcomes: list[Any] = []
+        if entries:
+            try:
+                outcomes = await loop.run_in_executor(
+                    self.executor, self._commit_isolated, [e for e, _ in entries]
+                )
+            except Exception as exc:  # the database failed, not one entry
+                self.error = explain(exc)
+                log.warning("ledger commit of %d entries failed: %s", len(entries), self.error)
+                outcomes = [exc] * len(entries)
+            else:
+                self.error = None
+        if voids:
+            try:
+                await loop.run_in_executor(self.executor, self._void, [v for v, _ in voids])
+                outcomes += [None] * len(voids)
+            except Exception as exc:
+                log.warning("ledger void of %d entries failed: %s", len(voids), explain(exc))
+                outcomes += [exc] * len(voids)
+        for (_, fut), outcome in zip([*entries, *voids], outcomes, strict=True):
             if fut.done():
                 continue
             if isinstance(outcome, Exception):
@@ -181,15 +227,30 @@ class Ledger:
         return outcomes
 
     def _commit(self, entries: list[Entry]) -> dict[int, limits.Refusal]:
-        for attempt in range(3):
-            try:
-                refusals, used = self._commit_once(entries)
-                self.view.update(used)
-                return refusals
-            except DBAPIError as exc:  # a deadlock or serialisation failure: try again
-                if attempt == 2 or getattr(exc.orig, "sqlstate", "") not in {"40P01", "40001"}:
-                    raise
-        raise AssertionError("unreachable")
+        refusals, used = _retrying(lambda: self._commit_once(entries))
+        self.view.update(used)
+        return refusals
+
+    def _void(self, voids: list[Void]) -> None:
+        """Mark the voided rows failed and give back what their commits charged, in one
+        transaction (the counters in sorted order, as charges lock them)."""
+        refunds: dict[tuple[int, str, int], int] = {}
+        for v in voids:
+            e = v.entry
+            if e.charged_at is not None and e.key_id is not None and e.limits is not None:
+                for slot, n in limits.charges(e.key_id, e.limits, e.tokens, e.charged_at):
+                    refunds[slot] = refunds.get(slot, 0) + n
+
+        def once() -> dict[tuple[int, str, int], int]:
+            with self.store.write() as conn:
+                rows = [{"rid": v.entry.row_id, "v_status": v.status, "v_code": v.code}
+                        for v in voids]  # fmt: skip
+                conn.execute(_VOID, rows)
+                return limits.refund(conn, refunds)
+
+        self.view.update(_retrying(once))
+        for v in voids:
+            v.entry.charged_at = None  # given back: a second void refunds nothing
 
     def _commit_once(self, entries: list[Entry]) -> tuple[dict, dict]:
         now = self.clock()
@@ -201,6 +262,9 @@ class Ledger:
                 self.last_sweep = now
                 self.ensured.clear()
         self.ensured.update(used)  # committed: these counter rows exist
+        for i, e in enumerate(entries):
+            if limits.chargeable(e) and i not in refusals:
+                e.charged_at = now
         self.commits += 1
         self.rows += len(entries)
         return refusals, used
@@ -216,3 +280,14 @@ class Ledger:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
         self.executor.shutdown(wait=True)
+
+
+def _retrying(fn: Callable[[], Any]) -> Any:
+    """``fn()`` (one transaction), run again after a deadlock or serialisation failure."""
+    for attempt in range(3):
+        try:
+            return fn()
+        except DBAPIError as exc:
+            if attempt == 2 or getattr(exc.orig, "sqlstate", "") not in {"40P01", "40001"}:
+                raise
+    raise AssertionError("unreachable")

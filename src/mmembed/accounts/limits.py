@@ -36,17 +36,13 @@ _SELECT = (
     .order_by(_t.c.key_id, _t.c.kind, _t.c.period)
 )
 _SELECT_FOR_UPDATE = _SELECT.with_for_update()
-_UPDATE = (
-    update(_t)
-    .where(
-        and_(
-            _t.c.key_id == bindparam("k_key"),
-            _t.c.kind == bindparam("k_kind"),
-            _t.c.period == bindparam("k_period"),
-        )
-    )
-    .values(used=bindparam("v_used"))
+_SLOT = and_(
+    _t.c.key_id == bindparam("k_key"),
+    _t.c.kind == bindparam("k_kind"),
+    _t.c.period == bindparam("k_period"),
 )
+_UPDATE = update(_t).where(_SLOT).values(used=bindparam("v_used"))
+_REFUND = update(_t).where(_SLOT).values(used=_t.c.used - bindparam("v_less"))
 
 
 @dataclass(frozen=True)
@@ -167,10 +163,8 @@ def charge(
     """
     wanted: set[tuple[int, str, int]] = set()
     for e in entries:
-        if e.status == 200 and e.key_id is not None and e.limits is not None:
-            for kind in KINDS:
-                if tracked(e.limits, kind):
-                    wanted.add((e.key_id, kind, period(kind, now)))
+        if chargeable(e):
+            wanted.update(slot for slot, _ in charges(e.key_id, e.limits, e.tokens, now))
     if not wanted:
         return {}, {}
     ordered = sorted(wanted)  # one lock order for every process: no deadlocks
@@ -190,7 +184,7 @@ def charge(
     before = dict(used)
     refusals: dict[int, Refusal] = {}
     for i, e in enumerate(entries):
-        if e.status != 200 or e.key_id is None or e.limits is None:
+        if not chargeable(e):
             continue
         tokens = e.tokens
         refusal = None
@@ -205,9 +199,8 @@ def charge(
         if refusal is not None:
             refusals[i] = refusal
             continue
-        for kind in KINDS:
-            if tracked(e.limits, kind):
-                used[(e.key_id, kind, period(kind, now))] += amount(kind, tokens)
+        for slot, n in charges(e.key_id, e.limits, tokens, now):
+            used[slot] += n
     changed = [
         {"k_key": k, "k_kind": kind, "k_period": p, "v_used": v}
         for (k, kind, p), v in used.items()
@@ -216,6 +209,41 @@ def charge(
     if changed:
         conn.execute(_UPDATE, changed)
     return refusals, used
+
+
+def chargeable(entry: Any) -> bool:
+    """An answered request of a managed key: ``charge`` counts it against the limits."""
+    return entry.status == 200 and entry.key_id is not None and entry.limits is not None
+
+
+def charges(
+    key_id: int, limits: Limits, tokens: int, now: float
+) -> list[tuple[tuple[int, str, int], int]]:
+    """The counters one answered request of ``tokens`` adds to at ``now``, and by how much."""
+    return [
+        ((key_id, kind, period(kind, now)), amount(kind, tokens))
+        for kind in KINDS
+        if tracked(limits, kind)
+    ]
+
+
+def refund(conn: Connection, refunds: dict[tuple[int, str, int], int]) -> dict:
+    """Take ``refunds`` back off their counters (a request charged, then failed); the
+    counters' values after it. Inside the caller's write transaction."""
+    if not refunds:
+        return {}
+    slots = sorted(refunds)  # the lock order charges use
+    conn.execute(
+        _REFUND,
+        [{"k_key": k, "k_kind": kind, "k_period": p, "v_less": refunds[(k, kind, p)]}
+         for k, kind, p in slots],
+    )  # fmt: skip
+    keys, periods = sorted({k for k, _, _ in slots}), sorted({p for _, _, p in slots})
+    return {
+        (r.key_id, r.kind, r.period): int(r.used)
+        for r in conn.execute(_SELECT, {"key_ids": keys, "periods": periods})
+        if (r.key_id, r.kind, r.period) in refunds
+    }
 
 
 def _ensure_rows(conn: Connection, dialect: str, slots: list[tuple[int, str, int]]) -> None:

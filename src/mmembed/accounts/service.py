@@ -23,7 +23,7 @@ from typing import Any
 
 from mmembed.accounts import keys, limits
 from mmembed.accounts.keys import KeyRecord, Limits
-from mmembed.accounts.ledger import Entry, Ledger
+from mmembed.accounts.ledger import Entry, Ledger, Void
 from mmembed.accounts.store import Store, database_url, describe_url, explain
 from mmembed.netaddr import is_loopback_bind
 
@@ -297,11 +297,14 @@ class Accounts:
             return None
         return await self.ledger.record(entry)
 
-    def submit(self, entry: Entry) -> None:
-        """Queue ``entry`` for the ledger without waiting (a request cancelled at shutdown);
-        the ledger commits it before it closes."""
+    def enqueue(self, op: Entry | Void) -> asyncio.Future:
+        """Queue ``op`` for the ledger now, without waiting (``Ledger.enqueue``); the ledger
+        commits what is queued before it closes. Done at once when there is no ledger."""
         if self.ledger is not None:
-            self.ledger.submit(entry)
+            return self.ledger.enqueue(op)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run a blocking accounts call (admin routes) off the event loop, and off the poller's

@@ -27,7 +27,7 @@ import time
 
 from starlette.requests import ClientDisconnect, Request
 
-from mmembed.accounts.ledger import Entry
+from mmembed.accounts.ledger import Entry, Void
 from mmembed.accounts.limits import Refusal
 from mmembed.accounts.pricing import cost
 from mmembed.accounts.store import explain
@@ -100,45 +100,65 @@ def resolve_in(catalog: Catalog, ctx: RequestContext, name: object) -> None:
 def admit(request: Request, ctx: RequestContext, items: int, estimate_tokens: int) -> None:
     """Refuse (429) before any work when the key's remaining budget cannot take the request:
     rpm counts requests in flight, tpm and the monthly quota the tokens estimated for this
-    request and for those in flight. The exact charge is made at commit."""
+    request and for those in flight. The exact charge is made once the usage is known."""
     ctx.items, ctx.estimate_tokens = items, estimate_tokens
     assert ctx.principal is not None
     refusal = accounts_of(request).reserve(ctx.principal, estimate_tokens)
     if refusal is not None:
         raise throttled(refusal)
     ctx.reserved = True
+    ctx.on_usage = lambda usage: _bill(request, ctx, usage)
 
 
-async def commit(request: Request, ctx: RequestContext, price_factor: float = 1.0) -> None:
-    """Write the answered request to the ledger (charging its key's limits) before the answer
+def _bill(request: Request, ctx: RequestContext, usage: Usage) -> None:
+    """Queue the ledger row of the answer-to-be as soon as the engine knows its usage, so its
+    commit (and charge) runs beside the forward pass; ``commit`` waits for it, ``fail`` voids
+    it."""
+    ctx.usage = usage
+    _release(request, ctx)
+    entry = _entry(ctx, 200, None)
+    ctx.billing = (entry, accounts_of(request).enqueue(entry))
+
+
+async def commit(request: Request, ctx: RequestContext) -> None:
+    """Have the answered request in the ledger (charging its key's limits) before the answer
     goes out; 429 when a limit is crossed by this very request."""
-    refusal = await _record(request, ctx, 200, None, price_factor)
+    if ctx.billing is None:  # a route whose engine call does not report usage early
+        _release(request, ctx)
+        done = accounts_of(request).enqueue(_entry(ctx, 200, None))
+    else:
+        done = ctx.billing[1]
+    refusal = await _settled(done)
     if refusal is not None:
         raise throttled(refusal)
 
 
 async def fail(request: Request, ctx: RequestContext, exc: BaseException) -> None:
-    """Record a failed request (at zero price). A request cancelled by the server's shutdown
-    is queued for the ledger without waiting (its task may not wait any more); the ledger
-    commits what is queued before the process exits."""
-    if isinstance(exc, AccountsUnavailable):
-        _release(request, ctx)
+    """Record a failed request (at zero price; a row already queued as answered is voided).
+    A request cancelled by the server's shutdown is queued for the ledger without waiting
+    (its task may not wait any more); the ledger commits what is queued before the process
+    exits."""
+    _release(request, ctx)
+    if isinstance(exc, AccountsUnavailable) and ctx.billing is None:
         return  # the database is what failed; there is nothing to write to
-    if isinstance(exc, asyncio.CancelledError):
-        _release(request, ctx)
-        accounts_of(request).submit(_entry(ctx, *ErrorCode.SERVICE_UNAVAILABLE.value, 1.0))
-        return
     if isinstance(exc, ApiError):
         status, code = exc.error.value
     elif isinstance(exc, ClientDisconnect):
         status, code = ErrorCode.REQUEST_TIMEOUT.value
-    elif isinstance(exc, Exception):
-        status, code = ErrorCode.INTERNAL.value
+    elif isinstance(exc, asyncio.CancelledError):
+        status, code = ErrorCode.SERVICE_UNAVAILABLE.value
+    elif isinstance(exc, Exception) or ctx.billing is not None:
+        status, code = ErrorCode.INTERNAL.value  # (an exit with a row queued: not a 200)
     else:
-        _release(request, ctx)
         return
-    with contextlib.suppress(AccountsUnavailable):  # the original error is the answer
-        await _record(request, ctx, status, code, 1.0)
+    accounts = accounts_of(request)
+    if ctx.billing is not None:
+        done = accounts.enqueue(Void(ctx.billing[0], status, code))
+    else:
+        done = accounts.enqueue(_entry(ctx, status, code))
+    if isinstance(exc, Exception):
+        with contextlib.suppress(AccountsUnavailable):  # the original error is the answer
+            await _settled(done)
 
 
 def _release(request: Request, ctx: RequestContext) -> None:
@@ -147,7 +167,7 @@ def _release(request: Request, ctx: RequestContext) -> None:
         accounts_of(request).release(ctx.principal, ctx.estimate_tokens)
 
 
-def _entry(ctx: RequestContext, status: int, code: str | None, price_factor: float) -> Entry:
+def _entry(ctx: RequestContext, status: int, code: str | None) -> Entry:
     p = ctx.principal
     ok = status == 200
     usage = ctx.usage if ok else Usage()
@@ -162,17 +182,15 @@ def _entry(ctx: RequestContext, status: int, code: str | None, price_factor: flo
         usage=usage,
         status=status,
         code=None if ok else code,
-        cost=cost(ctx.spec, usage) * price_factor if ok else 0.0,
+        cost=cost(ctx.spec, usage) if ok else 0.0,
         limits=p.limits if p and p.key_id is not None else None,  # managed keys
     )
 
 
-async def _record(
-    request: Request, ctx: RequestContext, status: int, code: str | None, price_factor: float
-) -> Refusal | None:
-    _release(request, ctx)
+async def _settled(done: asyncio.Future) -> Refusal | None:
+    """Wait for a queued ledger write (shielded: a client that leaves does not unrecord)."""
     try:
-        return await accounts_of(request).record(_entry(ctx, status, code, price_factor))
+        return await asyncio.shield(done)
     except Exception as db_exc:
         raise AccountsUnavailable(
             f"The request could not be recorded: {explain(db_exc)}; "

@@ -273,6 +273,8 @@ class Engine:
             texts = [r for r in records if r.item.text is not None]
             if window:
                 usage.truncated_texts = sum(r.tokens > window for r in texts)
+            if ctx.on_usage is not None:
+                ctx.on_usage(usage)
             native = await self._embed_cached(loaded, spec, records, ctx.owner, ctx.background)
             mapper = loaded.mapper
             assert mapper is not None
