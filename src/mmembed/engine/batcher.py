@@ -264,6 +264,11 @@ class Batcher:
     def queued_items(self) -> int:
         return self._queued_items
 
+    @property
+    def idle(self) -> bool:
+        """No pass running and nothing queued: what is submitted now runs alone."""
+        return not self._running and self._queued_items == 0
+
     def _wake(self, _: object = None) -> None:
         if self._wakeup is not None:
             self._wakeup.set()

@@ -273,7 +273,10 @@ class Engine:
             texts = [r for r in records if r.item.text is not None]
             if window:
                 usage.truncated_texts = sum(r.tokens > window for r in texts)
-            if ctx.on_usage is not None:
+            # Billed now, beside the pass, when the pass will run alone: its commit would
+            # otherwise be a lone transaction on the answer's path. Under load the rows are
+            # committed after the passes, where they group into fewer transactions.
+            if ctx.on_usage is not None and loaded.batcher.idle:
                 ctx.on_usage(usage)
             native = await self._embed_cached(loaded, spec, records, ctx.owner, ctx.background)
             mapper = loaded.mapper
