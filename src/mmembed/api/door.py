@@ -7,13 +7,18 @@ A handler reads top to bottom::
         req = parse(await read_body(...))
         door.resolve(request, ctx, req.model)         # 400 unknown model, 403 not this key's
         door.admit(request, ctx, items, tokens)       # 429 before any work: rpm, tpm, month
-        result = await engine.embed(req, ctx)
+        result = await engine.embed(req, ctx)         # (may queue the row early: ctx.on_usage)
         ctx.usage = result.usage
     except BaseException as exc:
         await door.fail(request, ctx, exc)            # the failure goes to the ledger
         raise
     await door.commit(request, ctx)                   # ledger row + exact charge; 429 if over
     return render(result)
+
+``admit`` hands the engine ``ctx.on_usage``: when the forward pass will run alone, the engine
+calls it with the usage before the pass, and the row is queued then, so its commit overlaps the
+pass instead of following it (one request alone: ~1 ms off its latency). ``commit`` waits for
+that row as for one queued at the end; ``fail`` voids it.
 
 Every client string that may reach the database, a log line or a metric label passes here
 first: the model is stored as its canonical catalog name, or as ``UNKNOWN_MODEL``.
