@@ -7,10 +7,10 @@ database sees one transaction per batch, not per request. Only then is the answe
 request that got its answer is in the ledger even if the process is killed right after.
 ``request_id`` is unique, so no request is ever in the ledger twice.
 
-An embedding request queues its entry as soon as its usage is known, before the forward pass, so
-the commit runs beside the pass; the answer still waits for it. If the request then fails, a
-``Void`` turns the row into the failure it became (zero usage and cost) and gives its charge
-back.
+An embedding request whose forward pass will run alone queues its entry as soon as its usage is
+known, before the pass, so the commit runs beside the pass; the answer still waits for it. If
+the request then fails, a ``Void`` turns the row into the failure it became (zero usage and
+cost) and gives its charge back.
 """
 
 from __future__ import annotations
