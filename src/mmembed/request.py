@@ -68,6 +68,11 @@ class RequestContext:
     billing: Any = None
     extra: dict[str, Any] = field(default_factory=dict)  # route-specific notes for the log
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The hook and the queued row belong to the door of this process. A context sent to
+        # another process (a Ray Serve backend replica) bills nothing there: this side commits.
+        return {**self.__dict__, "on_usage": None, "billing": None}
+
     @property
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
