@@ -239,11 +239,8 @@ class Engine:
         # A batch job's line is not admitted at the door (it must never crowd out online
         # requests there): its runner bounds what it has in flight, and the batcher serves it
         # only when no online request waits.
-        admitted = (
-            contextlib.nullcontext()
-            if ctx.background
-            else loaded.admission.admit(estimate(spec, items))
-        )
+        units = estimate(spec, items)
+        admitted = contextlib.nullcontext() if ctx.background else loaded.admission.admit(units)
         with admitted:
             if ctx.resolve_oss:  # the SDK uploads local text files too: embed their content
                 await self.media.resolve_text_files(items, oss_owner)
@@ -273,10 +270,12 @@ class Engine:
             texts = [r for r in records if r.item.text is not None]
             if window:
                 usage.truncated_texts = sum(r.tokens > window for r in texts)
-            # Billed now, beside the pass, when the pass will run alone: its commit would
-            # otherwise be a lone transaction on the answer's path. Under load the rows are
-            # committed after the passes, where they group into fewer transactions.
-            if ctx.on_usage is not None and loaded.batcher.idle:
+            # Billed now, beside the pass, when this request is the backend's only one (no
+            # pass running, no other admitted): its commit would otherwise be a lone
+            # transaction on the answer's path. Under load the rows are committed after the
+            # passes, where they group into fewer transactions.
+            alone = loaded.batcher.idle and loaded.admission.admitted == units
+            if ctx.on_usage is not None and alone:
                 ctx.on_usage(usage)
             native = await self._embed_cached(loaded, spec, records, ctx.owner, ctx.background)
             mapper = loaded.mapper
