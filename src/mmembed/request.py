@@ -62,8 +62,8 @@ class RequestContext:
     background: bool = False  # a batch job's line: runs only when no online request waits
     started: float = field(default_factory=time.time)
     usage: Usage = field(default_factory=Usage)
-    # Called by the engine once ``usage`` is known, before the forward pass: the door starts
-    # the ledger's commit there, so it runs beside the pass (``billing``: what it queued).
+    # Called by the engine with ``usage`` before the forward pass of a request its backend
+    # runs alone: the door queues the ledger's commit there, beside the pass (``billing``).
     on_usage: Callable[[Usage], None] | None = None
     billing: Any = None
     extra: dict[str, Any] = field(default_factory=dict)  # route-specific notes for the log
