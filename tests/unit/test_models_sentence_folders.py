@@ -125,26 +125,43 @@ def test_onnx_check_refuses_a_graph_that_ignores_the_mask(tmp_path):
 
 @pytest.mark.parametrize("fault", ["differs from torch", "tracer failed"])
 def test_onnx_traced_export_falls_back_to_torch_export(tmp_path, monkeypatch, caplog, fault):
-    from mmembed.models import onnxrt
+    """A traced graph that differs from torch, or a model the tracer cannot follow, is served by
+    ``torch.export``'s graph; the refusal is remembered, so the next start does not trace again."""
+    import torch
+
     from mmembed.models.sentence import SentenceBackend
 
+    traced = []
     if fault == "differs from torch":
-        monkeypatch.setattr(SentenceBackend, "_matches", lambda *args: False)
+        monkeypatch.setattr(SentenceBackend, "_matches", lambda *args: traced.append(1) or False)
     else:
-        export = onnxrt.export_cached
+        export = torch.onnx.export
 
-        def failing(*args, tracer=False, **kwargs):
-            if tracer:
+        def failing(*args, dynamo=True, **kwargs):
+            if not dynamo:
+                traced.append(1)
                 raise RuntimeError("tracer failed")
-            return export(*args, **kwargs)
+            return export(*args, dynamo=dynamo, **kwargs)
 
-        monkeypatch.setattr(onnxrt, "export_cached", failing)
+        monkeypatch.setattr(torch.onnx, "export", failing)
     folder = build_st_folder(tmp_path / "st", "mean")
     cache = tmp_path / "cache"
     with caplog.at_level("WARNING", logger="mmembed.models"):
         assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))
     assert f"{fault}; exporting with torch.export" in caplog.text
     assert len(list(cache.glob("*.onnx"))) == 1  # only the torch.export graph was stored
+    assert traced == [1]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmembed.models"):
+        assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))
+    assert traced == [1]  # not traced again
+    assert f"{fault} (remembered from an earlier start); exporting with torch.export" in (
+        caplog.text
+    )
+    (marker,) = cache.glob("*.refused")  # another torch version may trace it: try again
+    marker.write_text("torch 0.0\n" + marker.read_text().partition("\n")[2])
+    assert_parity(folder, runtime="onnxruntime", cache_dir=str(cache))
+    assert traced == [1, 1]
 
 
 def test_legacy_folder_format(tmp_path):

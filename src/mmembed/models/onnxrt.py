@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import io
 import logging
 import os
@@ -45,17 +46,48 @@ def export_cached(
     they map each input and output name to ``{axis: name}``, and None makes the first axis of
     each the dynamic one. ``check`` sees a fresh export before it is stored; when it says no,
     nothing is stored and ``ExportMismatch`` is raised.
+
+    A traced export that fails (the tracer raises, or ``check`` says no) is remembered in the
+    cache for this torch version, so later starts raise ``ExportMismatch`` at once instead of
+    tracing and checking again.
     """
     parts = [*key, "tracer"] if tracer else list(key)
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"model-{digest}.onnx") if cache_dir else ""
     if path and os.path.exists(path):
         return path
+    refused = path[: -len(".onnx")] + ".refused" if path and tracer else ""
+    stamp = f"torch {importlib.metadata.version('torch')}\n"
+    if refused and os.path.exists(refused):
+        with open(refused) as f:
+            version, _, reason = f.read().partition("\n")
+        if version + "\n" == stamp:
+            raise ExportMismatch(f"{reason} (remembered from an earlier start)")
+    try:
+        return _export(path, key[0], cache_dir, build, input_names, output_names, tracer, check)
+    except (OSError, MemoryError):
+        raise  # the machine's trouble, not the model's: try again next start
+    except Exception as exc:
+        if refused:
+            with contextlib.suppress(OSError):
+                atomic_write(refused, (stamp + str(exc)).encode())
+        raise
 
+
+def _export(
+    path: str,
+    name: str,
+    cache_dir: str,
+    build: Callable[[], tuple[Any, tuple, Any]],
+    input_names: list[str],
+    output_names: list[str],
+    tracer: bool,
+    check: Callable[[bytes], bool] | None,
+) -> str | bytes:
     import torch
 
     logging.getLogger("mmembed.models").info(
-        "exporting %s to ONNX (first start only; cached in %s)", key[0], cache_dir or "memory"
+        "exporting %s to ONNX (first start only; cached in %s)", name, cache_dir or "memory"
     )
     started = time.monotonic()
     module, args, dynamic_shapes = build()
@@ -75,7 +107,7 @@ def export_cached(
                 opset_version=18,
                 dynamo=False,
             )
-        return _store(path, buf.getvalue(), key[0], started, check)
+        return _store(path, buf.getvalue(), name, started, check)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # exporter progress notes and deprecations are noise
         program = torch.onnx.export(
@@ -88,7 +120,7 @@ def export_cached(
             opset_version=18,
             dynamo=True,
         )
-    return _store(path, program.model_proto.SerializeToString(), key[0], started, check)
+    return _store(path, program.model_proto.SerializeToString(), name, started, check)
 
 
 def _store(
