@@ -26,14 +26,21 @@ SHORT = ["hello world", "a small red car on the beach", "一只猫", "", "the ca
 LONG = ["dog " * 200, "cat " * 70]  # over the sentence folder's 64, CLIP's 77, SigLIP's 64
 
 
+class Seen(list):
+    """The texts a tokenizer was called on, in order, and how many calls that took."""
+
+    calls = 0
+
+
 class Spy:
     """A real tokenizer that records every text it tokenises (``__call__``); everything else
     (``pad``, ``decode``, ids) passes through untouched."""
 
-    def __init__(self, inner: Any, seen: list[str]) -> None:
+    def __init__(self, inner: Any, seen: Seen) -> None:
         self._inner, self._seen = inner, seen
 
     def __call__(self, text: Any, *args: Any, **kwargs: Any) -> Any:
+        self._seen.calls += 1
         self._seen.extend([text] if isinstance(text, str) else list(text))
         return self._inner(text, *args, **kwargs)
 
@@ -41,9 +48,9 @@ class Spy:
         return getattr(self._inner, name)
 
 
-def spy_on(backend: Any) -> list[str]:
+def spy_on(backend: Any) -> Seen:
     """Every text tokenised from now on by the backend: its own tokenizer and the counter's."""
-    seen: list[str] = []
+    seen = Seen()
     backend.tokenizer = Spy(backend.tokenizer, seen)
     backend._count._tokenizer = Spy(backend._count._tokenizer, seen)
     return seen
@@ -61,7 +68,7 @@ def test_encodings_are_kept_until_taken_within_bounds():
     assert ids.counts(["a cat"], special=False) == [2]  # another key than ("a cat", True)
     assert list(ids._kept) == [("a big red car on the beach", True), ("a cat", False)]
 
-    seen: list[str] = []
+    seen = Seen()
     ids._tokenizer = Spy(ids._tokenizer, seen)
     taken = ids.take(["a cat", "a dog"], special=False)
     assert seen == ["a dog"]  # the kept one is handed over, the other tokenised now
@@ -116,7 +123,8 @@ def test_sentence_batches_equal_the_tokenizers_own(sentence_folder):
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_sentence_through_the_engine_tokenises_each_text_once(sentence_folder, tmp_path, runtime):
-    """The engine counts (usage) and embeds: the model's tokenizer sees each text once."""
+    """The engine counts (usage) and embeds: the model's tokenizer sees each text once, the
+    request's texts in one call."""
     catalog = {
         "backends": {
             "mini": {"family": "sentence", "weights": str(sentence_folder), "runtime": runtime}
@@ -129,7 +137,7 @@ def test_sentence_through_the_engine_tokenises_each_text_once(sentence_folder, t
         seen = spy_on(backend)
         texts = ["hello world", "a cat on the beach", "the dog"]
         result = embed(engine, "text-model", [{"text": t} for t in texts])
-        assert sorted(seen) == sorted(texts)
+        assert sorted(seen) == sorted(texts) and seen.calls == 1
         assert result.usage.input_tokens == 4 + 7 + 4
         fresh = _sentence(sentence_folder, runtime).embed_texts(texts)
         assert np.allclose(result.vectors, fresh, atol=1e-6)

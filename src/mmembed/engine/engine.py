@@ -473,8 +473,10 @@ class Engine:
         many = getattr(backend, "count_tokens_many", None)
         if many is not None:  # a contained backend counts in its worker process
             return await many(texts, where)
+        batch = getattr(backend, "count_tokens_batch", None)  # one tokenizer call
         return await _maybe_in_thread(
-            sum(len(t) for t in texts) > 20_000, lambda: [backend.count_tokens(t) for t in texts]
+            sum(len(t) for t in texts) > 20_000,
+            lambda: batch(texts) if batch is not None else [backend.count_tokens(t) for t in texts],
         )
 
     def _loaded(self, spec: ModelSpec) -> LoadedBackend:
