@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.network]
 PLUS = "tongyi-embedding-vision-plus"
 GUARD_ENV = {
     "MMEMBED_HEADER_TIMEOUT_S": "2",
-    "MMEMBED_BODY_TIMEOUT_S": "2",
+    # Longer than the header timeout: a request answered before its body ended (401) must not
+    # get the next request's header deadline meanwhile (test_a_paused_body_is_dropped).
+    "MMEMBED_BODY_TIMEOUT_S": "3",
     "MMEMBED_MAX_HEADER_BYTES": "16384",
     "MMEMBED_MAX_CONNECTIONS": "64",
     "MMEMBED_MAX_CONNECTIONS_PER_CLIENT": "8",
@@ -163,6 +165,12 @@ def test_a_paused_body_is_dropped(hserver: Server):
         sock.sendall(head + b'\r\n{"m')
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 401") and answer.count(b"HTTP/1.1") == 1, answer[:300]
+    with connect(hserver, "127.0.0.7") as sock:  # ... and when the body does end after the 401,
+        sock.sendall(head + b'\r\n{"m')  # the next request's headers get their deadline
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")
+        sock.sendall(b"x" * 997)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408") and b"headers took longer" in answer, answer[:300]
 
 
 def test_endless_headers_are_cut_off(hserver: Server):

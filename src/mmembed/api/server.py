@@ -183,11 +183,15 @@ class _GuardedHttpTools(HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
         super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete:
+            self._arm_header_timer()  # answered before its body ended (a 401): the next request's
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_header_timer()  # the next request's headers have a deadline too
+        # The next request's headers have a deadline too; while this request's body is still
+        # arriving (answered without reading it, e.g. 401), the body timer governs instead.
+        if not self.transport.is_closing() and not self._in_body:
+            self._arm_header_timer()
 
     # -- timers ----------------------------------------------------------------------------------
     def _arm_header_timer(self) -> None:
