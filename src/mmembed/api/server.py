@@ -184,7 +184,8 @@ class _GuardedHttpTools(HttpToolsProtocol):
             self._body_timer = None
         super().on_message_complete()
         if self.cycle is not None and self.cycle.response_complete:
-            self._arm_header_timer()  # answered before its body ended (a 401): the next request's
+            # Answered before its body ended (a 401): the next request's headers' deadline.
+            self._arm_header_timer()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -57,7 +57,7 @@ def export_cached(
     if path and os.path.exists(path):
         return path
     refused = path[: -len(".onnx")] + ".refused" if path and tracer else ""
-    stamp = f"torch {importlib.metadata.version('torch')}\n"
+    stamp = f"torch {importlib.metadata.version('torch')}\n" if refused else ""
     if refused and os.path.exists(refused):
         with open(refused) as f:
             version, _, reason = f.read().partition("\n")
