@@ -77,17 +77,25 @@ def gemm_rate(dtype: str) -> float:
 
 
 def flops_per_text(texts: list[str]) -> float:
-    """MiniLM's multiply-adds x 2 per text, unpadded: linear layers per token plus attention
-    over the text's own length (embedding lookups and norms are noise)."""
-    from transformers import AutoConfig, AutoTokenizer
+    """MiniLM's FLOPs per text, unpadded, as torch's FlopCounterMode counts them (as
+    bench_gpu.py does): texts grouped by token length, each group one pass without padding;
+    eager attention, so its matmuls are counted too."""
+    from collections import defaultdict
 
-    cfg = AutoConfig.from_pretrained(minilm_folder())
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModel, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(minilm_folder())
-    h, inner, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    total = 0
-    for n in (len(ids) for ids in tok(texts)["input_ids"]):
-        total += layers * 2 * (n * (4 * h * h + 2 * h * inner) + 2 * n * n * h)
-    return total / len(texts)
+    model = AutoModel.from_pretrained(minilm_folder(), attn_implementation="eager").eval()
+    by_length: dict[int, list[list[int]]] = defaultdict(list)
+    for ids in tok(texts)["input_ids"]:
+        by_length[len(ids)].append(ids)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        for same in by_length.values():
+            model(input_ids=torch.tensor(same))
+    return counter.get_total_flops() / len(texts)
 
 
 def main() -> None:
@@ -106,7 +114,7 @@ def main() -> None:
 
     corpus = sentences(100_000)
     # Measured before any server starts, on a quiet machine.
-    ceiling = gemm_rate(args.dtype) / flops_per_text(corpus[:2048])
+    ceiling = gemm_rate(args.dtype) / flops_per_text(corpus[:512])
     catalog = os.path.join(HERE, "minilm.toml")
     if args.dtype != "float32":
         work = tempfile.mkdtemp(prefix="bench-vs-infinity-")
