@@ -91,10 +91,11 @@ def process_tree(pid: int) -> set[int]:
     return tree
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by the process and its worker processes."""
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """CPU time (user + system) used so far by the process and (``tree``) its worker
+    processes."""
     ticks = 0
-    for p in process_tree(pid):
+    for p in process_tree(pid) if tree else {pid}:
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
