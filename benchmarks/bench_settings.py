@@ -28,7 +28,7 @@ DEFAULT_CONFIGS = [
 def parse(config: str) -> tuple[str, dict[str, str]]:
     name, _, pairs = config.partition(":")
     bad = [p for p in pairs.split(",") if p and "=" not in p]
-    if not name or bad:
+    if not name or bad or "=" not in pairs:  # (no variable: the same as defaults)
         raise SystemExit(f"--config {config!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
     return name, dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
 

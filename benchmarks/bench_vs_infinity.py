@@ -46,8 +46,6 @@ def minilm_folder() -> str:
 
 
 def start_infinity(path: str, dtype: str) -> tuple[subprocess.Popen, str]:
-    if not os.path.exists(path):
-        raise SystemExit(f"infinity-emb not installed at {path}; see this script's docstring")
     port = free_port()
     cmd = [path, "v2", "--model-id", minilm_folder(), "--served-model-name", "minilm",
            "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
@@ -111,6 +109,10 @@ def main() -> None:
         help="both servers' weights (bfloat16: torch on CPUs with AMX, for both)",
     )
     args = ap.parse_args()
+    if not os.path.exists(args.infinity):  # before anything starts
+        raise SystemExit(
+            f"infinity-emb not installed at {args.infinity}; see this script's docstring"
+        )
 
     corpus = sentences(100_000)
     # Measured before any server starts, on a quiet machine.
@@ -132,7 +134,13 @@ def main() -> None:
     if args.baseline:
         env = {"MMEMBED_CATALOG": catalog, "MMEMBED_LOG_LEVEL": "error"}
         base_proc, base_url = start_mmembed({**env, "PYTHONPATH": args.baseline}, quiet=False)
-    inf_proc, inf_url = start_infinity(args.infinity, args.dtype)
+    try:
+        inf_proc, inf_url = start_infinity(args.infinity, args.dtype)
+    except BaseException:  # (it did not come up): leave no mmembed server behind
+        for proc in (mm_proc, base_proc):
+            if proc is not None:
+                stop(proc)
+        raise
 
     def bodies(per_request: int):
         # (A bounded slice: slicing the corpus from i to its end copied ~100,000 references
