@@ -59,7 +59,7 @@ def export_cached(
     refused = path[: -len(".onnx")] + ".refused" if path and tracer else ""
     stamp = f"torch {importlib.metadata.version('torch')}\n" if refused else ""
     if refused and os.path.exists(refused):
-        with open(refused) as f:
+        with open(refused, errors="replace") as f:  # a damaged marker: traced again
             version, _, reason = f.read().partition("\n")
         if version + "\n" == stamp:
             raise ExportMismatch(f"{reason} (remembered from an earlier start)")
