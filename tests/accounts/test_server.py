@@ -12,8 +12,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -27,6 +29,7 @@ from tests.e2e.conftest import API_KEY, EMBED_PATH, Server, free_port, start_ser
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 ADMIN = "admin-secret-1"
 MODEL = "tongyi-embedding-vision-plus"
+T = TypeVar("T")
 BODY = {"model": MODEL, "input": {"contents": ["four words of text"]}}  # 4 + 2 = 6 tokens
 
 
@@ -60,10 +63,19 @@ def cli(db_url: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def whole_minute_ahead(seconds: float = 50) -> None:
-    """Start a per-minute-limit scenario early in a minute, so it runs in one window."""
-    if time.time() % 60 > 60 - seconds:
-        time.sleep(60.5 - time.time() % 60)
+def in_one_minute(scenario: Callable[[int], T]) -> T:
+    """``scenario(attempt)``'s result from an attempt that lay inside one minute window.
+
+    The per-minute limits count in calendar minutes of the servers' clocks (this machine's). An
+    attempt that crosses into the next minute is run again, with fresh keys (the scenario names
+    them by ``attempt``), rather than waiting for a minute to begin: a scenario takes seconds, so
+    the second attempt lies inside one minute."""
+    for attempt in range(3):
+        minute = time.time() // 60
+        result = scenario(attempt)
+        if time.time() // 60 == minute:
+            return result
+    raise AssertionError("three attempts in a row crossed a minute boundary")
 
 
 def wait_for(check, what: str, timeout: float = 30.0):
@@ -90,32 +102,36 @@ def test_keys_limits_and_admin_routes(db_url: str, hash_catalog: str, tmp_path: 
         assert bad.status_code == 400 and "unknown model 'nope'" in bad.json()["message"]
 
         made = {}
-        for name, body in {
-            "rate": {"rpm": 3},
-            "tokens": {"tpm": 15},
-            "quota": {"monthly_tokens": 13},
-            "qwen-only": {"models": ["qwen3-vl-embedding"]},
-            "free": {},
-        }.items():
+
+        def create(name: str, body: dict) -> None:
             r = admin(srv, "POST", "/admin/keys", json={"name": name, **body})
             assert r.status_code == 201, r.text
             made[name] = r.json()["key"]
-        listed = {k["name"]: k for k in admin(srv, "GET", "/admin/keys").json()["keys"]}
-        assert listed["rate"]["rpm"] == 3 and "key" not in listed["rate"]
 
-        whole_minute_ahead()
+        def per_minute(attempt: int) -> tuple[str, list[httpx.Response], list[httpx.Response]]:
+            rate, tokens = f"rate{attempt}", f"tokens{attempt}"
+            create(rate, {"rpm": 3})
+            create(tokens, {"tpm": 15})
+            by_rate = [srv.post(BODY, key=made[rate]) for _ in range(4)]
+            return rate, by_rate, [srv.post(BODY, key=made[tokens]) for _ in range(4)]
+
+        rate, by_rate, by_tokens = in_one_minute(per_minute)
         # rpm 3: three answers, then 429 RateQuota naming the limit, with Retry-After.
-        statuses = [srv.post(BODY, key=made["rate"]) for _ in range(4)]
-        assert [r.status_code for r in statuses] == [200, 200, 200, 429]
-        last = statuses[-1]
+        assert [r.status_code for r in by_rate] == [200, 200, 200, 429]
+        last = by_rate[-1]
         assert last.json()["code"] == "Throttling.RateQuota"
         assert "3 requests per minute (rpm)" in last.json()["message"]
         assert 1 <= int(last.headers["retry-after"]) <= 60
         # tpm 15 at 6 tokens a request: two fit, the third would make 18.
-        statuses = [srv.post(BODY, key=made["tokens"]).status_code for _ in range(3)]
-        assert statuses == [200, 200, 429]
-        r = srv.post(BODY, key=made["tokens"])
-        assert r.json()["code"] == "Throttling.RateQuota" and "(tpm)" in r.json()["message"]
+        assert [r.status_code for r in by_tokens] == [200, 200, 429, 429]
+        last = by_tokens[-1]
+        assert last.json()["code"] == "Throttling.RateQuota" and "(tpm)" in last.json()["message"]
+
+        create("quota", {"monthly_tokens": 13})
+        create("qwen-only", {"models": ["qwen3-vl-embedding"]})
+        create("free", {})
+        listed = {k["name"]: k for k in admin(srv, "GET", "/admin/keys").json()["keys"]}
+        assert listed[rate]["rpm"] == 3 and "key" not in listed[rate]
         # Monthly quota of 13 tokens: two requests (12), then AllocationQuota until next month.
         statuses = [srv.post(BODY, key=made["quota"]) for _ in range(3)]
         assert [r.status_code for r in statuses] == [200, 200, 429]
@@ -131,15 +147,15 @@ def test_keys_limits_and_admin_routes(db_url: str, hash_catalog: str, tmp_path: 
         assert (r.status_code, r.json()["code"]) == (401, "InvalidApiKey")
 
         # Raising a limit takes effect; revoking refuses the key.
-        assert admin(srv, "PATCH", "/admin/keys/rate", json={"rpm": None}).status_code == 200
-        wait_for(lambda: srv.post(BODY, key=made["rate"]).status_code == 200, "rpm lifted")
+        assert admin(srv, "PATCH", f"/admin/keys/{rate}", json={"rpm": None}).status_code == 200
+        wait_for(lambda: srv.post(BODY, key=made[rate]).status_code == 200, "rpm lifted")
         assert admin(srv, "DELETE", "/admin/keys/free").json()["status"] == "revoked"
         assert srv.post(BODY, key=made["free"]).status_code == 401
         assert admin(srv, "DELETE", "/admin/keys/ghost").status_code == 404
 
         usage = admin(srv, "GET", "/admin/usage", params={"by": "key"}).json()["usage"]
         rows = {u["key"]: u for u in usage}
-        assert (rows["rate"]["failed"], rows["quota"]["input_tokens"]) == (1, 12)
+        assert (rows[rate]["failed"], rows["quota"]["input_tokens"]) == (1, 12)
         assert rows["quota"]["cost_usd"] == pytest.approx(12 * 0.09 / 1e6)
         # an unknown key is not recorded (anyone could grow the ledger); /metrics counts it
         assert "-" not in rows
@@ -152,25 +168,31 @@ def test_keys_limits_and_admin_routes(db_url: str, hash_catalog: str, tmp_path: 
     finally:
         stop_server(srv)
     assert "Traceback" not in srv.logs()
-    assert made["rate"] not in srv.logs()  # secrets are never logged
+    assert made[rate] not in srv.logs()  # secrets are never logged
 
 
 def test_two_servers_share_limits_and_revocations(db_url: str, hash_catalog: str, tmp_path: Path):
     a = serve(tmp_path, "a", db_url, hash_catalog)
     b = serve(tmp_path, "b", db_url, hash_catalog)
     try:
-        made = cli(db_url, "keys", "create", "--name", "shared", "--rpm", "40", "--json")
-        assert made.returncode == 0, made.stderr
-        key = json.loads(made.stdout)["key"]
+
+        def shared_key(attempt: int) -> tuple[str, str, list[httpx.Response]]:
+            name = f"shared{attempt}"
+            made = cli(db_url, "keys", "create", "--name", name, "--rpm", "40", "--json")
+            assert made.returncode == 0, made.stderr
+            key = json.loads(made.stdout)["key"]
+            headers = {"Authorization": f"Bearer {key}"}
+            for srv in (a, b):  # /models authenticates without spending the key's budget
+                wait_for(
+                    lambda s=srv: httpx.get(s.url + "/models", headers=headers).status_code == 200,
+                    "the new key on both servers",
+                )
+            with ThreadPoolExecutor(16) as pool:
+                posts = pool.map(lambda i: (a, b)[i % 2].post(BODY, key=key), range(120))
+                return name, key, list(posts)
+
+        name, key, results = in_one_minute(shared_key)
         headers = {"Authorization": f"Bearer {key}"}
-        for srv in (a, b):  # /models authenticates without spending the key's budget
-            wait_for(
-                lambda s=srv: httpx.get(s.url + "/models", headers=headers).status_code == 200,
-                "the new key on both servers",
-            )
-        whole_minute_ahead()
-        with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(lambda i: (a, b)[i % 2].post(BODY, key=key), range(120)))
         counts = Counter(r.status_code for r in results)
         assert counts == {200: 40, 429: 80}  # exactly the limit across both processes
         assert {r.json()["code"] for r in results if r.status_code == 429} == {
@@ -181,7 +203,7 @@ def test_two_servers_share_limits_and_revocations(db_url: str, hash_catalog: str
         )  # both served part of it
         assert len(per_server) == 2
 
-        revoked = cli(db_url, "keys", "revoke", "shared")
+        revoked = cli(db_url, "keys", "revoke", name)
         assert revoked.returncode == 0, revoked.stderr
         time.sleep(1.0)  # the issue's bound: refused by every process within 1 s
         for srv in (a, b):
