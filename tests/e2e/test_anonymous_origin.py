@@ -60,7 +60,12 @@ def test_sdks_still_work_without_keys(
     assert len(resp.output["embeddings"][0]["embedding"]) == 64
 
     async def aio() -> object:
-        return await dashscope.AioMultiModalEmbedding.call(model=MODEL, input=[{"text": "a dog"}])
+        try:
+            return await dashscope.AioMultiModalEmbedding.call(
+                model=MODEL, input=[{"text": "a dog"}]
+            )
+        finally:  # the SDK pools one session per process; it belongs to this event loop
+            await dashscope.close_shared_aio_session()
 
     resp = asyncio.run(aio())
     assert resp.status_code == HTTPStatus.OK, (resp.code, resp.message)  # type: ignore[attr-defined]

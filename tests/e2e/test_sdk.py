@@ -147,9 +147,12 @@ def test_async_client(server):
     import asyncio
 
     async def go():
-        return await dashscope.AioMultiModalEmbedding.call(
-            model="tongyi-embedding-vision-flash", input=[{"text": "async"}]
-        )
+        try:
+            return await dashscope.AioMultiModalEmbedding.call(
+                model="tongyi-embedding-vision-flash", input=[{"text": "async"}]
+            )
+        finally:  # the SDK pools one session per process; it belongs to this event loop
+            await dashscope.close_shared_aio_session()
 
     resp = asyncio.run(go())
     assert resp.status_code == HTTPStatus.OK
