@@ -144,8 +144,13 @@ def session(model: str | bytes, threads: int = 0) -> Callable[[dict[str, np.ndar
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # 0: one per core
     options.inter_op_num_threads = 1
-    # Idle ORT threads must not spin: they would steal the cores that parse and decode.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Idle ORT threads spin only briefly (10 µs), then sleep: long enough to catch the next
+    # operator of the same pass without a futex wake-up (one text: +18 % at c=1), too short to
+    # take the cores that parse and decode (docs/benchmarks.md, "ONNX Runtime's spin"). Before
+    # 1.26 the duration is not read and spinning would last ORT's long default: no spinning.
+    short_spin = tuple(int(p) for p in ort.__version__.split(".")[:2]) >= (1, 26)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if short_spin else "0")
+    options.add_session_config_entry("session.intra_op.spin_duration_us", "10")
     sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def run(feed: dict[str, np.ndarray]) -> np.ndarray:
