@@ -344,6 +344,23 @@ def on_hash(key: str, h: dict) -> int:
     return sum(r[key] for r in h["replicas"] if r.get("backend") == "hash")
 
 
+def settled(server: Server) -> dict:
+    """/health once both hash replicas are on the board and their cache counts have stopped
+    moving. Each ingress replica reads the board on its own clock, so a single reading may be a
+    report behind (and count an earlier test's hit later, in the test's own difference)."""
+
+    def probe() -> dict | None:
+        first = health(server)
+        if first["batching"].get("hash", {}).get("replicas") != 2:
+            return None
+        time.sleep(1.2)  # more than two reports apart
+        again = health(server)
+        counts = [(on_hash("cache_hits", h), on_hash("cache_entries", h)) for h in (first, again)]
+        return again if counts[0] == counts[1] else None
+
+    return eventually(probe, "the hash replicas' cache counts settled on the board")
+
+
 def test_repeated_media_meet_the_replica_that_caches_them(server):
     """The backend's router sends a request holding media to the replica that owns it by
     content: five images, three passes, each embedded once across the two hash replicas."""
@@ -352,10 +369,7 @@ def test_repeated_media_meet_the_replica_that_caches_them(server):
         data = base64.b64encode(make_image("PNG", (70 + i, 36))).decode()
         images.append({"image": f"data:image/png;base64,{data}"})
 
-    before = eventually(
-        lambda: (h := health(server))["batching"].get("hash", {}).get("replicas") == 2 and h,
-        "both hash replicas on the board",
-    )
+    before = settled(server)
     for _ in range(3):
         for image in images:
             resp = post(server, body(HASH, [image]))
@@ -387,10 +401,7 @@ def test_repeated_rerank_documents_meet_the_replica_that_caches_them(server):
         data = base64.b64encode(make_image("PNG", (90 + i, 30))).decode()
         return {"image": f"data:image/png;base64,{data}"}
 
-    before = eventually(
-        lambda: (h := health(server))["batching"].get("hash", {}).get("replicas") == 2 and h,
-        "both hash replicas on the board",
-    )
+    before = settled(server)
     queries = [{"query": f"picture {i}", "documents": [image(i), image(i + 10)]} for i in range(4)]
     for _ in range(3):
         for q in queries:
