@@ -42,6 +42,7 @@ from tests.e2e.test_serve_ray import (
     plain_server,
     post,
     ray_server,
+    settled,
     test_a_batch_job_runs_on_the_backend_replicas,  # noqa: F401
     test_repeated_rerank_documents_meet_the_replica_that_caches_them,  # noqa: F401
     test_rerank_is_answered_as_plain_serve_answers_it,  # noqa: F401
@@ -140,7 +141,8 @@ def test_repeated_media_meet_the_replica_that_caches_them(server):
         data = base64.b64encode(make_image("PNG", (60 + i, 44))).decode()
         images.append({"image": f"data:image/png;base64,{data}"})
 
-    seen = eventually(lambda: len(replicas(server)) == 3 and health(server), "board")
+    replicas(server)  # all three have reported
+    seen = settled(server)  # and the hash replicas' counts are current on the board
     before_hits, before_entries = on_hash("cache_hits", seen), on_hash("cache_entries", seen)
     for _ in range(3):
         for image in images:
@@ -148,11 +150,11 @@ def test_repeated_media_meet_the_replica_that_caches_them(server):
             assert resp.status_code == 200, resp.text
             assert resp.json()["output"]["embeddings"][0]["type"] == "image"
 
-    def settled() -> dict | None:
+    def counted() -> dict | None:
         h = health(server)
         return h if on_hash("cache_hits", h) >= before_hits + 12 else None
 
-    h = eventually(settled, "12 more cache hits")
+    h = eventually(counted, "12 more cache hits")
     assert on_hash("cache_hits", h) == before_hits + 12
     assert on_hash("cache_entries", h) == before_entries + 6  # each image once, not twice
 
